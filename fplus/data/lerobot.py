@@ -1,0 +1,358 @@
+"""Read LeRobot v3.0 datasets (local directory or hub repo id) with pyarrow and PyAV.
+
+    ds = LeRobotDataset.open("outputs/demo/data", keys=DataKeys(image="observation.images.image",
+                                                               action="action", instruction="task"))
+    ds.episodes[0].length, ds.column("action")          # (N, 7) float32, rows in global `index` order
+    ds.episode_frames("observation.images.image", 0)    # (T, H, W, 3) uint8
+    ds.instructions()                                   # (N,) instruction string of every frame
+
+Opening reads `meta/` only; a configured key that does not exist fails at once with the keys that do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from fplus.data import format as fmt
+from fplus.data.stats import from_jsonable
+from fplus.errors import FplusError
+
+
+@dataclass(frozen=True)
+class DataKeys:
+    """The dataset keys a consumer needs; None means "not used". Built from `DataSettings` by `keys_from_settings`."""
+
+    image: str | None = None
+    wrist_image: str | None = None
+    state: str | None = None
+    action: str | None = None
+    instruction: str | None = None
+
+    def named(self) -> dict[str, str]:
+        """{setting name: key} of the keys that are set."""
+        names = {"IMAGE_KEY": self.image, "WRIST_IMAGE_KEY": self.wrist_image, "STATE_KEY": self.state,
+                 "ACTION_KEY": self.action, "INSTRUCTION_KEY": self.instruction}
+        return {name: key for name, key in names.items() if key is not None}
+
+
+def keys_from_settings(data_settings, require: tuple[str, ...] = ("image", "action", "instruction")) -> DataKeys:
+    """DataKeys of a `DataSettings`; a required key that is unset is an error naming its variable."""
+    keys = DataKeys(image=data_settings.image_key, wrist_image=data_settings.wrist_image_key,
+                    state=data_settings.state_key, action=data_settings.action_key,
+                    instruction=data_settings.instruction_key)
+    env_names = {"image": "IMAGE_KEY", "wrist_image": "WRIST_IMAGE_KEY", "state": "STATE_KEY",
+                 "action": "ACTION_KEY", "instruction": "INSTRUCTION_KEY"}
+    unset = [env_names[r] for r in require if getattr(keys, r) is None]
+    if unset:
+        raise FplusError(f"{', '.join(unset)} not set: name the dataset keys in a profile, .env or the environment")
+    return keys
+
+
+@dataclass(frozen=True)
+class VideoSpan:
+    """Where an episode's frames of one camera live: file (chunk, file) and time span [from_ts, to_ts)."""
+
+    chunk_index: int
+    file_index: int
+    from_ts: float
+    to_ts: float
+
+
+@dataclass(frozen=True)
+class Episode:
+    """One episode: global frame rows [start, stop), its task strings, data file and video spans."""
+
+    index: int
+    length: int
+    start: int
+    stop: int
+    tasks: tuple[str, ...]
+    data_file: tuple[int, int]
+    videos: dict[str, VideoSpan] = field(default_factory=dict)
+
+
+def resolve_root(source: str | Path, revision: str | None = None) -> tuple[Path, str | None]:
+    """A local directory, or a hub repo id downloaded with huggingface_hub. Returns (root, repo_id or None)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path, None
+    text = str(source)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = snapshot_download(repo_id=text, repo_type="dataset", revision=revision)
+        except Exception as err:  # offline, missing repo, auth
+            raise FplusError(f"{text!r} is not a local directory and could not be downloaded from the hub: {err}")
+        return Path(root), text
+    raise FplusError(f"dataset {text!r} not found (neither a local directory nor a hub repo id like user/name)")
+
+
+class LeRobotDataset:
+    """A LeRobot v3.0 dataset opened for reading. Metadata is read eagerly; frame tables and videos lazily."""
+
+    def __init__(self, root: Path, repo_id: str | None = None):
+        self.root = root
+        self.repo_id = repo_id
+        info_path = root / fmt.INFO_PATH
+        if not info_path.is_file():
+            raise FplusError(f"{root} is not a LeRobot dataset: {fmt.INFO_PATH} is missing")
+        self.info: dict = json.loads(info_path.read_text())
+        version = self.info.get("codebase_version")
+        if version != fmt.CODEBASE_VERSION:
+            raise FplusError(f"{root}: codebase_version {version!r}; fplus reads LeRobot {fmt.CODEBASE_VERSION} only")
+        for required in ("fps", "features", "data_path", "total_frames", "total_episodes"):
+            if required not in self.info:
+                raise FplusError(f"{info_path}: required field {required!r} is missing")
+        self.fps: int = self.info["fps"]
+        self.features: dict[str, dict] = self.info["features"]
+        self._video_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+
+    @classmethod
+    def open(cls, source: str | Path, keys: DataKeys | None = None, revision: str | None = None) -> LeRobotDataset:
+        """Open a dataset and validate `keys` against it (and its task strings when the instruction is `task`)."""
+        root, repo_id = resolve_root(source, revision)
+        ds = cls(root, repo_id)
+        if keys is not None:
+            ds.validate_keys(keys)
+        return ds
+
+    # ----- metadata ---------------------------------------------------------------------------------------------
+
+    @property
+    def keys(self) -> list[str]:
+        """Every key a setting can name: the features plus `task` (the episode's task string)."""
+        return [*self.features, fmt.TASK_KEY]
+
+    @property
+    def video_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f["dtype"] == "video"]
+
+    @property
+    def camera_keys(self) -> list[str]:
+        return [k for k, f in self.features.items() if f["dtype"] in ("video", "image")]
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.info["total_frames"])
+
+    @property
+    def num_episodes(self) -> int:
+        return len(self.episodes)
+
+    def validate_keys(self, keys: DataKeys) -> None:
+        """Fail with the existing keys if a configured key is missing or of the wrong kind; check instructions."""
+        problems = self.key_problems(keys)
+        if problems:
+            raise FplusError("; ".join(problems) + f". Keys in {self.root}: {', '.join(self.keys)}")
+        if keys.instruction == fmt.TASK_KEY:
+            self.tasks  # noqa: B018 -- reading validates that no task string is empty
+
+    def key_problems(self, keys: DataKeys) -> list[str]:
+        """Human-readable problems of `keys` on this dataset (empty when all is well)."""
+        problems = []
+        for name, key in keys.named().items():
+            if key not in self.keys:
+                problems.append(f"{name}={key!r} is not in the dataset")
+            elif name.endswith("IMAGE_KEY") and key not in self.camera_keys:
+                problems.append(f"{name}={key!r} is a {self.features[key]['dtype']} feature, not a camera")
+            elif name in ("STATE_KEY", "ACTION_KEY") and self.features[key]["dtype"] not in ("float32", "float64"):
+                problems.append(f"{name}={key!r} has dtype {self.features[key]['dtype']}, expected float")
+            elif name == "INSTRUCTION_KEY" and key != fmt.TASK_KEY and self.features[key]["dtype"] != "string":
+                problems.append(f"{name}={key!r} has dtype {self.features[key]['dtype']}, expected string or `task`")
+        return problems
+
+    @cached_property
+    def tasks(self) -> list[str]:
+        """Task strings by task_index. An empty task string is an error, never a silent empty instruction."""
+        import pyarrow.parquet as pq
+
+        path = self.root / fmt.TASKS_PATH
+        if not path.is_file():
+            raise FplusError(f"{path} is missing")
+        table = pq.read_table(path)
+        names = [c for c in table.column_names if c != "task_index"]
+        if "task_index" not in table.column_names or len(names) != 1:
+            raise FplusError(f"{path}: expected columns task_index and the task string, got {table.column_names}")
+        index = table.column("task_index").to_pylist()
+        text = table.column(names[0]).to_pylist()
+        tasks: list[str | None] = [None] * (max(index) + 1 if index else 0)
+        for i, t in zip(index, text, strict=True):
+            tasks[i] = t
+        empty = [i for i, t in enumerate(tasks) if t is None or not str(t).strip()]
+        if empty:
+            raise FplusError(f"{path}: task_index {empty} has an empty instruction; fix the dataset (an empty "
+                             "instruction would silently train a task-blind policy)")
+        return [str(t) for t in tasks]
+
+    @cached_property
+    def episodes(self) -> list[Episode]:
+        """Episodes in episode_index order, with their frame rows and video spans."""
+        import pyarrow.parquet as pq
+
+        paths = sorted((self.root / fmt.EPISODES_DIR).glob("chunk-*/file-*.parquet"))
+        if not paths:
+            raise FplusError(f"{self.root / fmt.EPISODES_DIR} holds no episode parquet files")
+        rows = []
+        for p in paths:
+            schema = pq.read_schema(p)
+            columns = [c for c in schema.names if not c.startswith("stats/")]
+            rows += pq.read_table(p, columns=columns).to_pylist()
+        rows.sort(key=lambda r: r["episode_index"])
+        episodes = []
+        for r in rows:
+            videos = {
+                key: VideoSpan(r[f"videos/{key}/chunk_index"], r[f"videos/{key}/file_index"],
+                               float(r[f"videos/{key}/from_timestamp"]), float(r[f"videos/{key}/to_timestamp"]))
+                for key in self.video_keys
+            }
+            episodes.append(Episode(
+                index=int(r["episode_index"]), length=int(r["length"]),
+                start=int(r["dataset_from_index"]), stop=int(r["dataset_to_index"]),
+                tasks=tuple(r["tasks"]), data_file=(int(r["data/chunk_index"]), int(r["data/file_index"])),
+                videos=videos,
+            ))
+        total = sum(e.length for e in episodes)
+        if total != self.num_frames:
+            raise FplusError(f"{self.root}: episodes hold {total} frames but info.json says {self.num_frames}")
+        return episodes
+
+    def episode(self, episode_index: int) -> Episode:
+        ep = self._episode_by_index.get(episode_index)
+        if ep is None:
+            raise FplusError(f"episode {episode_index} not in {self.root} ({self.num_episodes} episodes)")
+        return ep
+
+    @cached_property
+    def _episode_by_index(self) -> dict[int, Episode]:
+        return {e.index: e for e in self.episodes}
+
+    @cached_property
+    def stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per-feature statistics from meta/stats.json ({} when the file is absent)."""
+        path = self.root / fmt.STATS_PATH
+        return from_jsonable(json.loads(path.read_text())) if path.is_file() else {}
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """A short hash of the metadata and the data/video file sizes: changes when the dataset's content changes."""
+        h = hashlib.sha256()
+        h.update((self.root / fmt.INFO_PATH).read_bytes())
+        for p in sorted(self.root.glob("meta/episodes/*/*.parquet")) + sorted(self.root.glob("meta/tasks.parquet")):
+            h.update(p.read_bytes())
+        for p in sorted(self.root.glob("data/*/*.parquet")) + sorted(self.root.glob("videos/**/*.mp4")):
+            h.update(f"{p.relative_to(self.root)}:{p.stat().st_size}".encode())
+        return h.hexdigest()[:16]
+
+    # ----- frame table ------------------------------------------------------------------------------------------
+
+    @cached_property
+    def table(self):
+        """The frame table (pyarrow.Table) of the non-video columns, sorted by global `index`."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files = sorted({e.data_file for e in self.episodes})
+        tables = []
+        for chunk, file in files:
+            path = self.root / self.info["data_path"].format(chunk_index=chunk, file_index=file)
+            if not path.is_file():
+                raise FplusError(f"data file missing: {path}")
+            tables.append(pq.read_table(path))
+        table = pa.concat_tables(tables, promote_options="default")
+        table = table.sort_by("index")
+        if table.num_rows != self.num_frames:
+            raise FplusError(f"{self.root}: data files hold {table.num_rows} rows but info.json says {self.num_frames}")
+        index = table.column("index").to_numpy()
+        if not np.array_equal(index, np.arange(self.num_frames)):
+            raise FplusError(f"{self.root}: the `index` column is not 0..{self.num_frames - 1}")
+        return table
+
+    def column(self, key: str) -> np.ndarray:
+        """A tabular feature for every frame: (N,) for scalars, (N, D) for vectors, in `index` order."""
+        if key not in self.features or self.features[key]["dtype"] in ("video", "image"):
+            raise FplusError(f"{key!r} is not a tabular feature; tabular keys: "
+                             f"{', '.join(k for k in self.features if k not in self.camera_keys)}")
+        col = self.table.column(key).combine_chunks()
+        import pyarrow as pa
+
+        if pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type):
+            values = col.flatten().to_numpy(zero_copy_only=False)
+            return values.reshape(len(col), -1)
+        return col.to_numpy(zero_copy_only=False)
+
+    def instructions(self, key: str = fmt.TASK_KEY) -> np.ndarray:
+        """(N,) instruction string of every frame, from the task table (`task`) or a string column."""
+        if key == fmt.TASK_KEY:
+            tasks = np.asarray(self.tasks, dtype=object)
+            return tasks[self.column("task_index")]
+        values = self.column(key)
+        empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
+        if empty:
+            raise FplusError(f"{key!r} is empty at frames {empty[:10]}{'...' if len(empty) > 10 else ''}")
+        return values
+
+    def episode_of_frames(self) -> np.ndarray:
+        """(N,) episode_index of every frame."""
+        return self.column("episode_index")
+
+    # ----- frames -----------------------------------------------------------------------------------------------
+
+    def episode_frames(self, key: str, episode_index: int) -> np.ndarray:
+        """Every frame of one episode from a camera: (T, H, W, 3) uint8, T = episode length.
+
+        Video frames are matched to the parquet timestamps (from_timestamp + timestamp), as lerobot does;
+        a small LRU cache keeps the last decoded episodes.
+        """
+        cache_key = (key, episode_index)
+        if cache_key in self._video_cache:
+            self._video_cache.move_to_end(cache_key)
+            return self._video_cache[cache_key]
+        ep = self.episode(episode_index)
+        if key not in self.camera_keys:
+            raise FplusError(f"{key!r} is not a camera; cameras: {', '.join(self.camera_keys)}")
+        timestamps = self.column("timestamp")[ep.start:ep.stop].astype(np.float64)
+        if self.features[key]["dtype"] == "image":
+            frames = self._decode_images(key, ep)
+        else:
+            from fplus.data.video import align_frames, decode_span
+
+            span = ep.videos[key]
+            path = self.root / self.info["video_path"].format(
+                video_key=key, chunk_index=span.chunk_index, file_index=span.file_index)
+            decoded, times = decode_span(path, span.from_ts, span.to_ts, self.fps)
+            frames = align_frames(decoded, times, span.from_ts + timestamps, self.fps,
+                                  where=f"{key} episode {episode_index}")
+        self._video_cache[cache_key] = frames
+        if len(self._video_cache) > 8:
+            self._video_cache.popitem(last=False)
+        return frames
+
+    def _decode_images(self, key: str, ep: Episode) -> np.ndarray:
+        import io
+
+        from PIL import Image
+
+        cells = self.table.column(key).slice(ep.start, ep.length).to_pylist()
+        return np.stack([np.asarray(Image.open(io.BytesIO(c["bytes"])).convert("RGB")) for c in cells])
+
+    def frames(self, key: str, indices: np.ndarray) -> np.ndarray:
+        """Frames at global indices (n,) -> (n, H, W, 3) uint8, decoding each touched episode once."""
+        indices = np.asarray(indices, dtype=np.int64)
+        episode_of = self.episode_of_frames()[indices]
+        out = None
+        for episode_index in np.unique(episode_of):
+            ep = self.episode(int(episode_index))
+            frames = self.episode_frames(key, ep.index)
+            sel = np.nonzero(episode_of == episode_index)[0]
+            if out is None:
+                out = np.empty((len(indices), *frames.shape[1:]), dtype=np.uint8)
+            out[sel] = frames[indices[sel] - ep.start]
+        return out if out is not None else np.empty((0, 0, 0, 3), np.uint8)

@@ -1,0 +1,45 @@
+"""Train/validation split by episode (never by frame: neighbouring frames would leak across the split)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fplus.errors import FplusError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Episode indices of each part, sorted; `seed` and `val_fraction` record how it was drawn."""
+
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+    seed: int
+    val_fraction: float
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: Path) -> Split:
+        raw = json.loads(path.read_text())
+        return cls(tuple(raw["train"]), tuple(raw["val"]), raw["seed"], raw["val_fraction"])
+
+
+def split_episodes(episode_indices: list[int], val_fraction: float, seed: int) -> Split:
+    """Shuffle episodes with `seed` and hold out round(val_fraction * n) of them (at least 1 when val_fraction > 0).
+
+    Fails when the split would leave no training episode.
+    """
+    episodes = np.array(sorted(set(episode_indices)), dtype=np.int64)
+    n = len(episodes)
+    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * n)))
+    if n - n_val < 1:
+        raise FplusError(f"cannot hold out {n_val} of {n} episodes for validation: lower VAL_FRACTION")
+    order = np.random.default_rng(seed).permutation(n)
+    val = np.sort(episodes[order[:n_val]])
+    train = np.sort(episodes[order[n_val:]])
+    return Split(tuple(int(i) for i in train), tuple(int(i) for i in val), seed, val_fraction)

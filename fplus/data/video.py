@@ -1,0 +1,114 @@
+"""Video frames in and out of MP4 files with PyAV (no torchvision, no torchcodec).
+
+LeRobot v3.0 concatenates many episodes into one MP4 per camera; an episode is the time span
+[from_timestamp, to_timestamp) of that file, and its frame i sits at from_timestamp + i / fps.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from fplus.errors import FplusError
+
+# libx264 with a keyframe every 2 frames keeps random access cheap (seek + at most one extra decode).
+H264_OPTIONS = {"crf": "18", "g": "2", "preset": "veryfast", "tune": "zerolatency"}
+
+
+class VideoEncoder:
+    """Append RGB frames (H, W, 3) uint8 to an H.264 MP4 at a constant frame rate; `close()` finishes the file."""
+
+    def __init__(self, path: Path, fps: int, height: int, width: int, codec: str = "libx264"):
+        import av
+
+        if height % 2 or width % 2:
+            raise FplusError(f"video frames must have even height and width for yuv420p, got {height}x{width}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.fps = fps
+        self.shape = (height, width, 3)
+        self._container = av.open(str(path), mode="w")
+        self._stream = self._container.add_stream(codec, rate=fps, options=dict(H264_OPTIONS))
+        self._stream.width = width
+        self._stream.height = height
+        self._stream.pix_fmt = "yuv420p"
+        self._stream.time_base = Fraction(1, fps)
+        self.frames_written = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        """Encode frames (T, H, W, 3) uint8."""
+        import av
+
+        if frames.ndim != 4 or frames.shape[1:] != self.shape or frames.dtype != np.uint8:
+            raise FplusError(f"expected frames of shape (T, {self.shape}) uint8, got {frames.shape} {frames.dtype}")
+        for frame in frames:
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = self.frames_written
+            vf.time_base = Fraction(1, self.fps)
+            for packet in self._stream.encode(vf):
+                self._container.mux(packet)
+            self.frames_written += 1
+
+    def close(self) -> None:
+        for packet in self._stream.encode():
+            self._container.mux(packet)
+        self._container.close()
+
+    def size_bytes(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+
+def decode_span(path: Path, from_ts: float, to_ts: float, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every frame whose timestamp lies in [from_ts, to_ts) (half a frame of tolerance each side).
+
+    Returns:
+        frames: (N, H, W, 3) uint8 RGB, in presentation order.
+        times: (N,) float64 presentation times in seconds.
+    """
+    import av
+
+    if not path.is_file():
+        raise FplusError(f"video file missing: {path}")
+    half = 0.5 / fps
+    frames: list[np.ndarray] = []
+    times: list[float] = []
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if from_ts > half:
+            container.seek(int((from_ts - half) / stream.time_base), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            t = float(frame.pts * stream.time_base) if frame.pts is not None else float(frame.time)
+            if t < from_ts - half:
+                continue
+            if t >= to_ts - half:
+                break
+            frames.append(frame.to_ndarray(format="rgb24"))
+            times.append(t)
+    if not frames:
+        raise FplusError(f"no frames in [{from_ts:.3f}s, {to_ts:.3f}s) of {path}")
+    return np.stack(frames), np.asarray(times)
+
+
+def align_frames(frames: np.ndarray, times: np.ndarray, wanted: np.ndarray, fps: float, where: str) -> np.ndarray:
+    """Pick, for each wanted timestamp (N,), the decoded frame closest in time; fail if none is within half a frame.
+
+    Args:
+        frames: (M, H, W, 3) decoded frames; times: (M,) their times; wanted: (N,) timestamps in seconds.
+    Returns:
+        (N, H, W, 3) uint8.
+    """
+    pos = np.clip(np.searchsorted(times, wanted), 1, len(times) - 1) if len(times) > 1 else np.zeros_like(wanted, int)
+    if len(times) > 1:
+        left_closer = np.abs(times[pos - 1] - wanted) <= np.abs(times[pos] - wanted)
+        pos = np.where(left_closer, pos - 1, pos)
+    error = np.abs(times[pos] - wanted)
+    if np.any(error > 0.5 / fps + 1e-4):
+        bad = int(np.argmax(error))
+        raise FplusError(
+            f"{where}: no video frame near t={wanted[bad]:.4f}s (closest {times[pos[bad]]:.4f}s); "
+            "the video and the parquet timestamps disagree"
+        )
+    return frames[pos]

@@ -1,0 +1,346 @@
+"""Typed, validated settings: one frozen tree, layered from profiles, `.env`, the environment and the CLI.
+
+Every field has exactly one flat environment name (the seed's names are kept: DATASET, IMAGE_KEY,
+INSTRUCTION_KEY, CACHE_DIR, WORLD_SOURCE, BACKBONE, BATCH_SIZE, MAX_EPOCHS, LOG_EVERY, COC_JSONL).
+Precedence, highest first: CLI overrides > environment variables > `.env` > `profiles/<name>.env` > defaults.
+
+An unknown key in a profile or `.env` file, or an unknown profile name, is an error listing the valid names.
+Data keys (IMAGE_KEY, ACTION_KEY, INSTRUCTION_KEY) have no defaults: a profile or the user must name them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fplus.errors import FplusError
+
+PROFILE_ENV = "FPLUS_PROFILE"
+PROFILES_DIR_ENV = "FPLUS_PROFILES_DIR"
+
+
+def env(name: str, default: Any, doc: str, **kwargs: Any) -> Any:
+    """A settings field with its flat environment variable `name` and a one-line description `doc`."""
+    return Field(default, description=doc, json_schema_extra={"env": name}, **kwargs)
+
+
+class Section(BaseModel):
+    """Base of every settings section: frozen, unknown fields forbidden, empty strings mean "unset"."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_is_none(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {k: (None if isinstance(v, str) and v.strip() == "" else v) for k, v in data.items()}
+        return data
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class DataSettings(Section):
+    """Which dataset, which keys, how to split it, and the embedded Meta-World demo dataset."""
+
+    dataset: str | None = env("DATASET", None, "LeRobot v3.0 dataset: local directory or hub repo id")
+    revision: str | None = env("DATASET_REVISION", None, "hub revision (branch, tag or commit) of DATASET")
+    image_key: str | None = env("IMAGE_KEY", None, "main camera feature, e.g. observation.images.image")
+    wrist_image_key: str | None = env("WRIST_IMAGE_KEY", None, "optional second camera feature")
+    state_key: str | None = env("STATE_KEY", None, "proprio state feature (unset: the policy gets no state)")
+    action_key: str | None = env("ACTION_KEY", None, "action feature, e.g. action")
+    instruction_key: str | None = env(
+        "INSTRUCTION_KEY", None, "language instruction: `task` (LeRobot task table) or a string column"
+    )
+    val_fraction: float = env("VAL_FRACTION", 0.1, "fraction of episodes held out for validation", ge=0, lt=1)
+    split_seed: int = env("SPLIT_SEED", 0, "seed of the train/validation episode split")
+    demo_tasks: list[str] = env(
+        "DEMO_TASKS",
+        ["reach-v3", "push-v3", "drawer-open-v3", "button-press-topdown-v3"],
+        "Meta-World v3 tasks of the demo dataset (comma separated)",
+    )
+    demo_episodes: int = env("DEMO_EPISODES", 20, "demo episodes per task", ge=1)
+    demo_image_size: int = env("DEMO_IMAGE_SIZE", 96, "demo camera resolution in pixels (square)", ge=16)
+    demo_max_steps: int = env("DEMO_MAX_STEPS", 120, "max simulator steps per demo episode", ge=1)
+    demo_seed: int = env("DEMO_SEED", 0, "seed of the demo episodes")
+
+    _csv = field_validator("demo_tasks", mode="before")(_split_csv)
+
+
+class WorldSettings(Section):
+    """World latents (DESIGN 4) and the memory windows of a training sample (DESIGN 3)."""
+
+    source: Literal["dino", "vjepa"] = env("WORLD_SOURCE", "dino", "world latent encoder family: dino|vjepa")
+    dino_model: str = env("DINO_MODEL", "facebook/dinov2-base", "DINOv2/DINOv3 hub id, local dir or `tiny`")
+    vjepa_model: str = env("VJEPA_MODEL", "facebook/vjepa2-vitl-fpc64-256", "V-JEPA 2 hub id, local dir or `tiny`")
+    pooling: Literal["cls", "mean"] = env("WORLD_POOLING", "cls", "dino pooling: CLS token or mean of patches")
+    temporal_window: int = env("WORLD_TEMPORAL_WINDOW", 8, "vjepa clip length m (frames ending at t)", ge=1)
+    cache_dir: Path = env("CACHE_DIR", Path("cache/latents"), "where world latents are cached")
+    history: int = env("WORLD_HISTORY", 4, "T: latents z[t-T+1..t] fed to the Prophet", ge=1)
+    future: int = env("WORLD_FUTURE", 4, "K: future latents z[t+1..t+K] predicted", ge=1)
+    batch_size: int = env("LATENTS_BATCH_SIZE", 32, "frames per encoder batch when precomputing", ge=1)
+
+
+class ModelSettings(Section):
+    """The F+ policy (DESIGN 5)."""
+
+    backbone: str = env("BACKBONE", "qwen3-vl-2b", "alias (qwen3-vl-2b|qwen3-vl-4b|qwen2.5-vl-3b), hub id, dir or tiny")
+    action_horizon: int = env("ACTION_HORIZON", 8, "H: actions per chunk = number of <ACT_i> tokens", ge=1)
+    image_size: int = env("IMAGE_SIZE", 224, "backbone image side in pixels (224 -> 49 visual tokens)", ge=28)
+    finetune: Literal["full", "frozen", "lora"] = env("FINETUNE", "lora", "backbone fine-tuning mode")
+    lora_rank: int = env("LORA_RANK", 16, "LoRA rank", ge=1)
+    lora_layers: int = env("LORA_LAYERS", 8, "LoRA on the last N decoder layers", ge=1)
+    gradient_checkpointing: bool = env("GRADIENT_CHECKPOINTING", False, "recompute activations in backward")
+    precision: Literal["fp32", "bf16"] = env("PRECISION", "bf16", "autocast precision on GPU (CPU runs in fp32)")
+
+
+class TrainSettings(Section):
+    """The training loop (DESIGN 5, 6)."""
+
+    experiment: str = env("EXPERIMENT", "E0", "experiment id E0-E4 (DESIGN 6)")
+    batch_size: int = env("BATCH_SIZE", 8, "samples per optimiser step per device", ge=1)
+    max_epochs: int = env("MAX_EPOCHS", 10, "epochs over the training episodes", ge=1)
+    log_every: int = env("LOG_EVERY", 10, "steps between metric lines", ge=1)
+    seed: int = env("SEED", 0, "training seed")
+    num_workers: int = env("NUM_WORKERS", 0, "data loader worker processes", ge=0)
+    output_dir: Path = env("OUTPUT_DIR", Path("runs"), "parent directory of run directories")
+
+
+class EvalSettings(Section):
+    """Offline and closed-loop evaluation (DESIGN 6, 7)."""
+
+    corruption: Literal["none", "zero", "random", "shuffle", "oracle", "all"] = env(
+        "CORRUPTION", "none", "future-memory corruption mode at evaluation"
+    )
+    sim: Literal["none", "metaworld", "libero"] = env("EVAL_SIM", "none", "closed-loop simulator")
+    episodes: int = env("EVAL_EPISODES", 10, "closed-loop episodes per task", ge=1)
+
+
+class CocSettings(Section):
+    """Chain-of-causation labels (DESIGN 5)."""
+
+    jsonl: Path | None = env("COC_JSONL", None, "CoC labels: JSONL of {episode_index|episode_id, coc_text}")
+    max_tokens: int = env("COC_MAX_TOKENS", 128, "longest CoC text in tokens", ge=1)
+
+
+class RunSettings(Section):
+    """Naming of the run directory."""
+
+    name: str | None = env("RUN_NAME", None, "run directory name (unset: derived from experiment and time)")
+
+
+class Settings(BaseSettings):
+    """The whole settings tree. Build it with `load_settings`, never from a bare constructor in library code."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid")
+
+    data: DataSettings = DataSettings()
+    world: WorldSettings = WorldSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    eval: EvalSettings = EvalSettings()
+    coc: CocSettings = CocSettings()
+    run: RunSettings = RunSettings()
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        # Layers are resolved by `load_settings` (flat names, provenance, strict unknown-key checks),
+        # which passes the merged result as init arguments.
+        return (init_settings,)
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    """One settings field: its flat environment name, section, field name and description."""
+
+    name: str
+    section: str
+    field: str
+    doc: str
+    default: Any
+
+
+def env_vars() -> dict[str, EnvVar]:
+    """Every settings variable by its flat environment name, in declaration order."""
+    out: dict[str, EnvVar] = {}
+    for section, sfield in Settings.model_fields.items():
+        section_cls = sfield.annotation
+        for fname, f in section_cls.model_fields.items():
+            name = f.json_schema_extra["env"]
+            if name in out:
+                raise RuntimeError(f"environment name {name} is used twice")
+            out[name] = EnvVar(name, section, fname, f.description or "", f.default)
+    return out
+
+
+def _did_you_mean(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def profiles_dirs() -> list[Path]:
+    """Where profiles are looked up, first match wins: $FPLUS_PROFILES_DIR, ./profiles, the installed copy."""
+    dirs = []
+    if os.environ.get(PROFILES_DIR_ENV):
+        dirs.append(Path(os.environ[PROFILES_DIR_ENV]))
+    dirs.append(Path.cwd() / "profiles")
+    package = Path(__file__).resolve().parent
+    dirs += [package.parent / "profiles", package / "_profiles"]
+    return dirs
+
+
+def available_profiles() -> list[str]:
+    """Names of every profile found in `profiles_dirs()`."""
+    names = {p.stem for d in profiles_dirs() if d.is_dir() for p in d.glob("*.env")}
+    return sorted(names)
+
+
+def resolve_profile(profile: str) -> Path:
+    """The file of a profile name (or a path to a `.env` file); unknown names fail with the valid ones."""
+    as_path = Path(profile)
+    if as_path.suffix == ".env" and as_path.is_file():
+        return as_path
+    for d in profiles_dirs():
+        candidate = d / f"{profile}.env"
+        if candidate.is_file():
+            return candidate
+    valid = available_profiles()
+    raise FplusError(f"unknown profile {profile!r}{_did_you_mean(profile, valid)}; valid profiles: {', '.join(valid)}")
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE pairs of a `.env`-style file (comments and `export` allowed; values are strings)."""
+    from dotenv import dotenv_values
+
+    values = dotenv_values(path)
+    return {k: ("" if v is None else v) for k, v in values.items()}
+
+
+def _check_known(values: Mapping[str, str], origin: str, known: dict[str, EnvVar]) -> None:
+    for key in values:
+        if key not in known and key not in (PROFILE_ENV, "FPLUS_DEBUG"):
+            raise FplusError(
+                f"unknown setting {key!r} in {origin}{_did_you_mean(key, list(known))}; "
+                f"valid names: {', '.join(known)} (documented in .env.example)"
+            )
+
+
+def _nest(flat: Mapping[str, Any], known: dict[str, EnvVar]) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key in known:
+            var = known[key]
+            nested.setdefault(var.section, {})[var.field] = value
+    return nested
+
+
+@dataclass(frozen=True)
+class LoadedSettings:
+    """Settings plus where each explicitly set variable came from (for `doctor` and error messages)."""
+
+    settings: Settings
+    profile: str | None
+    origins: dict[str, str]
+
+
+def load_settings(
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = Path(".env"),
+) -> Settings:
+    """Resolve the settings tree; see `load_settings_with_origins` for the layers."""
+    return load_settings_with_origins(profile, overrides, environ=environ, dotenv=dotenv).settings
+
+
+def load_settings_with_origins(
+    profile: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    dotenv: Path | None = Path(".env"),
+) -> LoadedSettings:
+    """Resolve the settings tree from its layers.
+
+    Args:
+        profile: profile name or `.env` path; None falls back to $FPLUS_PROFILE, then to no profile.
+        overrides: flat names (e.g. {"BATCH_SIZE": 4}) from the command line; None values are ignored.
+        environ: the process environment (default `os.environ`); only known names are read from it.
+        dotenv: the `.env` file (skipped when absent or None).
+    """
+    known = env_vars()
+    environ = os.environ if environ is None else environ
+    profile = profile or environ.get(PROFILE_ENV) or None
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if profile:
+        path = resolve_profile(profile)
+        values = read_env_file(path)
+        _check_known(values, f"profile {path}", known)
+        layers.append((f"profile {profile}", values))
+    if dotenv is not None and dotenv.is_file():
+        values = read_env_file(dotenv)
+        _check_known(values, str(dotenv), known)
+        layers.append((str(dotenv), values))
+    layers.append(("environment", {k: v for k, v in environ.items() if k in known}))
+    if overrides:
+        unknown = [k for k in overrides if k not in known]
+        if unknown:
+            _check_known({unknown[0]: ""}, "command-line overrides", known)
+        layers.append(("command line", {k: v for k, v in overrides.items() if v is not None}))
+
+    flat: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for origin, values in layers:
+        for key, value in values.items():
+            flat[key] = value
+            origins[key] = origin
+    try:
+        settings = Settings(**_nest(flat, known))
+    except ValidationError as err:
+        by_field = {(v.section, v.field): v.name for v in known.values()}
+        lines = []
+        for e in err.errors():
+            loc = tuple(str(x) for x in e["loc"])
+            name = by_field.get(loc[:2], ".".join(loc))
+            where = origins.get(name, "defaults")
+            lines.append(f"{name}={flat.get(name)!r} (from {where}): {e['msg']}")
+        raise FplusError("invalid settings: " + "; ".join(lines)) from err
+    return LoadedSettings(settings, profile, origins)
+
+
+def settings_to_flat(settings: Settings) -> dict[str, Any]:
+    """The settings as {ENV_NAME: value} (JSON-friendly: paths become strings)."""
+    dumped = settings.model_dump(mode="json")
+    return {v.name: dumped[v.section][v.field] for v in env_vars().values()}
+
+
+def render_env_example() -> str:
+    """The text of `.env.example`: every variable with its description and default."""
+    lines = [
+        "# Every fplus setting, with its default. Copy to .env and edit; precedence (highest first):",
+        "# command line > environment > .env > profiles/<name>.env (--profile or FPLUS_PROFILE) > defaults.",
+        "# FPLUS_DEBUG=1 shows full tracebacks instead of one-line errors.",
+    ]
+    current = None
+    flat_defaults = settings_to_flat(Settings())
+    for var in env_vars().values():
+        if var.section != current:
+            current = var.section
+            lines += ["", f"# --- {current} ---"]
+        default = flat_defaults[var.name]
+        if isinstance(default, list):
+            default = ",".join(default)
+        lines.append(f"# {var.doc}")
+        lines.append(f"# {var.name}={'' if default is None else default}")
+    return "\n".join(lines) + "\n"
