@@ -153,7 +153,9 @@ class Settings(BaseSettings):
     run: RunSettings = RunSettings()
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
         # Layers are resolved by `load_settings` (flat names, provenance, strict unknown-key checks),
         # which passes the merged result as init arguments.
         return (init_settings,)

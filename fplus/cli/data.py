@@ -8,7 +8,15 @@ from typing import Annotated
 import typer
 
 from fplus.cli.options import (
-    ActionKey, DatasetArg, ImageKey, InstructionKey, OutDir, Overwrite, Profile, StateKey, settings_from_cli,
+    ActionKey,
+    DatasetArg,
+    ImageKey,
+    InstructionKey,
+    OutDir,
+    Overwrite,
+    Profile,
+    StateKey,
+    settings_from_cli,
 )
 
 app = typer.Typer(help="Datasets: the Meta-World demo and LeRobot v3.0 inspection.", no_args_is_help=True)

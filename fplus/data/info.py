@@ -58,7 +58,8 @@ def render(summary: DatasetSummary, stats: dict[str, dict[str, np.ndarray]]):
         f"keys: {', '.join(summary.user_keys)}"
     )
     features = Table(title="features", title_justify="left")
-    for col in ("key", "dtype", "shape", "details"):
+    features.add_column("key", overflow="fold")
+    for col in ("dtype", "shape", "details"):
         features.add_column(col)
     for key, ft in summary.features.items():
         if ft["dtype"] == "video":

@@ -90,7 +90,9 @@ def resolve_root(source: str | Path, revision: str | None = None) -> tuple[Path,
         try:
             root = snapshot_download(repo_id=text, repo_type="dataset", revision=revision)
         except Exception as err:  # offline, missing repo, auth
-            raise FplusError(f"{text!r} is not a local directory and could not be downloaded from the hub: {err}")
+            raise FplusError(
+                f"{text!r} is not a local directory and could not be downloaded from the hub: {err}"
+            ) from err
         return Path(root), text
     raise FplusError(f"dataset {text!r} not found (neither a local directory nor a hub repo id like user/name)")
 

@@ -1,0 +1,33 @@
+# The two set-up commands of the README. Both work on a fresh machine (Python 3.11+, no GPU):
+#   make demo   install, then run the demo end to end
+#   make test   install with the dev extras, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install demo test lint clean-demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+
+# torch first, pinned to the CPU wheel, so that nothing pulls the CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[sim,dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/fplus data demo --profile demo
+	$(BIN)/fplus data info --profile demo
+
+test: install
+	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check fplus tests
+
+clean-demo:
+	rm -rf outputs/demo
