@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import data, pending
+from fplus.cli import data, latents, pending
 
 app = typer.Typer(
     name="fplus",
@@ -18,6 +18,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data.app, name="data")
+app.add_typer(latents.app, name="latents")
 pending.register(app)
 
 

@@ -10,7 +10,6 @@ import typer
 from fplus.errors import FplusError
 
 PENDING = {
-    "latents": "precompute world latents (DINOv2/DINOv3, V-JEPA 2) with a manifest",
     "coc": "validate and generate chain-of-causation labels",
     "train": "train one experiment (E0-E4) with exact resume",
     "eval": "offline and closed-loop evaluation under corruption modes",

@@ -50,10 +50,16 @@ def sample_windows(t: np.ndarray, start: np.ndarray, stop: np.ndarray, horizon: 
     return Windows(
         action=np.minimum(ahead, last),
         action_pad=ahead > last,
-        history=np.maximum(t - history + 1 + np.arange(history), start),
+        history=causal_window(t[:, 0], start[:, 0], history),
         future=np.minimum(fut, last),
         future_valid=fut <= last,
     )
+
+
+def causal_window(t: np.ndarray, start: np.ndarray, length: int) -> np.ndarray:
+    """Rows [t-length+1 .. t] for each t (B,), clamped at the episode start (B,): (B, length), oldest first."""
+    t = np.asarray(t, dtype=np.int64)[:, None]
+    return np.maximum(t - length + 1 + np.arange(length), np.asarray(start, dtype=np.int64)[:, None])
 
 
 def episode_bounds(episode_of_frame: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
