@@ -72,6 +72,25 @@ def _tiny_vjepa_config():
                         pred_num_attention_heads=2, pred_num_hidden_layers=1, num_pooler_layers=1)
 
 
+def _random_config(model_id: str):
+    """Configs built with random weights: `tiny` test models, and full-size architectures for speed benchmarks."""
+    from transformers import Dinov2Config, DINOv3ViTConfig, VJEPA2Config
+
+    configs = {
+        TINY: lambda: _tiny_dino_config(False),
+        f"{TINY}-dinov3": lambda: _tiny_dino_config(True),
+        f"{TINY}-vjepa": _tiny_vjepa_config,
+        "random-dinov2-base": Dinov2Config,  # the facebook/dinov2-base architecture
+        "random-dinov3-vitb16": lambda: DINOv3ViTConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                                        num_register_tokens=4),
+        "random-vjepa2-vitl": VJEPA2Config,  # the facebook/vjepa2-vitl-fpc64-256 architecture
+    }
+    return configs[model_id]() if model_id in configs else None
+
+
+RANDOM_IDS = (TINY, f"{TINY}-dinov3", "random-dinov2-base", "random-dinov3-vitb16", "random-vjepa2-vitl")
+
+
 def _config_digest(config) -> str:
     d = config.to_dict()
     d.pop("transformers_version", None)
@@ -107,7 +126,8 @@ class DinoEncoder(WorldEncoder):
     """DINOv2 (`Dinov2Model`) or DINOv3 (`DINOv3ViTModel`), one frame at a time.
 
     Args:
-        model_id: hub id, local directory, or `tiny` (DINOv2-shaped) / `tiny-dinov3`.
+        model_id: hub id, local directory, `tiny` (DINOv2-shaped) / `tiny-dinov3`, or a random full-size
+            architecture for benchmarks (`random-dinov2-base`, `random-dinov3-vitb16`).
         pooling: `cls` (the layer-normed CLS token) or `mean` (mean of the patch tokens, registers excluded).
     """
 
@@ -118,12 +138,10 @@ class DinoEncoder(WorldEncoder):
         self.model_id = model_id
         self.pooling = pooling
         self.temporal_window = 1
-        dinov3 = "dinov3" in model_id.lower()
-        if model_id in (TINY, f"{TINY}-dinov3"):
+        config = _random_config(model_id)
+        if config is not None:
             torch.manual_seed(TINY_SEED)
-            config = _tiny_dino_config(dinov3)
-            cls = _dino_class(config.model_type)
-            self.model = cls(config)
+            self.model = _dino_class(config.model_type)(config)
             self.revision = f"random-init-seed{TINY_SEED}-{_config_digest(config)}"
             self.preprocess = Preprocess(resize=config.image_size, crop=config.image_size)
         else:
@@ -169,7 +187,7 @@ class VJEPAEncoder(WorldEncoder):
     """V-JEPA 2 (`VJEPA2Model`, encoder only) over the clip of the last m frames ending at t, mean-pooled.
 
     Args:
-        model_id: hub id, local directory, or `tiny`.
+        model_id: hub id, local directory, `tiny`, or `random-vjepa2-vitl` (random full-size, for benchmarks).
         temporal_window: m, frames per clip (rounded up to a multiple of the tubelet size, 2).
     """
 
@@ -180,9 +198,9 @@ class VJEPAEncoder(WorldEncoder):
         self.model_id = model_id
         from transformers import VJEPA2Model
 
-        if model_id == TINY:
+        config = _random_config(f"{TINY}-vjepa" if model_id == TINY else model_id)
+        if config is not None:
             torch.manual_seed(TINY_SEED)
-            config = _tiny_vjepa_config()
             self.model = VJEPA2Model(config)
             self.revision = f"random-init-seed{TINY_SEED}-{_config_digest(config)}"
         else:
@@ -192,7 +210,7 @@ class VJEPAEncoder(WorldEncoder):
         tubelet = config.tubelet_size
         self.temporal_window = -(-temporal_window // tubelet) * tubelet
         crop = config.crop_size
-        self.preprocess = Preprocess(resize=round(crop * 256 / 224) if model_id != TINY else crop, crop=crop)
+        self.preprocess = Preprocess(resize=crop if model_id == TINY else round(crop * 256 / 224), crop=crop)
         self.dim = config.hidden_size
         self.model.to(device).eval()
         self.device = torch.device(device)
