@@ -2,7 +2,8 @@
 
 Every field has exactly one flat environment name (the seed's names are kept: DATASET, IMAGE_KEY,
 INSTRUCTION_KEY, CACHE_DIR, WORLD_SOURCE, BACKBONE, BATCH_SIZE, MAX_EPOCHS, LOG_EVERY, COC_JSONL).
-Precedence, highest first: CLI overrides > environment variables > `.env` > `profiles/<name>.env` > defaults.
+Precedence, highest first: CLI overrides > the experiment's overrides (E0-E4, chosen by EXPERIMENT) >
+environment variables > `.env` > `profiles/<name>.env` > defaults.
 
 An unknown key in a profile or `.env` file, or an unknown profile name, is an error listing the valid names.
 Data keys (IMAGE_KEY, ACTION_KEY, INSTRUCTION_KEY) have no defaults: a profile or the user must name them.
@@ -102,12 +103,29 @@ class ModelSettings(Section):
     lora_layers: int = env("LORA_LAYERS", 8, "LoRA on the last N decoder layers", ge=1)
     gradient_checkpointing: bool = env("GRADIENT_CHECKPOINTING", False, "recompute activations in backward")
     precision: Literal["fp32", "bf16"] = env("PRECISION", "bf16", "autocast precision on GPU (CPU runs in fp32)")
+    normalization: Literal["mean_std", "quantile"] = env("NORMALIZATION", "mean_std", "action/state normalisation")
+    prophet: bool = env("PROPHET", False, "Prophet predicts future latents, trained with L_world (E1, E2, E4)")
+    injection: bool = env("INJECTION", False, "inject the memory into the ACT states by gated cross-attention")
+    flare_align: bool = env("FLARE_ALIGN", False, "<FUT_j> tokens aligned to future latents at ALIGN_LAYER (E4)")
+    coc: bool = env("COC", False, "chain-of-causation text loss (E3, E4); needs COC_JSONL")
+    align_layer: int | None = env("ALIGN_LAYER", None, "backbone layer of the FLARE alignment (unset: the middle)")
+    prophet_width: int = env("PROPHET_WIDTH", 256, "Prophet transformer width", ge=8)
+    prophet_layers: int = env("PROPHET_LAYERS", 2, "Prophet transformer layers", ge=1)
+    prophet_heads: int = env("PROPHET_HEADS", 4, "Prophet attention heads", ge=1)
+    prophet_delta: bool = env("PROPHET_DELTA", False, "Prophet predicts z_future - z_t")
+    injection_heads: int = env("INJECTION_HEADS", 4, "heads of the gated cross-attention", ge=1)
+
+    @model_validator(mode="after")
+    def _injection_needs_prophet(self) -> ModelSettings:
+        if self.injection and not self.prophet:
+            raise ValueError("INJECTION=true needs PROPHET=true (the injected memory is the Prophet's prediction)")
+        return self
 
 
 class TrainSettings(Section):
     """The training loop (DESIGN 5, 6)."""
 
-    experiment: str = env("EXPERIMENT", "E0", "experiment id E0-E4 (DESIGN 6)")
+    experiment: str | None = env("EXPERIMENT", None, "experiment E0-E4 (DESIGN 6); unset: the model flags as set")
     batch_size: int = env("BATCH_SIZE", 8, "samples per optimiser step per device", ge=1)
     max_epochs: int = env("MAX_EPOCHS", 10, "epochs over the training episodes", ge=1)
     log_every: int = env("LOG_EVERY", 10, "steps between metric lines", ge=1)
@@ -131,6 +149,9 @@ class CocSettings(Section):
 
     jsonl: Path | None = env("COC_JSONL", None, "CoC labels: JSONL of {episode_index|episode_id, coc_text}")
     max_tokens: int = env("COC_MAX_TOKENS", 128, "longest CoC text in tokens", ge=1)
+    mode: Literal["joint_after_act", "separate"] = env(
+        "COC_MODE", "joint_after_act", "CoC tokens after the ACT tokens in one pass, or a separate pass"
+    )
 
 
 class RunSettings(Section):
@@ -295,6 +316,16 @@ def load_settings_with_origins(
         _check_known(values, str(dotenv), known)
         layers.append((str(dotenv), values))
     layers.append(("environment", {k: v for k, v in environ.items() if k in known}))
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None}
+    experiment = cli.get("EXPERIMENT") or next(
+        (values["EXPERIMENT"] for _, values in reversed(layers) if values.get("EXPERIMENT")), None)
+    if experiment:
+        from fplus.experiments import EXPERIMENTS
+
+        if experiment not in EXPERIMENTS:
+            raise FplusError(f"unknown experiment {experiment!r}{_did_you_mean(experiment, list(EXPERIMENTS))}; "
+                             f"valid experiments: {', '.join(EXPERIMENTS)}")
+        layers.append((f"experiment {experiment}", EXPERIMENTS[experiment]))
     if overrides:
         unknown = [k for k in overrides if k not in known]
         if unknown:
@@ -314,9 +345,12 @@ def load_settings_with_origins(
         lines = []
         for e in err.errors():
             loc = tuple(str(x) for x in e["loc"])
-            name = by_field.get(loc[:2], ".".join(loc))
-            where = origins.get(name, "defaults")
-            lines.append(f"{name}={flat.get(name)!r} (from {where}): {e['msg']}")
+            name = by_field.get(loc[:2])
+            msg = e["msg"].removeprefix("Value error, ")
+            if name is None:
+                lines.append(f"{'.'.join(loc)}: {msg}")
+            else:
+                lines.append(f"{name}={flat.get(name)!r} (from {origins.get(name, 'defaults')}): {msg}")
         raise FplusError("invalid settings: " + "; ".join(lines)) from err
     return LoadedSettings(settings, profile, origins)
 

@@ -106,3 +106,24 @@ def test_profiles_only_use_known_names():
         for line in path.read_text().splitlines():
             if line.strip() and not line.startswith("#"):
                 assert line.split("=", 1)[0] in known, f"{path.name}: {line}"
+
+
+def test_experiments_are_named_overrides():
+    from fplus.experiments import EXPERIMENTS
+
+    flags = {e: load_settings(environ={"EXPERIMENT": e}).model for e in EXPERIMENTS}
+    assert [(m.prophet, m.injection, m.coc, m.flare_align) for m in flags.values()] == [
+        (False, False, False, False), (True, False, False, False), (True, True, False, False),
+        (False, False, True, False), (True, True, True, True)]
+    # the experiment beats the environment, the command line beats the experiment
+    s = load_settings(None, {"EXPERIMENT": "E2"}, environ={"PROPHET": "false", "INJECTION": "false"})
+    assert s.model.injection
+    s = load_settings(None, {"EXPERIMENT": "E4", "FLARE_ALIGN": "false"}, environ={})
+    assert s.model.coc and not s.model.flare_align
+
+
+def test_unknown_experiment_and_inconsistent_flags():
+    with pytest.raises(FplusError, match=r"unknown experiment 'E5'; valid experiments: E0, E1, E2, E3, E4"):
+        load_settings(environ={"EXPERIMENT": "E5"})
+    with pytest.raises(FplusError, match="INJECTION=true needs PROPHET=true"):
+        load_settings(environ={"INJECTION": "true"})
