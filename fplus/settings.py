@@ -132,6 +132,9 @@ class TrainSettings(Section):
     seed: int = env("SEED", 0, "training seed")
     num_workers: int = env("NUM_WORKERS", 0, "data loader worker processes", ge=0)
     output_dir: Path = env("OUTPUT_DIR", Path("runs"), "parent directory of run directories")
+    lambda_world: float = env("LAMBDA_WORLD", 1.0, "weight of L_world = 1 - cos(z_pred, z_future)", ge=0)
+    lambda_text: float = env("LAMBDA_TEXT", 0.1, "weight of the CoC text loss", ge=0)
+    lambda_align: float = env("LAMBDA_ALIGN", 0.5, "weight of the FLARE alignment loss", ge=0)
 
 
 class EvalSettings(Section):

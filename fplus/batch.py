@@ -1,0 +1,23 @@
+"""Keys of a training/inference batch, shared by the data pipeline, the policy and evaluation.
+
+A batch is a dict; B samples, H action steps, T history latents, K future latents, D latent dim:
+    IMAGES        (B, h, w, 3) uint8 or (B, C, h, w, 3) for C cameras
+    INSTRUCTIONS  list[str] of B non-empty instructions
+    STATE         (B, S) float, raw (optional: only with STATE_KEY)
+    ACTIONS       (B, H, A) float, raw (training only)
+    ACTION_PAD    (B, H) bool, True past the episode end (training only)
+    Z_HIST        (B, T, D) world latents z[t-T+1..t] (with a Prophet)
+    Z_FUTURE      (B, K, D) world latents z[t+1..t+K] (training, oracle corruption)
+    FUTURE_VALID  (B, K) bool, False past the episode end
+    COC_TEXT      list[str] of B chain-of-causation texts (CoC experiments, training only)
+"""
+
+IMAGES = "images"
+INSTRUCTIONS = "instructions"
+STATE = "state"
+ACTIONS = "actions"
+ACTION_PAD = "action_pad"
+Z_HIST = "z_hist"
+Z_FUTURE = "z_future"
+FUTURE_VALID = "future_valid"
+COC_TEXT = "coc_text"

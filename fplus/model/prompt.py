@@ -1,0 +1,324 @@
+"""PromptBuilder (DESIGN 5): camera images + instructions (+ CoC texts) -> a right-padded PromptBatch.
+
+One sample's sequence (chat template of the backbone's tokenizer; Qwen3-VL shown):
+
+    <|im_start|>user\n  [<|vision_start|> <|image_pad|> x N <|vision_end|>] per camera  instruction <|im_end|>\n
+    <|im_start|>assistant\n  [<STATE>]  <FUT_0> .. <FUT_{M-1}>  <ACT_0> .. <ACT_{H-1}>  [CoC text <|im_end|>]  pad ..
+
+N = (image_size / 32)^2 visual tokens per camera for Qwen3-VL (patch 16, merge 2): 224 px -> 49.
+
+CoC modes:
+    joint_after_act   the CoC text (labelled) follows the ACT tokens in the same causal sequence. With right padding
+                      and causal attention nothing before the ACT tokens' end can see it, and M-RoPE positions of the
+                      prefix do not depend on it, so the ACT hidden states are unchanged (tests check bit equality).
+    separate          the action prompt has no CoC; `batch.coc` (or `coc_batch`) is a second prompt, image +
+                      instruction + CoC text as the assistant answer, for its own forward pass.
+    None              no CoC.
+
+Images are resized (bilinear, antialiased, aspect ratio not kept) to image_size x image_size in torch, then the
+backbone's image processor normalises and patchifies them; its size bounds are pinned to image_size^2 pixels so it
+never resizes again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fplus.errors import FplusError
+from fplus.model.backbone import IM_END, IMAGE_PAD, Backbone
+
+CocMode = Literal["joint_after_act", "separate"]
+COC_MODES = ("joint_after_act", "separate")
+IGNORE = -100
+ImageInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
+
+
+@dataclass
+class PromptBatch:
+    """Model inputs and token positions of B right-padded prompts of length L (C cameras, N visual tokens each).
+
+    input_ids, attention_mask: (B, L) long; pads only at the end of a row.
+    pixel_values: (B * C * 4N, 3 * 2 * 16 * 16) float, image_grid_thw: (B * C, 3) long, sample-major (sample 0's
+        cameras first), as the backbone's image processor makes them.
+    mm_token_type_ids: (B, L) int, 1 at image tokens, 0 elsewhere (Qwen-VL needs it to build M-RoPE positions).
+    act_positions: (B, H) long, or None in a CoC-only batch. fut_positions: (B, M) long or None.
+    state_positions: (B,) long or None. labels: (B, L) long, -100 except the CoC text and its closing <|im_end|>,
+        or None. coc: in `separate` mode with CoC texts, the CoC batch for its own pass, else None.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    act_positions: torch.Tensor | None
+    fut_positions: torch.Tensor | None = None
+    state_positions: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+    coc: PromptBatch | None = None
+
+    def to(self, device: str | torch.device) -> PromptBatch:
+        """A copy with every tensor (and the CoC batch) on `device`."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = value.to(device) if isinstance(value, (torch.Tensor, PromptBatch)) else value
+        return replace(self, **moved)
+
+    def gather(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Hidden states at per-sample positions: (B, L, d), (B, K) -> (B, K, d)."""
+        index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+        return hidden.gather(1, index)
+
+
+class PromptBuilder:
+    """Builds PromptBatches for a backbone.
+
+    Args:
+        backbone: gives the tokenizer (with its chat template), image processor and special token ids; the action
+            horizon H is len(backbone.act_token_ids).
+        image_size: square side in pixels; a multiple of backbone.vision_factor (32 for Qwen3-VL).
+        num_fut_tokens: M <FUT_j> tokens before the ACT tokens (0 for none); at most those the backbone has.
+        use_state: put a <STATE> token first in the assistant turn (its embedding is replaced by a state projection).
+        coc_mode: "joint_after_act", "separate" or None (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        image_size: int,
+        num_fut_tokens: int,
+        use_state: bool,
+        coc_mode: CocMode | None,
+    ):
+        factor = backbone.vision_factor
+        if image_size < factor or image_size % factor:
+            lower, upper = max(factor, image_size // factor * factor), (image_size // factor + 1) * factor
+            raise FplusError(
+                f"IMAGE_SIZE={image_size} must be a multiple of {factor} for {backbone.source} "
+                f"(patch {backbone.image_processor.patch_size} x merge {backbone.image_processor.merge_size}); "
+                f"try {lower} or {upper}"
+            )
+        if num_fut_tokens > len(backbone.fut_token_ids):
+            raise FplusError(
+                f"{num_fut_tokens} <FUT> tokens asked but the backbone was loaded with {len(backbone.fut_token_ids)}"
+            )
+        if use_state and backbone.state_token_id is None:
+            raise FplusError("use_state=True but the backbone was loaded without a <STATE> token (use_state=False)")
+        if coc_mode is not None and coc_mode not in COC_MODES:
+            raise FplusError(f"unknown CoC mode {coc_mode!r}; valid: {', '.join(COC_MODES)} or None")
+        self.backbone = backbone
+        self.tokenizer = backbone.tokenizer
+        self.image_size = image_size
+        self.num_fut_tokens = num_fut_tokens
+        self.use_state = use_state
+        self.coc_mode = coc_mode
+        self.tokens_per_image = backbone.visual_tokens(image_size)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
+        self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
+        self.pad_id = self.tokenizer.pad_token_id
+        self._prefix_cache: dict[tuple[int, str], list[int]] = {}
+
+    @property
+    def horizon(self) -> int:
+        """H, the number of ACT tokens."""
+        return len(self.backbone.act_token_ids)
+
+    def __call__(
+        self,
+        images: ImageInput,
+        instructions: Sequence[str],
+        coc_texts: Sequence[str] | None = None,
+        pad_to: int | None = None,
+    ) -> PromptBatch:
+        """The action prompt for B samples.
+
+        Args:
+            images: uint8 (B, H, W, 3), or C cameras as (B, C, H, W, 3) or a list of C (B, H_c, W_c, 3).
+            instructions: B non-empty task texts.
+            coc_texts: B non-empty CoC texts; needs coc_mode. joint_after_act: appended after the ACT tokens and
+                labelled. separate: returned as `.coc`, a CoC-only batch sharing the pixel values.
+            pad_to: pad the rows to at least this length (static shapes, or two batches of equal length).
+        """
+        cameras = self._cameras(images)
+        self._check_texts("instruction", instructions, len(cameras[0]))
+        if coc_texts is not None:
+            if self.coc_mode is None:
+                raise FplusError("CoC texts given but the prompt builder has coc_mode=None")
+            self._check_texts("CoC text", coc_texts, len(instructions))
+        pixels = self._pixels(cameras)
+        joint = coc_texts if self.coc_mode == "joint_after_act" else None
+        batch = self._build(pixels, len(cameras), instructions, joint, with_queries=True, pad_to=pad_to)
+        if coc_texts is not None and self.coc_mode == "separate":
+            batch.coc = self._build(pixels, len(cameras), instructions, coc_texts, with_queries=False, pad_to=pad_to)
+        return batch
+
+    def coc_batch(
+        self,
+        images: ImageInput,
+        instructions: Sequence[str],
+        coc_texts: Sequence[str],
+        pad_to: int | None = None,
+    ) -> PromptBatch:
+        """The CoC-only prompt: image(s) + instruction, then the CoC text as the assistant answer (labelled)."""
+        cameras = self._cameras(images)
+        self._check_texts("instruction", instructions, len(cameras[0]))
+        self._check_texts("CoC text", coc_texts, len(instructions))
+        pixels = self._pixels(cameras)
+        return self._build(pixels, len(cameras), instructions, coc_texts, with_queries=False, pad_to=pad_to)
+
+    def prompt_length(self, instruction: str, num_cameras: int = 1) -> int:
+        """Tokens of one action prompt (no CoC) with this instruction, e.g. to budget sequence length."""
+        queries = int(self.use_state) + self.num_fut_tokens + self.horizon
+        return len(self._prefix_ids(num_cameras, instruction)) + queries
+
+    # -- internals -----------------------------------------------------------------------------------------------
+
+    def _build(
+        self,
+        pixels: dict[str, torch.Tensor],
+        num_cameras: int,
+        instructions: Sequence[str],
+        coc_texts: Sequence[str] | None,
+        with_queries: bool,
+        pad_to: int | None = None,
+    ) -> PromptBatch:
+        """Token rows -> right-padded tensors. The prompt ids never depend on the CoC suffix (the causality test)."""
+        bb = self.backbone
+        rows, label_rows = [], []
+        state_pos, fut_pos, act_pos = [], [], []
+        for i, instruction in enumerate(instructions):
+            ids = list(self._prefix_ids(num_cameras, instruction))
+            if with_queries:
+                if self.use_state:
+                    state_pos.append(len(ids))
+                    ids.append(bb.state_token_id)
+                fut_pos.append(list(range(len(ids), len(ids) + self.num_fut_tokens)))
+                ids += bb.fut_token_ids[: self.num_fut_tokens]
+                act_pos.append(list(range(len(ids), len(ids) + self.horizon)))
+                ids += bb.act_token_ids
+            labels = [IGNORE] * len(ids)
+            if coc_texts is not None:
+                text = self.tokenizer(coc_texts[i], add_special_tokens=False)["input_ids"] + [self.im_end_id]
+                ids += text
+                labels += text
+            rows.append(ids)
+            label_rows.append(labels)
+
+        length = max(max(len(r) for r in rows), pad_to or 0)
+        b = len(rows)
+        input_ids = torch.full((b, length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((b, length), dtype=torch.long)
+        labels = torch.full((b, length), IGNORE, dtype=torch.long)
+        for i, (ids, lab) in enumerate(zip(rows, label_rows, strict=True)):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+            labels[i, : len(lab)] = torch.tensor(lab)
+        mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32)
+
+        def positions(values: list) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.long).reshape(b, -1)
+
+        return PromptBatch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixels["pixel_values"],
+            image_grid_thw=pixels["image_grid_thw"],
+            mm_token_type_ids=mm_token_type_ids,
+            act_positions=positions(act_pos) if with_queries else None,
+            fut_positions=positions(fut_pos) if with_queries and self.num_fut_tokens else None,
+            state_positions=positions(state_pos).reshape(b) if with_queries and self.use_state else None,
+            labels=labels if coc_texts is not None else None,
+        )
+
+    def _prefix_ids(self, num_cameras: int, instruction: str) -> list[int]:
+        """Token ids of the chat up to the assistant turn's start, each image placeholder expanded to N tokens."""
+        key = (num_cameras, instruction)
+        if key not in self._prefix_cache:
+            content = [{"type": "image"}] * num_cameras + [{"type": "text", "text": instruction}]
+            text = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+            )
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            found = ids.count(self.image_token_id)
+            if found != num_cameras:
+                raise FplusError(
+                    f"the chat template rendered {found} image placeholders for {num_cameras} camera(s); "
+                    f"it must render one {IMAGE_PAD} per image"
+                )
+            expanded: list[int] = []
+            for token in ids:
+                expanded += [token] * self.tokens_per_image if token == self.image_token_id else [token]
+            if len(self._prefix_cache) > 4096:
+                self._prefix_cache.clear()
+            self._prefix_cache[key] = expanded
+        return self._prefix_cache[key]
+
+    def _cameras(self, images: ImageInput) -> list[torch.Tensor]:
+        """-> C tensors (B, H, W, 3) uint8."""
+        if isinstance(images, (list, tuple)):
+            cameras = [_as_tensor(c) for c in images]
+        else:
+            x = _as_tensor(images)
+            if x.dim() == 4:
+                cameras = [x]
+            elif x.dim() == 5:
+                cameras = list(x.unbind(1))
+            else:
+                raise FplusError(f"images must be (B, H, W, 3) or (B, C, H, W, 3), got shape {tuple(x.shape)}")
+        if not cameras:
+            raise FplusError("no camera images given")
+        for c in cameras:
+            if c.dim() != 4 or c.shape[-1] != 3 or c.dtype != torch.uint8:
+                raise FplusError(f"each camera must be uint8 (B, H, W, 3), got {c.dtype} {tuple(c.shape)}")
+            if c.shape[0] != cameras[0].shape[0]:
+                raise FplusError("all cameras must have the same batch size")
+        return cameras
+
+    def _pixels(self, cameras: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """C cameras (B, H, W, 3) uint8 -> pixel_values, image_grid_thw (sample-major) from the image processor."""
+        s = self.image_size
+        resized = [self._resize(c.cpu()) for c in cameras]
+        images = [resized[c][b].numpy() for b in range(len(resized[0])) for c in range(len(resized))]
+        out = self.backbone.image_processor(
+            images=images,
+            size={"shortest_edge": s * s, "longest_edge": s * s},
+            input_data_format="channels_last",
+            return_tensors="pt",
+        )
+        grid = out["image_grid_thw"]
+        merge = int(self.backbone.image_processor.merge_size)
+        tokens = grid.prod(-1) // merge**2
+        if not bool((tokens == self.tokens_per_image).all()):
+            raise FplusError(f"image processor made {tokens.tolist()} visual tokens, expected {self.tokens_per_image}")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
+
+    def _resize(self, frames: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, s, s, 3) uint8, bilinear with antialiasing (no-op at the right size)."""
+        s = self.image_size
+        if frames.shape[1:3] == (s, s):
+            return frames
+        x = frames.permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+        return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+    @staticmethod
+    def _check_texts(what: str, texts: Sequence[str], batch: int) -> None:
+        if isinstance(texts, str):
+            raise FplusError(f"{what}s must be a list of strings, one per sample, not one string")
+        if len(texts) != batch:
+            raise FplusError(f"{len(texts)} {what}s for a batch of {batch}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise FplusError(f"{what} {i} is empty or not a string: {text!r}")
+
+
+def _as_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """A torch view of a tensor, or a (writable, so torch does not warn) copy of an array."""
+    return images if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
