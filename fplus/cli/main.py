@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import data, latents, pending
+from fplus.cli import data, latents, pending, train
 
 app = typer.Typer(
     name="fplus",
@@ -19,6 +19,7 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(latents.app, name="latents")
+app.command("train")(train.train)
 pending.register(app)
 
 

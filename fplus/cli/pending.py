@@ -11,7 +11,6 @@ from fplus.errors import FplusError
 
 PENDING = {
     "coc": "validate and generate chain-of-causation labels",
-    "train": "train one experiment (E0-E4) with exact resume",
     "eval": "offline and closed-loop evaluation under corruption modes",
     "matrix": "run the experiment matrix for a profile: train, eval, report",
     "report": "tables and plots comparing runs",

@@ -303,11 +303,29 @@ class FPlusPolicy(nn.Module):
         self.backbone.image_processor.save_pretrained(directory / PROCESSOR_DIR)
         return directory
 
+    def load_weights(self, directory: str | Path) -> None:
+        """Load the weights of a `save` directory into this policy (same config), checking that they fit."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        own = load_file(str(directory / HEADS_FILE))
+        missing, unexpected = self.load_state_dict(own, strict=False)
+        missing = [k for k in missing if not k.startswith("vlm.")]
+        if missing or unexpected:
+            raise FplusError(f"{directory / HEADS_FILE} does not fit the config: missing {missing}, "
+                             f"unexpected {unexpected}")
+        trainable = load_file(str(directory / BACKBONE_FILE))
+        params = dict(self.vlm.named_parameters())
+        unknown = [k for k in trainable if k not in params]
+        if unknown:
+            raise FplusError(f"{directory / BACKBONE_FILE} has weights the backbone lacks: {unknown[:5]}")
+        with torch.no_grad():
+            for k, v in trainable.items():
+                params[k].copy_(v)
+
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> FPlusPolicy:
         """Rebuild a saved policy: same backbone source and fine-tuning, then the saved weights on top."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise FplusError(f"{directory} holds no saved policy ({CONFIG_FILE} missing)")
@@ -319,18 +337,5 @@ class FPlusPolicy(nn.Module):
         action_norm = Normalizer(config.action_dim, config.normalization)
         state_norm = Normalizer(config.state_dim, config.normalization) if config.state_dim else None
         policy = cls(config, backbone, action_norm, state_norm)
-        own = load_file(str(directory / HEADS_FILE))
-        missing, unexpected = policy.load_state_dict(own, strict=False)
-        missing = [k for k in missing if not k.startswith("vlm.")]
-        if missing or unexpected:
-            raise FplusError(f"{directory / HEADS_FILE} does not fit the config: missing {missing}, "
-                             f"unexpected {unexpected}")
-        trainable = load_file(str(directory / BACKBONE_FILE))
-        params = dict(policy.vlm.named_parameters())
-        unknown = [k for k in trainable if k not in params]
-        if unknown:
-            raise FplusError(f"{directory / BACKBONE_FILE} has weights the backbone lacks: {unknown[:5]}")
-        with torch.no_grad():
-            for k, v in trainable.items():
-                params[k].copy_(v)
+        policy.load_weights(directory)
         return policy.to(device)

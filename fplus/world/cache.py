@@ -198,3 +198,23 @@ def _version() -> str:
     from fplus import __version__
 
     return __version__
+
+
+def find_latents(cache_dir: Path, ds: LeRobotDataset, image_key: str, source: str, encoder_id: str, pooling: str,
+                 temporal_window: int) -> tuple[Path, np.ndarray]:
+    """The cache entry of the world settings for this dataset and key, loaded and checked (see `load_latents`).
+
+    A V-JEPA window may have been rounded up to the tubelet size when computed, so both m and the rounded value
+    are accepted.
+    """
+    windows = {temporal_window, -(-temporal_window // 2) * 2}
+    want_pooling = pooling if source == "dino" else None
+    entry = cache_entry(cache_dir, ds, image_key, source, encoder_id, want_pooling, temporal_window)
+    candidates = [e for e in entry.parent.glob(f"{source}-{_slug(encoder_id)}-*") if (e / MANIFEST).is_file()]
+    for candidate in sorted(candidates):
+        manifest = read_manifest(candidate)
+        if manifest.get("pooling") == want_pooling and (source == "dino" or manifest["temporal_window"] in windows):
+            return candidate, load_latents(candidate, ds, image_key, source=source, encoder_id=encoder_id)
+    raise FplusError(f"no {source} latents of {encoder_id!r} for {image_key!r} of {dataset_id(ds)} under "
+                     f"{cache_dir}; compute them first: fplus latents --dataset {ds.root} --image-key {image_key} "
+                     f"--source {source} (or `fplus latents --profile <profile>`)")

@@ -1,0 +1,38 @@
+"""`fplus train`: train one experiment into a run directory (resumable)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from fplus.cli.options import Profile, settings_from_cli
+
+Experiment = Annotated[str | None, typer.Option("--experiment", "-e", help="E0-E4 (EXPERIMENT)")]
+
+
+def train(
+    experiment: Experiment = None,
+    profile: Profile = None,
+    run_name: Annotated[str | None, typer.Option(help="run directory name under OUTPUT_DIR (RUN_NAME)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue the run from its newest valid checkpoint")]
+    = False,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimiser steps (MAX_STEPS)")] = None,
+    max_epochs: Annotated[int | None, typer.Option(help="epochs (MAX_EPOCHS)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="samples per step per device (BATCH_SIZE)")] = None,
+) -> None:
+    """Train one experiment (E0-E4) with accelerate; `accelerate launch -m fplus.cli.main train ...` for DDP/FSDP.
+
+    The run directory is OUTPUT_DIR/RUN_NAME (default: the experiment id). It holds config.json, split.json,
+    metrics.jsonl and checkpoints/; --resume continues exactly where a killed run stopped.
+    """
+    from rich.console import Console
+
+    from fplus.train.run import run_dir_for, train_run
+
+    settings = settings_from_cli(profile, EXPERIMENT=experiment, RUN_NAME=run_name, MAX_STEPS=max_steps,
+                                 MAX_EPOCHS=max_epochs, BATCH_SIZE=batch_size)
+    console = Console()
+    run_dir = run_dir_for(settings)
+    progress = train_run(settings, run_dir, resume=resume, console=console)
+    console.print(f"finished {run_dir}: {progress.step} steps, {progress.epoch} epochs")
