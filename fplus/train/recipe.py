@@ -156,8 +156,9 @@ class TrainRecipe:
         per_process = EpochSampler(len(self.train_set), 0, rank=0, world=acc.num_processes).per_process()
         self.steps_per_epoch = per_process // (micro * s.train.grad_accum)
         if self.steps_per_epoch == 0:
+            per_step = micro * s.train.grad_accum * acc.num_processes
             raise FplusError(f"{len(self.train_set)} training samples are fewer than one optimiser step "
-                             f"(BATCH_SIZE x GRAD_ACCUM x processes = {micro * s.train.grad_accum * acc.num_processes})")
+                             f"(BATCH_SIZE x GRAD_ACCUM x processes = {per_step})")
         self.total_steps = s.train.max_steps or s.train.max_epochs * self.steps_per_epoch
 
         groups = self._param_groups(policy)
