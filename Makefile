@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean-demo
+.PHONY: install demo test lint clean-demo lerobot-compat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,13 @@ demo: install
 	$(BIN)/fplus data info --profile demo
 
 test: install
-	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 \
+	  FPLUS_LEROBOT_VENV=$${FPLUS_LEROBOT_VENV:-$(CURDIR)/.lerobot-venv} $(BIN)/pytest -q
+
+# Optional: the lerobot library in its own venv, so that tests also check lerobot reads what fplus writes
+# (CI builds it; without it that one test is skipped with the reason). Needs apt for the FFmpeg libraries.
+lerobot-compat:
+	bash scripts/lerobot_compat_env.sh $(CURDIR)/.lerobot-venv
 
 lint: install
 	$(BIN)/ruff check fplus tests

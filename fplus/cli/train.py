@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -21,7 +22,8 @@ def train(
     max_epochs: Annotated[int | None, typer.Option(help="epochs (MAX_EPOCHS)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="samples per step per device (BATCH_SIZE)")] = None,
 ) -> None:
-    """Train one experiment (E0-E4) with accelerate; `accelerate launch -m fplus.cli.main train ...` for DDP/FSDP.
+    """Train one experiment (E0-E4). Multi-GPU: accelerate launch --config_file profiles/accelerate/ddp.yaml
+    -m fplus.cli.main train ... (fsdp.yaml, deepspeed.yaml, multinode.yaml likewise).
 
     The run directory is OUTPUT_DIR/RUN_NAME (default: the experiment id). It holds config.json, split.json,
     metrics.jsonl and checkpoints/; --resume continues exactly where a killed run stopped.
@@ -35,4 +37,5 @@ def train(
     console = Console()
     run_dir = run_dir_for(settings)
     progress = train_run(settings, run_dir, resume=resume, console=console)
-    console.print(f"finished {run_dir}: {progress.step} steps, {progress.epoch} epochs")
+    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun/accelerate
+        console.print(f"finished {run_dir}: {progress.step} steps, {progress.epoch} epochs")

@@ -79,7 +79,8 @@ class LeRobotWriter:
         self._video_file = {k: (0, 0) for k in self.video_keys}
         self._encoders: dict[str, VideoEncoder] = {}
         self._pixels: dict[str, list[np.ndarray]] = {k: [] for k in self.video_keys}
-        self._columns: dict[str, list[np.ndarray]] = {k: [] for k in self.all_features if k not in self.video_keys}
+        self._columns: dict[str, list[np.ndarray]] = {  # numeric columns, for the dataset statistics
+            k: [] for k, f in self.all_features.items() if f["dtype"] not in ("video", "string")}
 
     def _arrow_schema(self) -> pa.Schema:
         fields = []

@@ -103,3 +103,16 @@ def test_overwrite_replaces(tmp_path):
     write(tmp_path / "ds")
     root = write(tmp_path / "ds", overwrite=True)
     assert LeRobotDataset.open(root).num_frames == 24
+
+
+def test_string_and_bool_columns(tmp_path):
+    features = {**FEATURES, "language": {"dtype": "string", "shape": [1], "names": None},
+                "done": {"dtype": "bool", "shape": [1], "names": None}}
+    w = LeRobotWriter(tmp_path / "ds", fps=15, features=features)
+    n = 3
+    w.add_episode("t", {"observation.images.cam": coloured(0, n), "observation.state": np.zeros((n, 3), np.float32),
+                        "action": np.zeros((n, 2), np.float32), "language": np.array(["go", "go on", "stop"]),
+                        "done": np.array([False, False, True])})
+    ds = LeRobotDataset.open(w.finalize(), DataKeys(instruction="language"))
+    assert list(ds.instructions("language")) == ["go", "go on", "stop"]
+    assert ds.column("done").tolist() == [False, False, True]
