@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import data, latents, pending, train
+from fplus.cli import data, eval, latents, pending, train
 
 app = typer.Typer(
     name="fplus",
@@ -20,6 +20,7 @@ app = typer.Typer(
 app.add_typer(data.app, name="data")
 app.add_typer(latents.app, name="latents")
 app.command("train")(train.train)
+app.command("eval")(eval.eval_command)
 pending.register(app)
 
 

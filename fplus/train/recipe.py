@@ -330,38 +330,25 @@ class TrainRecipe:
 
     # ----- validate ---------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Normalised action MSE on the validation episodes under every corruption mode (only `none` without an
-        injected memory), plus cos(z_pred, z_future) and the gate."""
+        injected memory), cos(z_pred, z_future) and the gate: one `fplus.eval.offline.evaluate_modes` pass."""
+        from fplus.eval.offline import evaluate_modes
+
         policy = self.accelerator.unwrap_model(self.model)
         out: dict[str, float] = {"step": self.progress.step, "epoch": self.progress.epoch}
         if self.val_set is None:
             return out
-        policy.eval()
         modes = MODES if policy.injection is not None else ("none",)
-        limit = self.settings.train.val_batches
-        for mode in modes:
-            generator = torch.Generator().manual_seed(12345)
-            total, count, cos = 0.0, 0, 0.0
-            sampler = EpochSampler(len(self.val_set), 0, shuffle=False)
-            for i, batch in enumerate(self._loader(self.val_set, sampler)):
-                if limit is not None and i >= limit:
-                    break
-                n = len(batch["index"])
-                if mode == "shuffle" and n < 2:
-                    continue
-                with self.accelerator.autocast():
-                    _, metrics = policy(batch, corruption=None if mode == "none" else mode, generator=generator)
-                total += metrics["l_action"] * n
-                cos += metrics.get("cos_world", 0.0) * n
-                count += n
-            out[f"val_mse_{mode}"] = total / max(count, 1)
-            if mode == "none" and policy.prophet is not None:
-                out["val_cos_world"] = cos / max(count, 1)
+        with self.accelerator.autocast():
+            results = evaluate_modes(policy, self.val_set, modes, self.settings.train.batch_size,
+                                     self.settings.train.val_batches)
+        for mode, r in results.items():
+            out[f"val_mse_{mode}"] = r["mse_norm"]
+        if results["none"]["cos_world"] is not None:
+            out["val_cos_world"] = results["none"]["cos_world"]
         if policy.injection is not None:
             out["gate"] = policy.injection.gate_value
-        policy.train()
         return out
 
     # ----- save / restore ---------------------------------------------------------------------------------------
