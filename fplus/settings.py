@@ -176,9 +176,18 @@ class CocSettings(Section):
 
 
 class RunSettings(Section):
-    """Naming of the run directory."""
+    """Naming of the run directory and what `fplus matrix` runs."""
 
-    name: str | None = env("RUN_NAME", None, "run directory name (unset: derived from experiment and time)")
+    name: str | None = env("RUN_NAME", None, "run directory name under OUTPUT_DIR (unset: the experiment id)")
+    experiments: list[str] = env("MATRIX_EXPERIMENTS", ["E0", "E2", "E4"], "experiments of `fplus matrix`")
+    missing_coc: Literal["error", "skip", "generate"] = env(
+        "MATRIX_MISSING_COC", "error",
+        "CoC experiments without COC_JSONL in `fplus matrix`: fail, skip with a warning, or generate labels")
+
+    make_demo_data: bool = env("MATRIX_MAKE_DEMO_DATA", False,
+                               "`fplus matrix` records the Meta-World demo dataset into DATASET when it is missing")
+
+    _csv = field_validator("experiments", mode="before")(_split_csv)
 
 
 class Settings(BaseSettings):

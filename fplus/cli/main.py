@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import data, eval, latents, pending, train
+from fplus.cli import data, eval, latents, matrix, pending, train
 
 app = typer.Typer(
     name="fplus",
@@ -21,6 +21,7 @@ app.add_typer(data.app, name="data")
 app.add_typer(latents.app, name="latents")
 app.command("train")(train.train)
 app.command("eval")(eval.eval_command)
+app.command("matrix")(matrix.matrix)
 pending.register(app)
 
 

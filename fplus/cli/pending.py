@@ -11,7 +11,6 @@ from fplus.errors import FplusError
 
 PENDING = {
     "coc": "validate and generate chain-of-causation labels",
-    "matrix": "run the experiment matrix for a profile: train, eval, report",
     "report": "tables and plots comparing runs",
     "doctor": "check the environment and a profile before spending GPU hours",
 }
