@@ -81,11 +81,12 @@ def _ensure_coc(settings: Settings, experiment: str, console: Console) -> str | 
     if path is not None and Path(path).is_file():
         return None
     mode = settings.run.missing_coc
+    state = "unset" if path is None else f"{path} (missing)"
     if mode == "error":
-        raise FplusError(f"{experiment} needs CoC labels: COC_JSONL is {'unset' if path is None else f'{path} (missing)'}"
-                         ". Write them with `fplus coc generate`, or set MATRIX_MISSING_COC=skip|generate")
+        raise FplusError(f"{experiment} needs CoC labels: COC_JSONL is {state}. Write them with "
+                         "`fplus coc generate`, or set MATRIX_MISSING_COC=skip|generate")
     if mode == "skip":
-        return f"no CoC labels (COC_JSONL {'unset' if path is None else 'missing'})"
+        return f"no CoC labels (COC_JSONL {state})"
     if path is None:
         raise FplusError("MATRIX_MISSING_COC=generate needs COC_JSONL to name the file to write")
     from fplus.cli.coc import generate_labels
