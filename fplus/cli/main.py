@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import data, eval, latents, matrix, pending, train
+from fplus.cli import data, doctor, eval, latents, matrix, pending, train
 
 app = typer.Typer(
     name="fplus",
@@ -22,6 +22,7 @@ app.add_typer(latents.app, name="latents")
 app.command("train")(train.train)
 app.command("eval")(eval.eval_command)
 app.command("matrix")(matrix.matrix)
+app.command("doctor")(doctor.doctor)
 pending.register(app)
 
 

@@ -12,7 +12,6 @@ from fplus.errors import FplusError
 PENDING = {
     "coc": "validate and generate chain-of-causation labels",
     "report": "tables and plots comparing runs",
-    "doctor": "check the environment and a profile before spending GPU hours",
 }
 
 

@@ -1,0 +1,37 @@
+"""`fplus doctor`: versions, device, dataset keys, latents, CoC coverage, disk and memory of a profile."""
+
+from __future__ import annotations
+
+import typer
+
+from fplus.cli.options import Profile
+
+
+def doctor(profile: Profile = None) -> None:
+    """Check the environment and a profile before spending GPU hours; exits 1 when a check fails."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from fplus.cli.options import settings_from_cli
+    from fplus.doctor import run_checks
+    from fplus.experiments import EXPERIMENTS
+
+    settings = settings_from_cli(profile)
+    flags = [EXPERIMENTS[e] for e in settings.run.experiments if e in EXPERIMENTS]
+    needs_world = any(f["PROPHET"] == "true" or f["FLARE_ALIGN"] == "true" for f in flags)
+    needs_coc = any(f["COC"] == "true" for f in flags)
+    checks = run_checks(settings, needs_world, needs_coc)
+    table = Table(title=f"fplus doctor ({profile or 'no profile'}; experiments {', '.join(settings.run.experiments)})",
+                  title_justify="left")
+    table.add_column("check")
+    table.add_column("", justify="center")
+    table.add_column("detail", overflow="fold")
+    marks = {"ok": "[green]ok", "warn": "[yellow]warn", "fail": "[bold red]FAIL"}
+    for c in checks:
+        table.add_row(c.name, marks[c.status], c.detail)
+    console = Console()
+    console.print(table)
+    failed = [c.name for c in checks if c.status == "fail"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} check(s) failed: {', '.join(failed)}")
+        raise typer.Exit(1)

@@ -1,0 +1,194 @@
+"""`fplus doctor`: check the environment and a profile before spending GPU hours.
+
+Each check returns a `Check(name, status, detail)` with status ok | warn | fail; the command exits non-zero when
+any check fails. Nothing heavy is loaded: model sizes come from configs, never from weights.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from fplus.errors import FplusError
+from fplus.settings import Settings
+
+# Parameters of the backbones the aliases name (for the memory estimate when the config is not at hand).
+KNOWN_PARAMS = {"Qwen/Qwen3-VL-2B-Instruct": 2.1e9, "Qwen/Qwen3-VL-4B-Instruct": 4.4e9,
+                "Qwen/Qwen3-VL-8B-Instruct": 8.8e9, "Qwen/Qwen2.5-VL-3B-Instruct": 3.8e9}
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    status: str  # ok | warn | fail
+    detail: str
+
+
+def check_versions() -> list[Check]:
+    out = [Check("python", "ok" if tuple(map(int, platform.python_version_tuple()[:2])) >= (3, 11) else "fail",
+                 platform.python_version())]
+    for package in ("torch", "transformers", "accelerate", "peft", "av", "pyarrow", "pydantic-settings"):
+        try:
+            out.append(Check(package, "ok", md.version(package)))
+        except md.PackageNotFoundError:
+            out.append(Check(package, "fail", "not installed"))
+    for package in ("metaworld", "mujoco", "hf-libero"):
+        try:
+            out.append(Check(package, "ok", md.version(package)))
+        except md.PackageNotFoundError:
+            out.append(Check(package, "warn", "not installed (needed for closed-loop evaluation in that simulator)"))
+    try:
+        md.version("torchvision")
+        out.append(Check("torchvision", "warn", "installed; fplus never needs it"))
+    except md.PackageNotFoundError:
+        pass
+    return out
+
+
+def check_device() -> list[Check]:
+    import torch
+
+    if torch.cuda.is_available():
+        checks = []
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            bf16 = torch.cuda.is_bf16_supported()
+            checks.append(Check(f"cuda:{i}", "ok" if bf16 else "warn",
+                                f"{torch.cuda.get_device_name(i)}, {total / 2**30:.0f} GiB ({free / 2**30:.0f} free), "
+                                f"bf16 {'yes' if bf16 else 'no'}"))
+        return checks
+    return [Check("device", "warn", f"no CUDA GPU: CPU with {torch.get_num_threads()} threads (fine for the demo)")]
+
+
+def check_dataset(settings: Settings) -> tuple[list[Check], object | None]:
+    from fplus.data.lerobot import DataKeys, LeRobotDataset
+
+    d = settings.data
+    if d.dataset is None:
+        return [Check("dataset", "fail", "DATASET is not set")], None
+    try:
+        ds = LeRobotDataset.open(d.dataset, revision=d.revision)
+    except FplusError as err:
+        status = "warn" if settings.run.make_demo_data else "fail"
+        hint = " (fplus matrix records it)" if settings.run.make_demo_data else ""
+        return [Check("dataset", status, f"{err}{hint}")], None
+    checks = [Check("dataset", "ok", f"{ds.root}: {ds.num_episodes} episodes, {ds.num_frames} frames, "
+                                     f"{len(ds.tasks)} tasks, {ds.fps} fps")]
+    keys = DataKeys(image=d.image_key, wrist_image=d.wrist_image_key, state=d.state_key, action=d.action_key,
+                    instruction=d.instruction_key)
+    problems = ds.key_problems(keys)
+    unset = [n for n, v in (("IMAGE_KEY", d.image_key), ("ACTION_KEY", d.action_key),
+                            ("INSTRUCTION_KEY", d.instruction_key)) if v is None]
+    if problems or unset:
+        detail = "; ".join(problems + [f"{n} not set" for n in unset]) + f". Keys: {', '.join(ds.keys)}"
+        checks.append(Check("dataset keys", "fail", detail))
+    else:
+        try:
+            ds.validate_keys(keys)
+            checks.append(Check("dataset keys", "ok", ", ".join(f"{k}={v}" for k, v in keys.named().items())))
+        except FplusError as err:
+            checks.append(Check("dataset keys", "fail", str(err)))
+    return checks, ds
+
+
+def check_latents(settings: Settings, ds, needs_world: bool) -> list[Check]:
+    if not needs_world:
+        return [Check("latents", "ok", "no experiment of this profile uses world latents")]
+    if ds is None or settings.data.image_key is None:
+        return [Check("latents", "warn", "not checked (no dataset)")]
+    from fplus.world.cache import find_latents
+
+    w = settings.world
+    encoder = w.dino_model if w.source == "dino" else w.vjepa_model
+    try:
+        entry, latents = find_latents(w.cache_dir, ds, settings.data.image_key, w.source, encoder, w.pooling,
+                                      w.temporal_window)
+        return [Check("latents", "ok", f"{entry}: {latents.shape[0]} x {latents.shape[1]}")]
+    except FplusError as err:
+        return [Check("latents", "warn", f"{err}")]
+
+
+def check_coc(settings: Settings, ds, needs_coc: bool) -> list[Check]:
+    if not needs_coc:
+        return [Check("CoC", "ok", "no experiment of this profile uses CoC")]
+    path = settings.coc.jsonl
+    if path is None or not Path(path).is_file():
+        status = {"error": "fail", "skip": "warn", "generate": "warn"}[settings.run.missing_coc]
+        return [Check("CoC", status, f"COC_JSONL {'unset' if path is None else f'{path} missing'} "
+                                     f"(MATRIX_MISSING_COC={settings.run.missing_coc})")]
+    from fplus.data.coc import read_coc
+
+    coc = read_coc(Path(path))
+    if coc.problems:
+        return [Check("CoC", "fail", f"{len(coc.problems)} problems, e.g. {coc.problems[0]}")]
+    if ds is None:
+        return [Check("CoC", "ok", f"{len(coc.texts)} labelled episodes (coverage not checked)")]
+    have = set(coc.texts) & {e.index for e in ds.episodes}
+    status = "ok" if len(have) == ds.num_episodes else "fail"
+    return [Check("CoC", status, f"{len(have)}/{ds.num_episodes} episodes labelled")]
+
+
+def check_disk(settings: Settings) -> list[Check]:
+    out = []
+    for name, path in (("disk (runs)", settings.train.output_dir), ("disk (latents)", settings.world.cache_dir)):
+        probe = Path(path).resolve()
+        while not probe.exists():
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free / 2**30
+        status = "ok" if free > 20 else "warn" if free > 2 else "fail"
+        out.append(Check(name, status, f"{free:.0f} GiB free at {probe}"))
+    return out
+
+
+def estimate_memory_gib(settings: Settings) -> tuple[float, str]:
+    """A rough GPU memory need of one training process: weights, gradients + AdamW states of what trains,
+    activations (B x L x d x layers x ~34 bytes in bf16, / ~8 with activation checkpointing)."""
+    from fplus.model.backbone import TINY, resolve_name
+
+    m, t = settings.model, settings.train
+    source = resolve_name(m.backbone)
+    if source == TINY:
+        return 0.1, "tiny backbone"
+    params = KNOWN_PARAMS.get(source)
+    hidden, layers = 2048, 28
+    if params is None:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(source).get_text_config()
+            hidden, layers = config.hidden_size, config.num_hidden_layers
+            params = 12 * hidden**2 * layers + config.vocab_size * hidden * 2
+        except Exception:  # noqa: BLE001 -- offline or unknown: say so instead of guessing
+            return float("nan"), f"unknown size of {source} (offline?)"
+    bytes_per = 2 if m.precision == "bf16" else 4
+    weights = params * bytes_per
+    trainable = params if m.finetune == "full" else (0.01 * params if m.finetune == "lora" else 0)
+    optimizer = trainable * (4 + 4 + 4)  # fp32 gradient + two Adam moments
+    seq = (m.image_size // 32) ** 2 + 40 + m.action_horizon
+    acts = t.batch_size * seq * hidden * layers * 34 / (8 if m.gradient_checkpointing else 1)
+    total = (weights + optimizer + acts) / 2**30 * 1.2
+    return total, f"{params / 1e9:.1f}B params, {m.finetune}, batch {t.batch_size}, ~{seq} tokens/sample"
+
+
+def run_checks(settings: Settings, needs_world: bool, needs_coc: bool) -> list[Check]:
+    checks = check_versions() + check_device()
+    data_checks, ds = check_dataset(settings)
+    checks += data_checks + check_latents(settings, ds, needs_world) + check_coc(settings, ds, needs_coc)
+    checks += check_disk(settings)
+    try:
+        gib, how = estimate_memory_gib(settings)
+        detail = f"~{gib:.1f} GiB per training process ({how})" if gib == gib else how
+        status = "ok"
+        import torch
+
+        if torch.cuda.is_available() and gib == gib:
+            total = torch.cuda.get_device_properties(0).total_memory / 2**30
+            status = "ok" if gib < 0.9 * total else "fail"
+            detail += f" of {total:.0f} GiB"
+        checks.append(Check("est. memory", status, detail))
+    except FplusError as err:
+        checks.append(Check("est. memory", "fail", str(err)))
+    return checks
