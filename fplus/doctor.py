@@ -16,8 +16,9 @@ from fplus.errors import FplusError
 from fplus.settings import Settings
 
 # Parameters of the backbones the aliases name (for the memory estimate when the config is not at hand).
-KNOWN_PARAMS = {"Qwen/Qwen3-VL-2B-Instruct": 2.1e9, "Qwen/Qwen3-VL-4B-Instruct": 4.4e9,
-                "Qwen/Qwen3-VL-8B-Instruct": 8.8e9, "Qwen/Qwen2.5-VL-3B-Instruct": 3.8e9}
+KNOWN_PARAMS = {"Qwen/Qwen3-VL-2B-Instruct": 2.13e9, "Qwen/Qwen3-VL-4B-Instruct": 4.4e9,
+                "Qwen/Qwen3-VL-8B-Instruct": 8.8e9, "Qwen/Qwen2.5-VL-3B-Instruct": 3.8e9,
+                "random-qwen3-vl-2b": 2.13e9, "random-qwen3-vl-4b": 4.4e9}
 
 
 @dataclass(frozen=True)

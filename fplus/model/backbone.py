@@ -286,6 +286,8 @@ def resolve_name(name: str) -> str:
     key = raw.lower().replace("_", "-")
     if key == TINY:
         return TINY
+    if key in RANDOM_SIZES:
+        return key
     if key in ALIASES:
         return ALIASES[key]
     if Path(raw).expanduser().is_dir():
@@ -324,6 +326,8 @@ def load_backbone(
     source = resolve_name(name)
     if source == TINY:
         model, tokenizer, image_processor = build_tiny()
+    elif source in RANDOM_SIZES:
+        model, tokenizer, image_processor = build_random(source, dtype)
     else:
         model, tokenizer, image_processor = _from_pretrained(source, dtype)
     if tokenizer.chat_template is None:
@@ -480,15 +484,53 @@ def build_tiny_image_processor() -> Any:
     )
 
 
-def tiny_config(tokenizer: Any) -> Any:
-    """A small Qwen3VLConfig whose special-token ids are the tokenizer's (text d=64, 2 layers; vision d=32, depth 2)."""
+# Sizes of full Qwen3-VL architectures (from their released configs), built with random weights for speed and
+# memory measurements without downloading them: `random-qwen3-vl-2b`, `random-qwen3-vl-4b`.
+RANDOM_SIZES: dict[str, tuple[dict, dict]] = {
+    "random-qwen3-vl-2b": (
+        {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                             "mrope_interleaved": True}},
+        {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
+         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2048,
+         "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
+    ),
+    "random-qwen3-vl-4b": (
+        {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
+         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                             "mrope_interleaved": True}},
+        {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
+         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2560,
+         "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
+    ),
+}
+
+
+def qwen3vl_config(tokenizer: Any, text: dict, vision: dict) -> Any:
+    """A Qwen3VLConfig of the given text/vision sizes whose special-token ids are the tokenizer's."""
     from transformers import Qwen3VLConfig
 
-    head_dim = 16
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text = {"vocab_size": len(tokenizer), **text, "pad_token_id": ids[PAD]}
     return Qwen3VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids[IMAGE_PAD],
+        video_token_id=ids[VIDEO_PAD],
+        vision_start_token_id=ids[VISION_START],
+        vision_end_token_id=ids[VISION_END],
+        tie_word_embeddings=True,
+    )
+
+
+def tiny_config(tokenizer: Any) -> Any:
+    """A small Qwen3VLConfig whose special-token ids are the tokenizer's (text d=64, 2 layers; vision d=32, depth 2)."""
+    head_dim = 16
+    return qwen3vl_config(
+        tokenizer,
+        text={
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
@@ -499,9 +541,8 @@ def tiny_config(tokenizer: Any) -> Any:
             # M-RoPE: rotary pairs (head_dim / 2 = 8) split over temporal, height, width.
             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
                                 "mrope_interleaved": True},
-            "pad_token_id": ids[PAD],
         },
-        vision_config={
+        vision={
             "depth": 2,
             "hidden_size": 32,
             "intermediate_size": 64,
@@ -513,12 +554,21 @@ def tiny_config(tokenizer: Any) -> Any:
             "num_position_embeddings": 64,  # an 8 x 8 grid, interpolated to the image's patch grid
             "deepstack_visual_indexes": [1],  # vision block 1 -> added after text layer 1 (of 2)
         },
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=True,
     )
+
+
+def build_random(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, Any]:
+    """A full-size architecture (RANDOM_SIZES) with random weights, the tiny tokenizer and image processor."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    tokenizer = build_tiny_tokenizer()
+    text, vision = RANDOM_SIZES[name]
+    config = qwen3vl_config(tokenizer, text, vision)
+    config.text_config.vocab_size = text["vocab_size"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = Qwen3VLForConditionalGeneration(config).to(dtype)
+    return model.eval(), tokenizer, build_tiny_image_processor()
 
 
 def build_tiny() -> tuple[nn.Module, Any, Any]:
