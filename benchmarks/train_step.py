@@ -65,7 +65,9 @@ def time_steps(policy: FPlusPolicy, batch: dict, steps: int, device: str, bf16: 
     prompt = policy.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS],
                             batch[K.COC_TEXT] if policy.config.coc else None).to(device)
     batch = {**batch, "prompt": prompt}
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else (lambda: torch.autocast("cpu", enabled=False))
+    def ctx():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
+
     times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
