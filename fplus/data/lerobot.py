@@ -345,6 +345,22 @@ class LeRobotDataset:
         cells = self.table.column(key).slice(ep.start, ep.length).to_pylist()
         return np.stack([np.asarray(Image.open(io.BytesIO(c["bytes"])).convert("RGB")) for c in cells])
 
+    def frame_at(self, key: str, index: int) -> np.ndarray:
+        """One frame (H, W, 3) uint8 at a global index, decoded alone (seek + a few frames): for random access
+        where decoding whole episodes would be wasted work."""
+        if self.features[key]["dtype"] == "image":
+            return self.frames(key, np.array([index]))[0]
+        from fplus.data.video import VideoReader
+
+        if not hasattr(self, "_reader"):
+            self._reader = VideoReader()
+        ep = self.episode(int(self.episode_of_frames()[index]))
+        span = ep.videos[key]
+        path = self.root / self.info["video_path"].format(video_key=key, chunk_index=span.chunk_index,
+                                                          file_index=span.file_index)
+        t = span.from_ts + float(self.column("timestamp")[index])
+        return self._reader.frame_at(path, t, self.fps)
+
     def frames(self, key: str, indices: np.ndarray) -> np.ndarray:
         """Frames at global indices (n,) -> (n, H, W, 3) uint8, decoding each touched episode once."""
         indices = np.asarray(indices, dtype=np.int64)

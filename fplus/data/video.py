@@ -112,3 +112,38 @@ def align_frames(frames: np.ndarray, times: np.ndarray, wanted: np.ndarray, fps:
             "the video and the parquet timestamps disagree"
         )
     return frames[pos]
+
+
+class VideoReader:
+    """Random access to single frames of MP4 files: seek to the keyframe before t, decode forward to t.
+
+    Containers stay open (one per file) for the life of the reader; it is not pickled with them, so a reader
+    can be handed to DataLoader workers, each opening its own.
+    """
+
+    def __init__(self):
+        self._open: dict[str, object] = {}
+
+    def __getstate__(self) -> dict:
+        return {"_open": {}}
+
+    def frame_at(self, path: Path, t: float, fps: float) -> np.ndarray:
+        """The frame (H, W, 3) uint8 whose time is closest to t (within half a frame)."""
+        import av
+
+        key = str(path)
+        container = self._open.get(key)
+        if container is None:
+            if not path.is_file():
+                raise FplusError(f"video file missing: {path}")
+            container = self._open[key] = av.open(key)
+        stream = container.streams.video[0]
+        half = 0.5 / fps
+        container.seek(max(0, int((t - half) / stream.time_base)), stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            ft = float(frame.pts * stream.time_base)
+            if ft >= t - half:
+                if ft > t + half:
+                    break
+                return frame.to_ndarray(format="rgb24")
+        raise FplusError(f"no video frame near t={t:.4f}s in {path}")

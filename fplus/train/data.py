@@ -4,7 +4,7 @@
     loader  = DataLoader(samples, batch_size, sampler=EpochSampler(len(samples), seed, ...), collate_fn=collate)
 
 Frames come from a `FrameStore`: all frames of the episodes decoded once into RAM when they fit in
-FRAME_CACHE_GB, else each episode decoded on demand (a small per-worker cache).
+FRAME_CACHE_GB, else each frame decoded alone when asked for (seek to its keyframe, decode forward).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from fplus.data.windows import episode_bounds, sample_windows
 
 
 class FrameStore:
-    """Camera frames by global row. `preload=True` decodes every frame of `episodes` up front.
+    """Camera frames by global row. `preload=True` decodes every frame of `episodes` up front; otherwise each
+    frame is decoded alone on demand (`LeRobotDataset.frame_at`).
 
     Args:
         ds: the dataset. key: camera feature. episodes: the episodes that will be asked for.
@@ -41,12 +42,12 @@ class FrameStore:
         frames = sum(ds.episode(e).length for e in episodes)
         return int(frames * np.prod(shape))
 
-    def get(self, episode: int, rows: np.ndarray) -> np.ndarray:
-        """Frames (n, h, w, 3) uint8 of global `rows` of one episode."""
+    def get(self, episode: int, row: int) -> np.ndarray:
+        """The frame (h, w, 3) uint8 at global `row` of `episode` (from RAM, or decoded alone by seeking)."""
         frames = self.preloaded.get(episode)
         if frames is None:
-            frames = self.ds.episode_frames(self.key, episode)
-        return frames[rows - self.ds.episode(episode).start]
+            return self.ds.frame_at(self.key, row)
+        return frames[row - self.ds.episode(episode).start]
 
 
 class PolicySamples(Dataset):
@@ -86,7 +87,7 @@ class PolicySamples(Dataset):
         t = self.rows[i]
         w = sample_windows(np.array([t]), self.start[[t]], self.stop[[t]], self.horizon, self.history, self.future)
         episode = int(self.episode_of[t])
-        images = [store.get(episode, np.array([t]))[0] for store in self.stores]
+        images = [store.get(episode, t) for store in self.stores]
         sample = {
             K.IMAGES: torch.from_numpy(images[0] if len(images) == 1 else np.stack(images)),
             K.INSTRUCTIONS: str(self.instructions[t]),

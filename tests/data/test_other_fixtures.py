@@ -75,3 +75,12 @@ def test_lerobot_library_reads_what_fplus_writes(tmp_path):
 
     summary = json.loads(out.stdout)
     assert summary["num_episodes"] == 3 and summary["num_frames"] == 24 and summary["fps"] == 10
+
+
+@pytest.mark.parametrize("root", ["shared", "lerobot_v30_av1_multicam", "lerobot_v30_images"])
+def test_single_frame_access_equals_episode_decoding(root, libero_fixture):
+    ds = LeRobotDataset.open(libero_fixture if root == "shared" else LOCAL_FIXTURES / root)
+    order = np.random.default_rng(0).permutation(ds.num_frames)
+    for key in ds.camera_keys:
+        single = np.stack([ds.frame_at(key, int(i)) for i in order])
+        np.testing.assert_array_equal(single, ds.frames(key, order))

@@ -1,0 +1,98 @@
+"""`fplus report`: tables and plots comparing runs (DESIGN 1, 6).
+
+    write_report([OUTPUT_DIR/E0, OUTPUT_DIR/E2, OUTPUT_DIR/E4], OUTPUT_DIR/report)
+
+writes into the output directory
+
+    report.json   the collected numbers (fplus.report.collect): scripts and tests read this
+    report.md     Markdown; figures referenced by relative path (plots/*.png)
+    report.html   one self-contained file: inline CSS, figures embedded as base64 PNGs
+    plots/        losses.png, gate.png, delta_vs_gate.png, success-<simulator>.png (those with data)
+
+Missing pieces (no eval yet, an unfinished run) appear as "n/a" with a note; a path that is not a run directory
+is an FplusError. Without matplotlib (the `report` extra) the tables are still written, with a note.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fplus.report import collect as c
+from fplus.report import plots as p
+from fplus.report.render import Plots, build_document, to_html, to_markdown
+
+PLOTS_DIR = "plots"
+PLOT_NAMES = ("losses.png", "gate.png", "delta_vs_gate.png")
+
+
+@dataclass
+class ReportFiles:
+    """What `write_report` wrote."""
+
+    out: Path
+    markdown: Path
+    html: Path
+    json: Path
+    plots: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    """Per-run notes about missing pieces, "label: note" each."""
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_plots(data: dict, out: Path) -> Plots:
+    """Write every figure there is data for into out/plots/ (and remove stale ones from an earlier report)."""
+    plot_dir = out / PLOTS_DIR
+    if plot_dir.is_dir():
+        for old in [*(plot_dir / n for n in PLOT_NAMES), *plot_dir.glob("success-*.png")]:
+            old.unlink(missing_ok=True)
+    runs = data["runs"]
+    series = {r["label"]: c.train_series(Path(r["path"])) for r in runs}
+    plots = Plots(
+        losses=p.loss_curves(runs, series, data["loss_terms"], plot_dir / "losses.png"),
+        gate=p.gate_curves(runs, series, plot_dir / "gate.png"),
+        delta_vs_gate=p.delta_vs_gate(runs, plot_dir / "delta_vs_gate.png"),
+    )
+    for sim in sorted({s for r in runs for s in r["sim"]}):
+        path = p.success_bars(runs, sim, plot_dir / f"success-{sim}.png")
+        if path is not None:
+            plots.success[sim] = path
+    return plots
+
+
+def write_report(runs: list[Path], out: Path) -> ReportFiles:
+    """Collect the numbers of `runs`, draw the figures and write report.json, report.md and report.html into `out`.
+
+    Raises FplusError when a path is not a run directory (before anything is written).
+    """
+    from fplus import __version__
+
+    out = Path(out)
+    data = c.collect([Path(r) for r in runs])
+    data["generated"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    data["fplus_version"] = __version__
+    data["notes"] = []
+    out.mkdir(parents=True, exist_ok=True)
+    if _matplotlib_available():
+        plots = make_plots(data, out)
+    else:
+        plots = Plots()
+        data["notes"].append("plots n/a: matplotlib is not installed (`pip install 'fplus[report]'`)")
+    files = ReportFiles(out=out, markdown=out / "report.md", html=out / "report.html", json=out / "report.json")
+    files.plots = [q for q in (plots.losses, plots.gate, plots.delta_vs_gate, *plots.success.values()) if q]
+    data["plots"] = [q.relative_to(out).as_posix() for q in files.plots]
+    doc = build_document(data, plots)
+    files.json.write_text(json.dumps(data, indent=2) + "\n")
+    files.markdown.write_text(to_markdown(doc, out))
+    files.html.write_text(to_html(doc))
+    files.notes = [f"{r['label']}: {n}" for r in data["runs"] for n in r["notes"]] + data["notes"]
+    return files

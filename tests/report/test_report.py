@@ -1,0 +1,345 @@
+"""`fplus report`: collected numbers equal the run files (golden values), files and images exist, n/a handling,
+errors on paths that are not runs, the CLI end to end. Runs are fabricated (no training): `make_runs`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fplus.errors import FplusError
+from fplus.report import collect as c
+from fplus.report.report import write_report
+
+FPLUS = str(Path(sys.executable).with_name("fplus"))
+ALL_MODES = ("none", "zero", "random", "shuffle", "oracle")
+TOTAL, PER_EPOCH, LOG_EVERY = 120, 40, 10
+TASKS = ("reach-v3", "push-v3", "drawer-open-v3")
+# How much each corruption mode moves the validation MSE per unit of gate (oracle helps, the rest hurt).
+DELTA_PER_GATE = {"zero": 0.6, "random": 0.9, "shuffle": 0.4, "oracle": -0.25}
+GATE_MAX = {"E2": 0.35, "E4": 0.5}
+FLOOR = {"E0": 0.09, "E2": 0.06, "E4": 0.045}  # where each experiment's action loss levels off
+
+
+# ----- fabricated runs ------------------------------------------------------------------------------------------
+
+def _wilson(successes: int, n: int, z: float = 1.96) -> list[float]:
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+
+
+def _gate(exp: str, step: int) -> float:
+    return round(GATE_MAX[exp] * (1 - math.exp(-step / 45)), 6)
+
+
+def _train_line(exp: str, step: int) -> dict:
+    wiggle = 0.01 * math.sin(step)  # deterministic noise
+    l_action = round(0.9 * math.exp(-step / 35) + FLOOR[exp] + wiggle, 6)
+    line = {"step": step, "epoch": (step - 1) // PER_EPOCH, "kind": "train", "l_action": l_action}
+    loss = l_action
+    if exp in ("E2", "E4"):
+        l_world = round(0.7 * math.exp(-step / 50) + (0.12 if exp == "E2" else 0.09), 6)
+        line.update(l_world=l_world, cos_world=round(1 - l_world, 6), gate=_gate(exp, step),
+                    p_oracle=round(0.9 - 0.8 * step / (TOTAL - 1), 6))
+        loss += 0.5 * l_world
+    if exp == "E4":
+        l_text, l_align = round(2.5 * math.exp(-step / 60) + 0.4, 6), round(0.5 * math.exp(-step / 40) + 0.05, 6)
+        line.update(l_text=l_text, l_align=l_align, cos_align=round(1 - l_align, 6))
+        loss += 0.1 * l_text + 0.2 * l_align
+    line.update(loss=round(loss, 6), grad_norm=round(1.5 * math.exp(-step / 80), 6), samples_per_s=31.5,
+                lr_backbone=1e-5, lr_heads=1e-4)
+    if exp != "E0":
+        line["lr_prophet"] = 3e-4
+    return line
+
+
+def _val_line(exp: str, step: int) -> dict:
+    none = round(0.5 * math.exp(-step / 60) + 0.7 * FLOOR[exp] + 0.05, 6)
+    line = {"step": step, "epoch": step // PER_EPOCH, "kind": "val", "val_mse_none": none}
+    if exp in ("E2", "E4"):
+        gate = _gate(exp, step)
+        line.update({f"val_mse_{m}": round(none + k * gate, 6) for m, k in DELTA_PER_GATE.items()})
+        line.update(val_cos_world=round(0.5 + gate, 6), gate=gate)
+    return line
+
+
+def _offline(run: Path, exp: str, step: int) -> dict:
+    base = {"E0": 0.2, "E2": 0.15, "E4": 0.12}[exp]
+    gate = _gate(exp, step) if exp != "E0" else None
+    modes = {}
+    for mode in ALL_MODES:
+        shift = 0.0 if gate is None or mode == "none" else DELTA_PER_GATE[mode] * gate
+        mse = round(base + shift, 6)
+        modes[mode] = {"mse_norm": mse, "mse_raw": round(mse * 0.04, 8), "mse_per_dim_raw": [round(mse * 0.03, 8),
+                       round(mse * 0.05, 8)], "cos_world": None if gate is None else 0.8, "samples": 96,
+                       "action_steps": 1536}
+    return {"run": str(run), "experiment": exp, "step": step, "gate": gate, "action_names": ["dx", "dy"],
+            "modes": modes}
+
+
+def _sim(run: Path, exp: str, step: int, modes=("none", "zero", "oracle"), episodes: int = 10) -> dict:
+    skill = {"E0": 4, "E2": 6, "E4": 7}[exp]
+    effect = {"none": 0, "zero": -2, "oracle": 1, "random": -3, "shuffle": -1}
+    tasks, overall = {}, {}
+    for i, task in enumerate(TASKS):
+        tasks[task] = {}
+        for m in modes:
+            s = max(0, min(episodes, skill - i + (effect[m] if exp != "E0" else 0)))
+            tasks[task][m] = {"successes": s, "episodes": episodes, "rate": s / episodes, "ci95": _wilson(s, episodes)}
+    for m in modes:
+        s, n = sum(tasks[t][m]["successes"] for t in TASKS), episodes * len(TASKS)
+        overall[m] = {"successes": s, "episodes": n, "rate": s / n, "ci95": _wilson(s, n)}
+    return {"run": str(run), "experiment": exp, "step": step, "simulator": "metaworld", "episodes_per_task": episodes,
+            "tasks": tasks, "overall": overall}
+
+
+def make_run(root: Path, exp: str, *, upto: int = TOTAL, offline: bool = True, sim: bool = True) -> Path:
+    """A run directory as the training recipe and `fplus eval` leave it, trained to step `upto`."""
+    run = root / exp
+    run.mkdir(parents=True)
+    settings = {"EXPERIMENT": exp, "DATASET": "outputs/demo/data", "BACKBONE": "tiny", "LOG_EVERY": LOG_EVERY,
+                "MAX_EPOCHS": TOTAL // PER_EPOCH, "OUTPUT_DIR": str(root)}
+    (run / "config.json").write_text(json.dumps({"settings": settings, "policy": {"action_horizon": 8},
+                                                 "dataset_fingerprint": "abc123", "fplus_version": "0.1.0",
+                                                 "steps_per_epoch": PER_EPOCH, "total_steps": TOTAL}))
+    lines = []
+    for step in range(LOG_EVERY, upto + 1, LOG_EVERY):
+        lines.append(_train_line(exp, step))
+        if step % PER_EPOCH == 0:
+            lines.append(_val_line(exp, step))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    if upto == TOTAL:
+        (run / "COMPLETE").write_text(json.dumps({"step": TOTAL}))
+    if offline or sim:
+        (run / "eval").mkdir()
+    if offline:
+        (run / "eval" / f"offline-step-{upto // 2:06d}.json").write_text(json.dumps(_offline(run, exp, upto // 2)))
+        (run / "eval" / f"offline-step-{upto:06d}.json").write_text(json.dumps(_offline(run, exp, upto)))
+    if sim:
+        (run / "eval" / f"sim-metaworld-step-{upto:06d}.json").write_text(json.dumps(_sim(run, exp, upto)))
+    return run
+
+
+def make_runs(root: Path, complete: bool = False) -> list[Path]:
+    """E0, E2 complete and evaluated (offline + Meta-World); E4 stopped at step 80 and not evaluated (unless
+    `complete`)."""
+    runs = [make_run(root, "E0"), make_run(root, "E2")]
+    runs.append(make_run(root, "E4") if complete else make_run(root, "E4", upto=80, offline=False, sim=False))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    runs = make_runs(root)
+    files = write_report(runs, root / "report")
+    return runs, files, json.loads(files.json.read_text())
+
+
+def _by_label(data: dict) -> dict:
+    return {r["label"]: r for r in data["runs"]}
+
+
+# ----- tests ----------------------------------------------------------------------------------------------------
+
+def test_collected_numbers_equal_the_inputs(reported):
+    runs, files, data = reported
+    r = _by_label(data)
+    assert list(r) == ["E0", "E2", "E4"] and data["modes"] == list(ALL_MODES)
+    assert data["loss_terms"] == ["loss", "l_action", "l_world", "l_text", "l_align"]
+    # golden values, straight from the fabricated files
+    assert r["E2"]["steps"] == 120 and r["E2"]["total_steps"] == 120 and r["E2"]["complete"] is True
+    last = _train_line("E2", 120)
+    assert r["E2"]["final_train"] == {t: last[t] for t in ("loss", "l_action", "l_world")}
+    assert r["E2"]["final_gate"] == last["gate"] == pytest.approx(0.325681, abs=1e-6)
+    assert r["E0"]["final_gate"] is None and set(r["E0"]["final_train"]) == {"loss", "l_action"}
+    assert r["E4"]["final_train"]["l_align"] == _train_line("E4", 80)["l_align"]
+    assert r["E0"]["description"] == "VLM-BC baseline"
+    # latest val line, deltas vs none
+    val = _val_line("E2", 120)
+    latest = r["E2"]["val_latest"]
+    assert latest["step"] == 120 and latest["gate"] == val["gate"]
+    for mode in ALL_MODES:
+        assert latest["modes"][mode]["mse"] == val[f"val_mse_{mode}"]
+    assert latest["modes"]["none"]["delta"] is None
+    assert latest["modes"]["zero"]["delta"] == pytest.approx(0.6 * val["gate"], abs=2e-6)
+    assert latest["modes"]["oracle"]["delta"] < 0
+    assert list(r["E0"]["val_latest"]["modes"]) == ["none"]
+    assert [h["step"] for h in r["E2"]["val_history"]] == [40, 80, 120]
+    gates = [h["gate"] for h in r["E2"]["val_history"]]
+    assert gates == sorted(gates) and gates[0] > 0  # the gate opens ...
+    deltas = [h["modes"]["random"] - h["modes"]["none"] for h in r["E2"]["val_history"]]
+    assert deltas == sorted(deltas)  # ... and corruption hurts more
+    # offline eval: the newest file, normalised and raw, with deltas
+    off = r["E2"]["offline"]
+    written = json.loads((runs[1] / "eval" / "offline-step-000120.json").read_text())
+    assert off["file"] == "offline-step-000120.json" and off["step"] == 120
+    for mode in ALL_MODES:
+        assert off["modes"][mode]["mse_norm"] == written["modes"][mode]["mse_norm"]
+        assert off["modes"][mode]["mse_raw"] == written["modes"][mode]["mse_raw"]
+    assert off["modes"]["zero"]["delta_norm"] == pytest.approx(0.6 * _gate("E2", 120), abs=2e-6)
+    assert off["modes"]["zero"]["delta_raw"] == pytest.approx(0.04 * 0.6 * _gate("E2", 120), abs=1e-7)
+    assert r["E0"]["offline"]["modes"]["shuffle"]["delta_norm"] == 0.0
+    # closed loop
+    sim = r["E2"]["sim"]["metaworld"]
+    written = json.loads((runs[1] / "eval" / "sim-metaworld-step-000120.json").read_text())
+    assert sim["overall"] == written["overall"] and sim["tasks"] == written["tasks"]
+    assert sim["overall"]["none"] == {"successes": 15, "episodes": 30, "rate": 0.5, "ci95": [0.3315, 0.6685]}
+    assert sim["episodes_per_task"] == 10 and list(sim["overall"]) == ["none", "zero", "oracle"]
+
+
+def test_files_exist_and_plots_are_valid_pngs(reported):
+    from PIL import Image
+
+    _, files, data = reported
+    for f in (files.markdown, files.html, files.json):
+        assert f.is_file() and f.stat().st_size > 0
+    names = sorted(p.name for p in files.plots)
+    assert names == ["delta_vs_gate.png", "gate.png", "losses.png", "success-metaworld.png"]
+    assert data["plots"] == [f"plots/{p.name}" for p in files.plots]
+    for png in files.plots:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(png) as im:
+            im.verify()
+        with Image.open(png) as im:
+            assert im.format == "PNG" and im.width > 300 and im.height > 200
+
+
+def test_markdown_and_html_sections(reported):
+    _, files, _ = reported
+    md, page = files.markdown.read_text(), files.html.read_text()
+    for heading in ("# fplus report", "## Runs", "## Action error under corruption of the future memory",
+                    "## Closed-loop success", "## Notes"):
+        assert heading in md
+    for png in files.plots:  # Markdown: relative paths that exist
+        assert f"](plots/{png.name})" in md
+    assert "| run | experiment | steps | complete | loss | l_action | l_world | l_text | l_align | gate |" in md
+    assert "| E2 | Model F (Prophet + gated injection) | 120 / 120 | yes |" in md
+    # HTML: self-contained (figures embedded, no external resources)
+    assert page.count("data:image/png;base64,") == len(files.plots)
+    assert not re.search(r"""(src|href)=["'](?!data:)""", page)
+    assert "<style>" in page and "Model F (Prophet + gated injection)" in page
+
+
+def test_missing_pieces_are_na_with_notes(reported):
+    _, files, data = reported
+    e4 = _by_label(data)["E4"]
+    assert e4["complete"] is False and e4["steps"] == 80
+    assert e4["offline"] is None and e4["sim"] == {}
+    assert "training not complete (step 80 of 120)" in e4["notes"]
+    assert any(n.startswith("no offline eval yet") for n in e4["notes"])
+    assert "no closed-loop eval yet" in e4["notes"]
+    md = files.markdown.read_text()
+    assert "| E4 | full F+ (world + injection + CoC + FLARE) | 80 / 120 | no |" in md
+    assert "Offline eval n/a for E4" in md and "n/a for E4: no metaworld evaluation yet." in md
+    assert "training not complete (step 80 of 120)" in md
+    assert any(n.startswith("E4: training not complete") for n in files.notes)
+
+
+def test_a_run_with_nothing_but_its_config(tmp_path):
+    run = tmp_path / "E2"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"settings": {"EXPERIMENT": "E2"}, "total_steps": 50}))
+    files = write_report([run], tmp_path / "out")
+    data = json.loads(files.json.read_text())
+    r = data["runs"][0]
+    assert r["steps"] is None and r["final_train"] == {} and r["val_latest"] is None and r["offline"] is None
+    assert files.plots == [] and data["loss_terms"] == [] and data["modes"] == []
+    md = files.markdown.read_text()
+    assert "| E2 | Model F (Prophet + gated injection) | n/a | no | n/a |" in md
+    assert "no metrics.jsonl yet" in md and "Offline eval: n/a" in md
+
+
+def test_partial_metrics_line_is_skipped_with_a_note(tmp_path):
+    run = make_run(tmp_path, "E2", upto=40, offline=False, sim=False)
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 50, "epoch": 1, "kind": "tr')  # a run being written
+    r = c.collect_run(run)
+    assert r["steps"] == 40 and "1 unreadable line(s) in metrics.jsonl skipped" in r["notes"]
+
+
+def test_custom_and_duplicate_runs_get_distinct_labels(tmp_path):
+    a, b = make_run(tmp_path / "a", "E2", sim=False), make_run(tmp_path / "b", "E2", sim=False)
+    custom = tmp_path / "mine"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"settings": {"EXPERIMENT": None}}))
+    data = c.collect([a, b, custom])
+    assert [r["label"] for r in data["runs"]] == ["E2 (E2) #1", "E2 (E2) #2", "mine"]
+    assert data["runs"][2]["description"] == "custom run"
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "empty", "parent", "bad-json"])
+def test_not_a_run_directory_is_a_clear_error(tmp_path, kind):
+    path = tmp_path / "x"
+    if kind == "file":
+        path.write_text("hi")
+    elif kind == "empty":
+        path.mkdir()
+    elif kind == "parent":
+        make_run(path, "E0", offline=False, sim=False)
+        make_run(path, "E2", offline=False, sim=False)
+    elif kind == "bad-json":
+        path.mkdir()
+        (path / "config.json").write_text("{not json")
+    expected = {"missing": "does not exist", "file": "is not a run directory", "empty": r"config.json missing\)$",
+                "parent": "contains the runs E0, E2: pass those", "bad-json": "cannot read the run configuration"}
+    with pytest.raises(FplusError, match=expected[kind]):
+        write_report([path], tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
+
+
+def test_no_runs_is_an_error(tmp_path):
+    with pytest.raises(FplusError, match="no runs given"):
+        write_report([], tmp_path / "out")
+
+
+def test_without_matplotlib_the_tables_are_still_written(tmp_path, monkeypatch):
+    from fplus.report import report as report_mod
+
+    monkeypatch.setattr(report_mod, "_matplotlib_available", lambda: False)
+    files = write_report([make_run(tmp_path, "E2")], tmp_path / "out")
+    assert files.plots == [] and "matplotlib is not installed" in files.markdown.read_text()
+
+
+def test_rerun_removes_stale_plots(tmp_path):
+    out = tmp_path / "out"
+    (out / "plots").mkdir(parents=True)
+    for name in ("gate.png", "success-libero.png", "mine.png"):  # left by an earlier report (and one of ours)
+        (out / "plots" / name).write_bytes(b"old")
+    files = write_report([make_run(tmp_path, "E0", sim=False)], out)  # E0 alone: no gate, no sim
+    assert [p.name for p in files.plots] == ["losses.png"]
+    assert sorted(p.name for p in (out / "plots").iterdir()) == ["losses.png", "mine.png"]
+
+
+def test_modes_match_the_corruption_module():
+    import ast
+
+    import fplus
+
+    source = (Path(fplus.__file__).parent / "model" / "corruption.py").read_text()  # parsed: importing needs torch
+    assigned = [n.value for n in ast.parse(source).body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "MODES"]
+    assert c.MODES == ast.literal_eval(assigned[0])
+
+
+def test_cli(tmp_path):
+    runs = make_runs(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "FPLUS_DEBUG"}
+    out = subprocess.run([FPLUS, "report", *map(str, runs), "--out", str(tmp_path / "rep")], capture_output=True,
+                         text=True, env={**env, "COLUMNS": "200"}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "plots" / "losses.png").is_file()
+    assert "n/a E4: training not complete (step 80 of 120)" in out.stdout and "4 plot(s)" in out.stdout
+    bad = subprocess.run([FPLUS, "report", str(tmp_path), "--out", str(tmp_path / "rep2")], capture_output=True,
+                         text=True, env=env, timeout=60)
+    assert bad.returncode == 1
+    err = bad.stderr.strip()
+    assert len(err.splitlines()) == 1 and "is not a run directory" in err and "contains the runs E0, E2, E4" in err
