@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import data, doctor, eval, latents, matrix, pending, train
+from fplus.cli import coc, data, doctor, eval, latents, matrix, pending, report, train
 
 app = typer.Typer(
     name="fplus",
@@ -19,10 +19,12 @@ app = typer.Typer(
 )
 app.add_typer(data.app, name="data")
 app.add_typer(latents.app, name="latents")
+app.add_typer(coc.app, name="coc")
 app.command("train")(train.train)
 app.command("eval")(eval.eval_command)
 app.command("matrix")(matrix.matrix)
 app.command("doctor")(doctor.doctor)
+app.command("report")(report.report)
 pending.register(app)
 
 

@@ -10,8 +10,6 @@ import typer
 from fplus.errors import FplusError
 
 PENDING = {
-    "coc": "validate and generate chain-of-causation labels",
-    "report": "tables and plots comparing runs",
 }
 
 

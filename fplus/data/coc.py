@@ -42,49 +42,81 @@ class CocFile:
     problems: list[CocProblem] = field(default_factory=list)
 
 
+def _is_index(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _episode_index(record: dict) -> int | None:
     if "episode_index" in record:
         value = record["episode_index"]
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+        return value if _is_index(value) else None
     value = record["episode_id"]
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if _is_index(value):
         return value
-    match = re.fullmatch(r"(?:episode_)?(\d+)", str(value))
+    if not isinstance(value, str):
+        return None
+    match = re.fullmatch(r"(?:episode_)?(\d+)", value)
     return int(match.group(1)) if match else None
 
 
+def _type_name(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "integer", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
 def read_coc(path: Path) -> CocFile:
-    """Parse a CoC JSONL file; schema problems, duplicates and empty texts become line-numbered problems."""
+    """Parse a CoC JSONL file; every problem becomes a line-numbered `CocProblem`.
+
+    Problem kinds: `json` (not UTF-8 or not JSON), `schema` (not an object, both or neither id key, an unknown
+    field, a wrong-typed id or text, a missing text), `empty` (blank coc_text), `duplicate` (an episode labelled
+    again; the message names the line of the first label, which is the one kept). Blank lines are skipped.
+    A record with an unknown field is still read (the problem is reported); the other problems drop the line.
+    """
     path = Path(path)
     if not path.is_file():
         raise FplusError(f"CoC file {path} not found")
     out = CocFile(path)
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for n, raw_bytes in enumerate(f, start=1):
+            try:
+                raw = raw_bytes.decode("utf-8")
+            except UnicodeDecodeError as err:
+                out.problems.append(CocProblem(n, "json", f"not UTF-8 text ({err.reason} at byte {err.start})"))
+                continue
             if not raw.strip():
                 continue
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as err:
-                out.problems.append(CocProblem(n, "json", f"not valid JSON ({err.msg})"))
+                out.problems.append(CocProblem(n, "json", f"not valid JSON ({err.msg} at column {err.colno})"))
                 continue
             if not isinstance(record, dict):
-                out.problems.append(CocProblem(n, "schema", "a line must be a JSON object"))
+                out.problems.append(CocProblem(n, "schema", f"a line must be a JSON object, got {_type_name(record)}"))
                 continue
             ids = [k for k in ID_KEYS if k in record]
             if len(ids) != 1:
-                out.problems.append(CocProblem(n, "schema", "needs exactly one of episode_index, episode_id"))
+                what = "has both episode_index and episode_id" if ids else "has neither episode_index nor episode_id"
+                out.problems.append(CocProblem(n, "schema", f"{what}; a line needs exactly one of them"))
                 continue
             unknown = sorted(set(record) - {*ID_KEYS, TEXT_KEY})
             if unknown:
-                out.problems.append(CocProblem(n, "schema", f"unknown field(s) {unknown}"))
+                out.problems.append(CocProblem(
+                    n, "schema", f"unknown field(s) {unknown}; allowed: episode_index or episode_id, {TEXT_KEY}"))
             episode = _episode_index(record)
             if episode is None:
-                out.problems.append(CocProblem(n, "schema", f"{ids[0]}={record[ids[0]]!r} is not an episode index"))
+                value = record[ids[0]]
+                expected = ("a non-negative integer" if ids[0] == "episode_index"
+                            else "a non-negative integer or 'episode_<digits>'")
+                out.problems.append(CocProblem(
+                    n, "schema", f"{ids[0]} must be {expected}, got {value!r} ({_type_name(value)})"))
                 continue
-            text = record.get(TEXT_KEY)
+            if TEXT_KEY not in record:
+                out.problems.append(CocProblem(n, "schema", f"episode {episode}: missing {TEXT_KEY}"))
+                continue
+            text = record[TEXT_KEY]
             if not isinstance(text, str):
-                out.problems.append(CocProblem(n, "schema", f"missing or non-string {TEXT_KEY}"))
+                out.problems.append(CocProblem(
+                    n, "schema", f"episode {episode}: {TEXT_KEY} must be a string, got {_type_name(text)}"))
                 continue
             if not text.strip():
                 out.problems.append(CocProblem(n, "empty", f"episode {episode}: empty {TEXT_KEY}"))

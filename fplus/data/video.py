@@ -6,6 +6,7 @@ LeRobot v3.0 concatenates many episodes into one MP4 per camera; an episode is t
 
 from __future__ import annotations
 
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -117,20 +118,23 @@ def align_frames(frames: np.ndarray, times: np.ndarray, wanted: np.ndarray, fps:
 class VideoReader:
     """Random access to single frames of MP4 files: seek to the keyframe before t, decode forward to t.
 
-    Containers stay open (one per file) for the life of the reader; it is not pickled with them, so a reader
-    can be handed to DataLoader workers, each opening its own.
+    Containers stay open (one per file) for the life of the reader, per process: a DataLoader worker (forked
+    or spawned) never touches its parent's containers (sharing FFmpeg state across fork deadlocks).
     """
 
     def __init__(self):
         self._open: dict[str, object] = {}
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
-        return {"_open": {}}
+        return {"_open": {}, "_pid": -1}
 
     def frame_at(self, path: Path, t: float, fps: float) -> np.ndarray:
         """The frame (H, W, 3) uint8 whose time is closest to t (within half a frame)."""
         import av
 
+        if self._pid != os.getpid():  # inherited through fork: start afresh in this process
+            self._open, self._pid = {}, os.getpid()
         key = str(path)
         container = self._open.get(key)
         if container is None:
