@@ -1,5 +1,5 @@
 # The two set-up commands of the README. Both work on a fresh machine (Python 3.11+, no GPU):
-#   make demo   install, then run the demo end to end
+#   make demo   install, then run the demo end to end (fplus matrix --profile demo)
 #   make test   install with the dev extras, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -20,8 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/fplus data demo --profile demo
-	$(BIN)/fplus data info --profile demo
+	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/fplus matrix --profile demo
 
 test: install
 	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 \

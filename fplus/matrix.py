@@ -137,6 +137,16 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
             result, _ = evaluate_run(run_dir, MODES)
             console.print(results_table(result))
             outcome.did_work = True
+        sim = settings.eval.sim
+        if sim != "none" and not (run_dir / "eval" / f"sim-{sim}-step-{step:06d}.json").is_file():
+            from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop
+            from fplus.eval.closed_loop import results_table as sim_table
+
+            console.rule(f"{experiment}: closed loop in {sim}")
+            result, _ = evaluate_closed_loop(run_dir, sim, None, settings.eval.episodes, CLOSED_LOOP_MODES,
+                                             console=console)
+            console.print(sim_table(result))
+            outcome.did_work = True
     runs = [run_dir_for(s) for e, s in per_exp.items() if outcome.runs[e] != "skipped"]
     report_dir = Path(base.train.output_dir) / "report"
     if outcome.did_work or not (report_dir / "report.json").is_file():

@@ -1,0 +1,239 @@
+"""Closed-loop evaluation: the policy drives a simulator with action chunks; success rate per task and mode.
+
+Per step the policy sees the camera frame, the task sentence, the proprio state and, with a world memory, the
+history of world latents computed online by the same encoder settings as training (each latent from frames
+seen so far only). It predicts a chunk of H actions and executes the first `n_action_steps` of them.
+
+Corruption modes in closed loop:
+    none, zero, random  as offline
+    shuffle             the memory predicted at the same step of another rollout of the same task (the rollouts'
+                        `none` memories, deranged across episodes, as shuffle deranges a batch offline)
+    oracle              not available: the future frames of a live rollout are not observed (reported as n/a)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fplus import batch as K
+from fplus.errors import FplusError
+from fplus.model.corruption import MODES
+from fplus.model.policy import FPlusPolicy
+
+CLOSED_LOOP_MODES = ("none", "zero", "random", "shuffle")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a success rate."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class OnlineLatents:
+    """World latents of a live rollout: z_t from the causal clip of the last m frames seen (repeat-padded)."""
+
+    def __init__(self, encoder, history: int):
+        self.encoder, self.history = encoder, history
+        self.frames: list[np.ndarray] = []
+        self.latents: list[torch.Tensor] = []
+
+    def add(self, frame: np.ndarray) -> None:
+        self.frames.append(frame)
+        m = self.encoder.temporal_window
+        idx = [max(0, len(self.frames) - m + i) for i in range(m)]
+        clip = torch.from_numpy(np.stack([self.frames[i] for i in idx]))[None]  # (1, m, H, W, 3)
+        self.latents.append(self.encoder.encode_frames(clip)[0])
+
+    def history_window(self) -> torch.Tensor:
+        """(1, T, D): z[t-T+1 .. t], the first latent repeated before the rollout started."""
+        n = len(self.latents)
+        idx = [max(0, n - self.history + i) for i in range(self.history)]
+        return torch.stack([self.latents[i] for i in idx])[None]
+
+
+def rollout(policy: FPlusPolicy, env, instruction: str, seed: int, mode: str, n_action_steps: int,
+            latents: OnlineLatents | None, shuffle_source: list[torch.Tensor] | None, generator: torch.Generator,
+            record: list[torch.Tensor] | None = None, frames_out: list[np.ndarray] | None = None) -> bool:
+    """One episode; returns success.
+
+    Every observed frame enters the online latents (the history spacing matches training's consecutive
+    frames); a chunk is predicted every `n_action_steps` steps. `record` collects the Prophet's memory (1, K, D)
+    of each chunk (for `shuffle` of other rollouts), `shuffle_source` is another rollout's record.
+    """
+    obs = env.reset(seed)
+    chunk_index = 0
+    while True:
+        if latents is not None:
+            latents.add(obs["image"])
+        if frames_out is not None:
+            frames_out.append(obs["image"])
+        batch = {K.IMAGES: torch.from_numpy(obs["image"])[None], K.INSTRUCTIONS: [instruction],
+                 K.STATE: torch.from_numpy(obs["state"])[None]}
+        if latents is not None:
+            batch[K.Z_HIST] = latents.history_window()
+        if record is not None and policy.prophet is not None:
+            with torch.no_grad():
+                record.append(policy.prophet(batch[K.Z_HIST].to(policy.latent_mean.device)).cpu())
+        if mode == "shuffle" and policy.injection is not None:
+            # inject another rollout's memory: the "oracle" path injects whatever z_future it is given
+            other = shuffle_source[min(chunk_index, len(shuffle_source) - 1)]
+            chunk = policy.predict_action_chunk({**batch, K.Z_FUTURE: other}, corruption="oracle")
+        else:
+            chunk = policy.predict_action_chunk(batch, corruption=mode, generator=generator)
+        chunk_index += 1
+        actions = chunk[0, :n_action_steps].cpu().numpy()
+        for i, action in enumerate(actions):
+            obs, success, done = env.step(action)
+            if success:
+                return True
+            if done:
+                return False
+            if i < len(actions) - 1:  # frames between chunk predictions still enter the history
+                if latents is not None:
+                    latents.add(obs["image"])
+                if frames_out is not None:
+                    frames_out.append(obs["image"])
+
+
+def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episodes: int,
+                         modes: tuple[str, ...] = CLOSED_LOOP_MODES, n_action_steps: int | None = None,
+                         max_steps: int | None = None, step: int | None = None, seed: int = 1000,
+                         video_dir: Path | None = None, progress: bool = True, console=None) -> tuple[dict, Path]:
+    """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json.
+
+    Args:
+        tasks: simulator task names (default: the dataset's tasks that the simulator knows).
+        episodes: rollouts per task and mode (seeds seed, seed+1, ...: the same layouts for every mode).
+        n_action_steps: actions executed per predicted chunk (default: half the horizon, at least 1).
+    """
+    if sim != "metaworld":
+        raise FplusError(f"closed-loop simulator {sim!r} is not available here; valid: metaworld "
+                         "(LIBERO needs the `libero` extra)")
+    from fplus.data.lerobot import LeRobotDataset
+    from fplus.progress import make_progress
+    from fplus.sim.metaworld import TASK_DESCRIPTIONS, MetaWorldEnv
+    from fplus.train import checkpoint as ckpt
+    from fplus.train.recipe import settings_from_run
+    from fplus.world.encoders import build_encoder
+
+    settings = settings_from_run(run_dir)
+    path = ckpt.checkpoint_for(run_dir, step)
+    step_done = json.loads((path / ckpt.MANIFEST).read_text())["step"]
+    policy = FPlusPolicy.load(path / "policy").eval()
+    ds = LeRobotDataset.open(settings.data.dataset)
+    image_size = ds.features[settings.data.image_key]["shape"][0]
+    by_sentence = {v: k for k, v in TASK_DESCRIPTIONS.items()}
+    if tasks is None:
+        tasks = [by_sentence[t] for t in ds.tasks if t in by_sentence]
+        if not tasks:
+            raise FplusError(f"none of the dataset's tasks is a Meta-World task sentence: {ds.tasks[:3]}")
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
+    if policy.injection is None:  # no memory reaches the actions: every mode would repeat `none`
+        modes = ("none",)
+    n_action_steps = n_action_steps or max(1, policy.config.action_horizon // 2)
+    max_steps = max_steps or settings.data.demo_max_steps
+    world = settings.world
+    encoder = None
+    if policy.config.world_dim:
+        encoder = build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
+                                pooling=world.pooling, temporal_window=world.temporal_window)
+    # none first: its memories feed `shuffle`
+    ordered = [m for m in ("none", *modes) if m in modes or m == "none" and "shuffle" in modes]
+    ordered = list(dict.fromkeys(ordered))
+    results: dict[str, dict] = {}
+    bar = make_progress("episodes", console=console, disable=not progress)
+    with bar:
+        job = bar.add_task(f"{sim} rollouts", total=len(tasks) * len(ordered) * episodes, info="")
+        for task in tasks:
+            instruction = TASK_DESCRIPTIONS[task]
+            memories: list[list[torch.Tensor]] = []
+            results[task] = {}
+            for mode in ordered:
+                if mode == "oracle":
+                    results[task][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
+                                           "note": "the future of a live rollout is not observed"}
+                    bar.advance(job, episodes)
+                    continue
+                generator = torch.Generator().manual_seed(seed)
+                wins = 0
+                for e in range(episodes):
+                    record = [] if mode == "none" else None
+                    frames = [] if video_dir is not None and e == 0 else None
+                    source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
+                    if mode == "shuffle" and policy.injection is not None and (source is None or episodes < 2):
+                        raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
+                    with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+                        latents = None if encoder is None else _online(encoder, policy)
+                        success = rollout(policy, env, instruction, seed + e, mode, n_action_steps, latents,
+                                          source, generator, record, frames)
+                    wins += success
+                    if record is not None:
+                        memories.append(record)
+                    if frames:
+                        _write_video(video_dir / f"{task}-{mode}-ep{e}.mp4", frames)
+                    bar.update(job, advance=1, info=f"{task} {mode}: {wins}/{e + 1}")
+                lo, hi = wilson_interval(wins, episodes)
+                results[task][mode] = {"successes": wins, "episodes": episodes, "rate": wins / episodes,
+                                       "ci95": [lo, hi]}
+            if "none" not in modes:
+                results[task].pop("none", None)
+    overall = {}
+    for mode in modes:
+        rows = [results[t][mode] for t in tasks if results[t][mode]["successes"] is not None]
+        if rows:
+            wins, n = sum(r["successes"] for r in rows), sum(r["episodes"] for r in rows)
+            overall[mode] = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": list(wilson_interval(wins, n))}
+    result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done, "simulator": sim,
+              "episodes_per_task": episodes, "n_action_steps": n_action_steps, "max_steps": max_steps,
+              "tasks": results, "overall": overall}
+    out = Path(run_dir) / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return result, out
+
+
+def _online(encoder, policy: FPlusPolicy) -> OnlineLatents:
+    return OnlineLatents(encoder, policy.config.history)
+
+
+def _write_video(path: Path, frames: list[np.ndarray]) -> None:
+    from fplus.data.video import VideoEncoder
+
+    array = np.stack(frames)
+    encoder = VideoEncoder(path, fps=10, height=array.shape[1], width=array.shape[2])
+    encoder.write(array)
+    encoder.close()
+
+
+def results_table(result: dict):
+    """A Rich table: success rate [95% interval] per task (rows) and corruption mode (columns)."""
+    from rich.table import Table
+
+    modes = list(result["overall"]) or list(next(iter(result["tasks"].values())))
+    table = Table(title=f"{result['run']}  {result['experiment'] or 'custom'}  step {result['step']}  "
+                        f"{result['simulator']}, {result['episodes_per_task']} episodes per task and mode",
+                  title_justify="left")
+    table.add_column("task")
+    for mode in modes:
+        table.add_column(mode, justify="right")
+
+    def cell(r: dict | None) -> str:
+        if r is None or r["successes"] is None:
+            return "n/a"
+        return f"{r['rate']:.0%} [{r['ci95'][0]:.0%}, {r['ci95'][1]:.0%}] ({r['successes']}/{r['episodes']})"
+
+    for task, per_mode in result["tasks"].items():
+        table.add_row(task, *[cell(per_mode.get(m)) for m in modes])
+    table.add_row("[bold]all", *[cell(result["overall"].get(m)) for m in modes])
+    return table
