@@ -159,33 +159,34 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
             instruction = TASK_DESCRIPTIONS[task]
             memories: list[list[torch.Tensor]] = []
             results[task] = {}
-            for mode in ordered:
-                if mode == "oracle":
-                    results[task][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
-                                           "note": "the future of a live rollout is not observed"}
-                    bar.advance(job, episodes)
-                    continue
-                generator = torch.Generator().manual_seed(seed)
-                wins = 0
-                for e in range(episodes):
-                    record = [] if mode == "none" else None
-                    frames = [] if video_dir is not None and e == 0 else None
-                    source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
-                    if mode == "shuffle" and policy.injection is not None and (source is None or episodes < 2):
-                        raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
-                    with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+            # one env per task (creating one costs ~1 s); every episode resets it with its own seed
+            with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+                for mode in ordered:
+                    if mode == "oracle":
+                        results[task][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
+                                               "note": "the future of a live rollout is not observed"}
+                        bar.advance(job, episodes)
+                        continue
+                    generator = torch.Generator().manual_seed(seed)
+                    wins = 0
+                    for e in range(episodes):
+                        record = [] if mode == "none" else None
+                        frames = [] if video_dir is not None and e == 0 else None
+                        source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
+                        if mode == "shuffle" and policy.injection is not None and (source is None or episodes < 2):
+                            raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
                         latents = None if encoder is None else _online(encoder, policy)
                         success = rollout(policy, env, instruction, seed + e, mode, n_action_steps, latents,
                                           source, generator, record, frames)
-                    wins += success
-                    if record is not None:
-                        memories.append(record)
-                    if frames:
-                        _write_video(video_dir / f"{task}-{mode}-ep{e}.mp4", frames)
-                    bar.update(job, advance=1, info=f"{task} {mode}: {wins}/{e + 1}")
-                lo, hi = wilson_interval(wins, episodes)
-                results[task][mode] = {"successes": wins, "episodes": episodes, "rate": wins / episodes,
-                                       "ci95": [lo, hi]}
+                        wins += success
+                        if record is not None:
+                            memories.append(record)
+                        if frames:
+                            _write_video(video_dir / f"{task}-{mode}-ep{e}.mp4", frames)
+                        bar.update(job, advance=1, info=f"{task} {mode}: {wins}/{e + 1}")
+                    lo, hi = wilson_interval(wins, episodes)
+                    results[task][mode] = {"successes": wins, "episodes": episodes, "rate": wins / episodes,
+                                           "ci95": [lo, hi]}
             if "none" not in modes:
                 results[task].pop("none", None)
     overall = {}
