@@ -14,7 +14,6 @@ against the dataset with full coverage before returning. Deterministic for a giv
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from fplus.data import format as fmt
 from fplus.data.coc import TEXT_KEY
 from fplus.data.lerobot import DataKeys, LeRobotDataset
 from fplus.errors import FplusError
+from fplus.io import write_text_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -150,16 +150,7 @@ def write_jsonl_atomic(path: Path, records: list[dict], overwrite: bool) -> None
     if path.exists() and not overwrite:
         raise FplusError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def generate_coc(

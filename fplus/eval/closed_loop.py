@@ -22,6 +22,7 @@ import torch
 
 from fplus import batch as K
 from fplus.errors import FplusError
+from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
 
@@ -199,8 +200,7 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
               "episodes_per_task": episodes, "n_action_steps": n_action_steps, "max_steps": max_steps,
               "tasks": results, "overall": overall}
     out = Path(run_dir) / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from fplus import batch as K
 from fplus.errors import FplusError
+from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
 from fplus.model.prophet import world_loss
@@ -110,8 +111,7 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
               "action_names": ds.features[keys.action].get("names"), "modes": results}
     out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from fplus.data.lerobot import LeRobotDataset, keys_from_settings
 from fplus.data.split import Split, split_episodes
 from fplus.errors import FplusError
+from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy, PolicyConfig
 from fplus.settings import Settings, load_settings, settings_to_flat
@@ -231,9 +232,7 @@ class TrainRecipe:
         data = {"settings": settings_to_flat(self.settings), "policy": asdict(self.policy_config),
                 "dataset_fingerprint": ds.fingerprint, "fplus_version": __version__,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        tmp.replace(path)
+        write_text_atomic(path, json.dumps(data, indent=2))
 
     # ----- train ------------------------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ import numpy as np
 from fplus.data.lerobot import LeRobotDataset
 from fplus.data.windows import causal_window, episode_bounds
 from fplus.errors import FplusError
+from fplus.io import write_text_atomic
 
 MANIFEST = "manifest.json"
 LATENTS = "latents.npy"
@@ -54,9 +54,7 @@ def cache_entry(cache_dir: Path, ds: LeRobotDataset, image_key: str, source: str
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def read_manifest(entry: Path) -> dict:

@@ -41,7 +41,7 @@ def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path):
     from tests.helpers import compute_toy_latents, toy_settings
 
     make_demo_dataset(tmp_path / "ds", tasks=["reach-v3"], episodes_per_task=3, image_size=64, seed=0,
-                      max_steps=40, progress=False)
+                      max_steps=100, progress=False)
     s = toy_settings(tmp_path, tmp_path / "ds", IMAGE_KEY="observation.images.image", EXPERIMENT="E2",
                      MAX_STEPS=2, VAL_FRACTION=0.34, DEMO_MAX_STEPS=12)
     compute_toy_latents(s)
