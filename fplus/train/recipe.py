@@ -169,8 +169,12 @@ class TrainRecipe:
         self.model, self.optimizer = acc.prepare(policy, optimizer)
         self.generator = torch.Generator().manual_seed(s.train.seed * 1000 + acc.process_index)
         self.progress = TrainProgress()
+        self.logger = None
         if acc.is_main_process:
             self._write_config(ds)
+            from fplus.train.loggers import MetricLogger
+
+            self.logger = MetricLogger(s.train.logger, self.run_dir, self.run_dir.name, settings_to_flat(s))
         if self.resume:
             self._restore()
 
@@ -311,6 +315,8 @@ class TrainRecipe:
         self.save()
         if acc.is_main_process:
             (self.run_dir / COMPLETE).write_text(json.dumps({"step": self.progress.step}))
+            if self.logger is not None:
+                self.logger.close()
         return self.progress
 
     def _after_step(self, metrics: dict[str, float], bar, task) -> None:
@@ -397,6 +403,8 @@ class TrainRecipe:
         record = {"step": self.progress.step, "epoch": self.progress.epoch, **record}
         with (self.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.logger is not None:
+            self.logger.log(record)
 
 
 def _fits(ds: LeRobotDataset, keys, budget_gb: float) -> bool:

@@ -160,3 +160,15 @@ def test_sigkill_mid_run_then_resume_matches(toy, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = weights(tmp_path / "a" / "E2"), weights(run_dir)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_logger_option_fails_clearly_when_its_package_is_missing(toy, tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed here")
+    except ImportError:
+        pass
+    s = toy_settings(toy, toy / "ds", OUTPUT_DIR=tmp_path, EXPERIMENT="E0", LOGGER="tensorboard")
+    with pytest.raises(FplusError, match="LOGGER=tensorboard needs the tensorboard package"):
+        TrainRecipe(s, run_dir_for(s)).setup()
