@@ -7,9 +7,15 @@ from typing import Annotated
 
 import typer
 
+from fplus.cli.options import Profile, settings_from_cli
+from fplus.errors import FplusError
+
 
 def eval_command(
-    run: Annotated[Path, typer.Argument(help="run directory (OUTPUT_DIR/<experiment>)")],
+    run: Annotated[Path | None, typer.Argument(help="run directory (default: OUTPUT_DIR/<EXPERIMENT or RUN_NAME>)")]
+    = None,
+    profile: Profile = None,
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="E0-E4, to find the run")] = None,
     corruption: Annotated[str, typer.Option(help="none|zero|random|shuffle|oracle|all, or a comma list")] = "all",
     checkpoint: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest valid)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="evaluation batch size (default: the run's)")] = None,
@@ -39,6 +45,13 @@ def eval_command(
 
     modes = MODES if corruption == "all" else tuple(m.strip() for m in corruption.split(",") if m.strip())
     console = Console()
+    if run is None:
+        from fplus.train.run import run_dir_for
+
+        run = run_dir_for(settings_from_cli(profile, EXPERIMENT=experiment))
+        if not (run / "config.json").is_file():
+            raise FplusError(f"no run at {run}: pass RUN, or --profile/--experiment of a trained run "
+                             "(fplus train / fplus matrix make them)")
     if sim is not None:
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, results_table
         from fplus.train.recipe import settings_from_run

@@ -190,18 +190,29 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                                            "ci95": [lo, hi]}
             if "none" not in modes:
                 results[task].pop("none", None)
-    overall = {}
-    for mode in modes:
-        rows = [results[t][mode] for t in tasks if results[t][mode]["successes"] is not None]
-        if rows:
-            wins, n = sum(r["successes"] for r in rows), sum(r["episodes"] for r in rows)
-            overall[mode] = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": list(wilson_interval(wins, n))}
     result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done, "simulator": sim,
               "episodes_per_task": episodes, "n_action_steps": n_action_steps, "max_steps": max_steps,
-              "tasks": results, "overall": overall}
+              "tasks": results, "overall": {}}
     out = Path(run_dir) / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
+    if out.is_file():  # keep tasks and modes of an earlier evaluation of this checkpoint unless redone here
+        old = json.loads(out.read_text())
+        if old.get("episodes_per_task") == episodes and old.get("n_action_steps") == n_action_steps:
+            for task, per_mode in old["tasks"].items():
+                result["tasks"][task] = {**per_mode, **result["tasks"].get(task, {})}
+    result["overall"] = overall_rates(result["tasks"])
     write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
+
+
+def overall_rates(tasks: dict[str, dict]) -> dict[str, dict]:
+    """Success over all tasks per mode (modes with a count in every task), with the Wilson interval."""
+    modes = [m for m in MODES if all(m in r and r[m]["successes"] is not None for r in tasks.values())]
+    out = {}
+    for mode in modes:
+        wins = sum(r[mode]["successes"] for r in tasks.values())
+        n = sum(r[mode]["episodes"] for r in tasks.values())
+        out[mode] = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": list(wilson_interval(wins, n))}
+    return out
 
 
 def _online(encoder, policy: FPlusPolicy) -> OnlineLatents:

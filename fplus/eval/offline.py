@@ -79,7 +79,8 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
 def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None, batch_size: int | None = None,
                  max_batches: int | None = None, device: str = "cpu") -> tuple[dict, Path]:
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
-    settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json. Returns (result, path)."""
+    settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json (merged with the modes an earlier
+    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path)."""
     from fplus.data.lerobot import LeRobotDataset, keys_from_settings
     from fplus.data.split import Split
     from fplus.train import checkpoint as ckpt
@@ -111,6 +112,9 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
               "action_names": ds.features[keys.action].get("names"), "modes": results}
     out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
+    if out.is_file():  # an evaluation of other modes of this checkpoint: keep them, newest values win
+        merged = {**json.loads(out.read_text())["modes"], **results}
+        result["modes"] = {m: merged[m] for m in MODES if m in merged}
     write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
 

@@ -69,3 +69,11 @@ def test_cli_prints_one_table_with_all_five_modes(e2_run):
     rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
     assert [r.split("│")[1].strip() for r in rows] == list(MODES)
     assert ckpt.latest_valid(run_dir).name == "step-000006"
+
+
+def test_evaluating_one_mode_keeps_the_others_in_the_file(e2_run):
+    _, run_dir = e2_run
+    evaluate_run(run_dir, MODES)
+    result, path = evaluate_run(run_dir, ("oracle",))
+    assert list(json.loads(path.read_text())["modes"]) == list(MODES)
+    assert list(result["modes"]) == list(MODES)
