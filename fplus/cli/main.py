@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fplus.cli import coc, data, doctor, eval, latents, matrix, pending, report, train
+from fplus.cli import coc, data, doctor, eval, latents, matrix, report, train
 
 app = typer.Typer(
     name="fplus",
@@ -25,7 +25,6 @@ app.command("eval")(eval.eval_command)
 app.command("matrix")(matrix.matrix)
 app.command("doctor")(doctor.doctor)
 app.command("report")(report.report)
-pending.register(app)
 
 
 def _debug() -> bool:
