@@ -151,16 +151,13 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
     report_dir = Path(base.train.output_dir) / "report"
     if outcome.did_work or not (report_dir / "report.json").is_file():
         outcome.report = _write_report(runs, report_dir, console)
-        outcome.did_work |= outcome.report is not None
+        outcome.did_work = True
     return outcome
 
 
-def _write_report(runs: list[Path], out: Path, console: Console) -> Path | None:
-    try:
-        from fplus.report.report import write_report
-    except ImportError:
-        console.print("[yellow]report generation is not available in this version")
-        return None
+def _write_report(runs: list[Path], out: Path, console: Console) -> Path:
+    from fplus.report.report import write_report
+
     write_report(runs, out)
     console.print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return out

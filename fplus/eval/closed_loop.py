@@ -176,7 +176,7 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                         source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
                         if mode == "shuffle" and policy.injection is not None and (source is None or episodes < 2):
                             raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
-                        latents = None if encoder is None else _online(encoder, policy)
+                        latents = None if encoder is None else OnlineLatents(encoder, policy.config.history)
                         success = rollout(policy, env, instruction, seed + e, mode, n_action_steps, latents,
                                           source, generator, record, frames)
                         wins += success
@@ -213,10 +213,6 @@ def overall_rates(tasks: dict[str, dict]) -> dict[str, dict]:
         n = sum(r[mode]["episodes"] for r in tasks.values())
         out[mode] = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": list(wilson_interval(wins, n))}
     return out
-
-
-def _online(encoder, policy: FPlusPolicy) -> OnlineLatents:
-    return OnlineLatents(encoder, policy.config.history)
 
 
 def _write_video(path: Path, frames: list[np.ndarray]) -> None:
