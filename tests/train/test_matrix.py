@@ -1,0 +1,38 @@
+"""fplus matrix: idempotent, resumable pipeline over experiments."""
+
+import pytest
+from rich.console import Console
+
+from fplus.errors import FplusError
+from fplus.matrix import run_matrix
+from fplus.settings import settings_to_flat
+from tests.helpers import toy_settings, write_toy_dataset
+
+
+def profile_file(tmp_path, **extra):
+    write_toy_dataset(tmp_path / "ds", lengths=(8, 7, 9, 6, 8))
+    flat = settings_to_flat(toy_settings(tmp_path, tmp_path / "ds", MAX_STEPS=3, **extra))
+    path = tmp_path / "toy.env"
+    path.write_text("".join(f"{k}={','.join(v) if isinstance(v, list) else v}\n"
+                            for k, v in flat.items() if v is not None))
+    return str(path)
+
+
+def test_matrix_runs_once_then_reports_everything_complete(tmp_path):
+    profile = profile_file(tmp_path, MATRIX_EXPERIMENTS="E0,E2,E4", MATRIX_MISSING_COC="skip")
+    console = Console(record=True, width=200)
+    first = run_matrix(profile, console=console)
+    assert first.runs == {"E0": "trained", "E2": "trained", "E4": "skipped"} and first.did_work
+    assert "warning: skipping E4: no CoC labels" in console.export_text()
+    for e in ("E0", "E2"):
+        assert (tmp_path / "runs" / e / "COMPLETE").is_file()
+        assert (tmp_path / "runs" / e / "eval" / "offline-step-000003.json").is_file()
+    assert (tmp_path / "runs" / "report" / "report.html").is_file()
+    second = run_matrix(profile, console=Console(record=True))
+    assert second.runs == {"E0": "complete", "E2": "complete", "E4": "skipped"} and not second.did_work
+
+
+def test_missing_coc_is_an_error_by_default(tmp_path):
+    profile = profile_file(tmp_path, MATRIX_EXPERIMENTS="E4")
+    with pytest.raises(FplusError, match="E4 needs CoC labels: COC_JSONL is unset"):
+        run_matrix(profile, console=Console(record=True))
