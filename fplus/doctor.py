@@ -36,11 +36,16 @@ def check_versions() -> list[Check]:
             out.append(Check(package, "ok", md.version(package)))
         except md.PackageNotFoundError:
             out.append(Check(package, "fail", "not installed"))
-    for package in ("metaworld", "mujoco", "hf-libero"):
+    for package in ("metaworld", "mujoco"):
         try:
             out.append(Check(package, "ok", md.version(package)))
         except md.PackageNotFoundError:
             out.append(Check(package, "warn", "not installed (needed for closed-loop evaluation in that simulator)"))
+    from fplus.sim.libero import INSTALL_HINT, installed_distribution
+
+    libero = installed_distribution()
+    out.append(Check("libero", "ok", f"{libero} {md.version(libero)}") if libero else
+               Check("libero", "warn", f"not installed (closed loop in LIBERO): {INSTALL_HINT}"))
     try:
         md.version("torchvision")
         out.append(Check("torchvision", "warn", "installed; fplus never needs it"))

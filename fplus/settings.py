@@ -163,6 +163,9 @@ class EvalSettings(Section):
     )
     sim: Literal["none", "metaworld", "libero"] = env("EVAL_SIM", "none", "closed-loop simulator")
     episodes: int = env("EVAL_EPISODES", 10, "closed-loop episodes per task", ge=1)
+    suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10"] = env(
+        "EVAL_SUITE", "libero_spatial", "LIBERO suite of closed-loop evaluation")
+    device: str = env("EVAL_DEVICE", "auto", "device of evaluation: auto (cuda when available), cpu, cuda, cuda:1")
 
 
 class CocSettings(Section):

@@ -20,15 +20,19 @@ def eval_command(
     checkpoint: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest valid)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="evaluation batch size (default: the run's)")] = None,
     max_batches: Annotated[int | None, typer.Option(help="evaluate at most this many batches per mode")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
-    sim: Annotated[str | None, typer.Option(help="closed loop in a simulator: metaworld (libero: extra)")] = None,
-    tasks: Annotated[str | None, typer.Option(help="closed loop: comma-separated tasks (default: the dataset's)")]
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ... (default: EVAL_DEVICE, auto)")] = None,
+    sim: Annotated[str | None, typer.Option(help="closed loop in a simulator: metaworld, libero (extra)")] = None,
+    suite: Annotated[str | None, typer.Option(help="closed loop in LIBERO: libero_spatial|object|goal|10 "
+                                                   "(default: EVAL_SUITE)")] = None,
+    tasks: Annotated[str | None, typer.Option(help="closed loop: comma-separated tasks (default: Meta-World the "
+                                                   "dataset's, LIBERO the whole suite; LIBERO: index or name)")]
     = None,
     episodes: Annotated[int | None, typer.Option(help="closed loop: episodes per task and mode (EVAL_EPISODES)")]
     = None,
     n_action_steps: Annotated[int | None, typer.Option(help="closed loop: actions executed per chunk (H/2)")]
     = None,
-    max_steps: Annotated[int | None, typer.Option(help="closed loop: steps per episode (DEMO_MAX_STEPS)")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="closed loop: policy steps per episode (Meta-World: "
+                                                       "DEMO_MAX_STEPS, LIBERO: 280/280/300/520 by suite)")] = None,
     video: Annotated[Path | None, typer.Option(help="closed loop: write an MP4 of each task/mode's first episode")]
     = None,
 ) -> None:
@@ -36,12 +40,13 @@ def eval_command(
 
     Offline (default): the run's validation episodes; one table, a row per corruption mode (normalised and raw
     action MSE, per-dimension MSE, world cosine); writes RUN/eval/offline-step-XXXXXX.json.
-    Closed loop (--sim metaworld): success rate per task and corruption mode with 95% intervals; writes
-    RUN/eval/sim-metaworld-step-XXXXXX.json.
+    Closed loop (--sim metaworld, or --sim libero --suite libero_spatial with the `libero` extra): success rate per
+    task and corruption mode with 95% intervals; writes RUN/eval/sim-<sim>-step-XXXXXX.json.
     """
     from rich.console import Console
 
     from fplus.model.corruption import MODES
+    from fplus.train.recipe import settings_from_run
 
     modes = MODES if corruption == "all" else tuple(m.strip() for m in corruption.split(",") if m.strip())
     console = Console()
@@ -54,19 +59,17 @@ def eval_command(
                              "(fplus train / fplus matrix make them)")
     if sim is not None:
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, results_table
-        from fplus.train.recipe import settings_from_run
-
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
         result, path = evaluate_closed_loop(
             run, sim, [t.strip() for t in tasks.split(",")] if tasks else None,
             episodes or settings_from_run(run).eval.episodes, chosen, n_action_steps, max_steps, checkpoint,
-            video_dir=video, console=console)
+            video_dir=video, console=console, suite=suite, device=device)
         console.print(results_table(result))
         console.print(f"wrote {path}")
         return
-    from fplus.eval.offline import evaluate_run, results_table
+    from fplus.eval.offline import evaluate_run, resolve_device, results_table
 
     result, path = evaluate_run(run, modes, step=checkpoint, batch_size=batch_size, max_batches=max_batches,
-                                device=device)
+                                device=resolve_device(device or settings_from_run(run).eval.device))
     console.print(results_table(result))
     console.print(f"wrote {path}")

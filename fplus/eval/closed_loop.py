@@ -1,8 +1,10 @@
 """Closed-loop evaluation: the policy drives a simulator with action chunks; success rate per task and mode.
 
-Per step the policy sees the camera frame, the task sentence, the proprio state and, with a world memory, the
-history of world latents computed online by the same encoder settings as training (each latent from frames
-seen so far only). It predicts a chunk of H actions and executes the first `n_action_steps` of them.
+Per step the policy sees the run's camera frame(s) (Meta-World: corner camera; LIBERO: agentview, plus the
+eye-in-hand camera when the run reads a wrist key), the task sentence, the proprio state (when the run uses one) and,
+with a world memory, the history of world latents computed online from the main camera by the same encoder settings
+as training (each latent from frames seen so far only). It predicts a chunk of H actions and executes the first
+`n_action_steps` of them. The simulators sit behind `fplus.sim.registry`.
 
 Corruption modes in closed loop:
     none, zero, random  as offline
@@ -22,6 +24,7 @@ import torch
 
 from fplus import batch as K
 from fplus.errors import FplusError
+from fplus.eval.offline import resolve_device
 from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
@@ -61,24 +64,37 @@ class OnlineLatents:
         return torch.stack([self.latents[i] for i in idx])[None]
 
 
-def rollout(policy: FPlusPolicy, env, instruction: str, seed: int, mode: str, n_action_steps: int,
+def observation_batch(obs: dict, cameras: tuple[str, ...], instruction: str, use_state: bool) -> dict:
+    """The policy batch of one observation: IMAGES (1, h, w, 3) for one camera, (1, C, h, w, 3) for C cameras."""
+    frames = [obs[c] for c in cameras]
+    images = frames[0] if len(frames) == 1 else np.stack(frames)
+    batch = {K.IMAGES: torch.from_numpy(images)[None], K.INSTRUCTIONS: [instruction]}
+    if use_state:
+        batch[K.STATE] = torch.from_numpy(obs["state"])[None]
+    return batch
+
+
+def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str, n_action_steps: int,
             latents: OnlineLatents | None, shuffle_source: list[torch.Tensor] | None, generator: torch.Generator,
-            record: list[torch.Tensor] | None = None, frames_out: list[np.ndarray] | None = None) -> bool:
+            record: list[torch.Tensor] | None = None, frames_out: list[np.ndarray] | None = None,
+            cameras: tuple[str, ...] = ("image",)) -> bool:
     """One episode; returns success.
 
-    Every observed frame enters the online latents (the history spacing matches training's consecutive
-    frames); a chunk is predicted every `n_action_steps` steps. `record` collects the Prophet's memory (1, K, D)
-    of each chunk (for `shuffle` of other rollouts), `shuffle_source` is another rollout's record.
+    `env.reset(episode)` picks the initial layout. Every observed main-camera frame enters the online latents
+    (the history spacing matches training's consecutive frames); a chunk is predicted every `n_action_steps`
+    steps. `cameras` are the observation keys the policy reads (the run's image key, then its wrist key).
+    `record` collects the Prophet's memory (1, K, D) of each chunk (for `shuffle` of other rollouts),
+    `shuffle_source` is another rollout's record.
     """
-    obs = env.reset(seed)
+    obs = env.reset(episode)
+    use_state = policy.config.state_dim is not None
     chunk_index = 0
     while True:
         if latents is not None:
             latents.add(obs["image"])
         if frames_out is not None:
             frames_out.append(obs["image"])
-        batch = {K.IMAGES: torch.from_numpy(obs["image"])[None], K.INSTRUCTIONS: [instruction],
-                 K.STATE: torch.from_numpy(obs["state"])[None]}
+        batch = observation_batch(obs, cameras, instruction, use_state)
         if latents is not None:
             batch[K.Z_HIST] = latents.history_window()
         if record is not None and policy.prophet is not None:
@@ -91,7 +107,7 @@ def rollout(policy: FPlusPolicy, env, instruction: str, seed: int, mode: str, n_
         else:
             chunk = policy.predict_action_chunk(batch, corruption=mode, generator=generator)
         chunk_index += 1
-        actions = chunk[0, :n_action_steps].cpu().numpy()
+        actions = chunk[0, :n_action_steps].float().cpu().numpy()
         for i, action in enumerate(actions):
             obs, success, done = env.step(action)
             if success:
@@ -108,67 +124,86 @@ def rollout(policy: FPlusPolicy, env, instruction: str, seed: int, mode: str, n_
 def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episodes: int,
                          modes: tuple[str, ...] = CLOSED_LOOP_MODES, n_action_steps: int | None = None,
                          max_steps: int | None = None, step: int | None = None, seed: int = 1000,
-                         video_dir: Path | None = None, progress: bool = True, console=None) -> tuple[dict, Path]:
+                         video_dir: Path | None = None, progress: bool = True, console=None,
+                         suite: str | None = None, device: str | None = None) -> tuple[dict, Path]:
     """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json.
 
     Args:
-        tasks: simulator task names (default: the dataset's tasks that the simulator knows).
-        episodes: rollouts per task and mode (seeds seed, seed+1, ...: the same layouts for every mode).
+        sim: metaworld or libero (the `libero` extra).
+        tasks: simulator tasks (Meta-World names; LIBERO indices or names), default: Meta-World the dataset's
+            tasks that the simulator knows, LIBERO the whole suite.
+        episodes: rollouts per task and mode; episode e starts from layout `seed + e` (Meta-World: the seed of
+            the layout, LIBERO: initial state `(seed + e) mod 50`), the same layouts for every mode.
         n_action_steps: actions executed per predicted chunk (default: half the horizon, at least 1).
+        max_steps: policy steps per episode (default: Meta-World DEMO_MAX_STEPS, LIBERO its suite's limit).
+        suite: LIBERO suite (default: the run's EVAL_SUITE). device: default the run's EVAL_DEVICE.
     """
-    if sim != "metaworld":
-        raise FplusError(f"closed-loop simulator {sim!r} is not available here; valid: metaworld "
-                         "(LIBERO needs the `libero` extra)")
     from fplus.data.lerobot import LeRobotDataset
     from fplus.progress import make_progress
-    from fplus.sim.metaworld import TASK_DESCRIPTIONS, MetaWorldEnv
+    from fplus.sim.registry import default_max_steps, open_env, resolve_tasks, sim_spec
     from fplus.train import checkpoint as ckpt
     from fplus.train.recipe import settings_from_run
     from fplus.world.encoders import build_encoder
 
-    settings = settings_from_run(run_dir)
-    path = ckpt.checkpoint_for(run_dir, step)
-    step_done = json.loads((path / ckpt.MANIFEST).read_text())["step"]
-    policy = FPlusPolicy.load(path / "policy").eval()
-    ds = LeRobotDataset.open(settings.data.dataset)
-    image_size = ds.features[settings.data.image_key]["shape"][0]
-    by_sentence = {v: k for k, v in TASK_DESCRIPTIONS.items()}
-    if tasks is None:
-        tasks = [by_sentence[t] for t in ds.tasks if t in by_sentence]
-        if not tasks:
-            raise FplusError(f"none of the dataset's tasks is a Meta-World task sentence: {ds.tasks[:3]}")
+    spec = sim_spec(sim)
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
+    settings = settings_from_run(run_dir)
+    if suite is not None:
+        settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"suite": suite})})
+    device = resolve_device(device or settings.eval.device)
+    path = ckpt.checkpoint_for(run_dir, step)
+    step_done = json.loads((path / ckpt.MANIFEST).read_text())["step"]
+    policy = FPlusPolicy.load(path / "policy", device=device).eval()
+    keys = [settings.data.image_key] + ([settings.data.wrist_image_key] if settings.data.wrist_image_key else [])
+    if len(keys) > len(spec.cameras):
+        raise FplusError(f"the run reads {len(keys)} cameras ({', '.join(keys)}); {sim} renders "
+                         f"{len(spec.cameras)} ({', '.join(spec.cameras)})")
+    cameras = spec.cameras[:len(keys)]
+    if policy.config.action_dim != spec.action_dim:
+        raise FplusError(f"the run's actions have {policy.config.action_dim} dimensions, {sim} takes "
+                         f"{spec.action_dim}: this run was not trained on {sim} data")
+    if policy.config.state_dim is not None and policy.config.state_dim != spec.state_dim:
+        raise FplusError(f"the run's state has {policy.config.state_dim} dimensions, {sim} gives "
+                         f"{spec.state_dim}: this run was not trained on {sim} data")
+    ds = LeRobotDataset.open(settings.data.dataset)
+    image_sizes = tuple(int(ds.features[k]["shape"][0]) for k in keys)
+    # every camera is rendered; LIBERO's wrist camera follows the main size when the run reads only one
+    image_sizes = image_sizes + (image_sizes[0],) * (len(spec.cameras) - len(image_sizes))
+    chosen = resolve_tasks(sim, tasks, list(ds.tasks), settings.eval.suite)
+    unseen = [t.name for t in chosen if t.instruction not in set(ds.tasks)]
+    if unseen and console is not None:
+        console.print(f"[yellow]warning: {len(unseen)} task(s) never seen in the training data (their instruction "
+                      f"is not one of the dataset's tasks): {', '.join(unseen[:5])}")
     if policy.injection is None:  # no memory reaches the actions: every mode would repeat `none`
         modes = ("none",)
     n_action_steps = n_action_steps or max(1, policy.config.action_horizon // 2)
-    max_steps = max_steps or settings.data.demo_max_steps
+    max_steps = max_steps or default_max_steps(sim, settings)
     world = settings.world
     encoder = None
     if policy.config.world_dim:
         encoder = build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
-                                pooling=world.pooling, temporal_window=world.temporal_window)
+                                pooling=world.pooling, temporal_window=world.temporal_window, device=device)
     # none first: its memories feed `shuffle`
     ordered = [m for m in ("none", *modes) if m in modes or m == "none" and "shuffle" in modes]
     ordered = list(dict.fromkeys(ordered))
     results: dict[str, dict] = {}
     bar = make_progress("episodes", console=console, disable=not progress)
     with bar:
-        job = bar.add_task(f"{sim} rollouts", total=len(tasks) * len(ordered) * episodes, info="")
-        for task in tasks:
-            instruction = TASK_DESCRIPTIONS[task]
+        job = bar.add_task(f"{sim} rollouts", total=len(chosen) * len(ordered) * episodes, info="")
+        for task in chosen:
             memories: list[list[torch.Tensor]] = []
-            results[task] = {}
-            # one env per task (creating one costs ~1 s); every episode resets it with its own seed
-            with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
+            results[task.name] = {}
+            # one env per task (creating one costs seconds); every episode resets it to its own layout
+            with open_env(sim, task, image_sizes, max_steps) as env:
                 for mode in ordered:
                     if mode == "oracle":
-                        results[task][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
-                                               "note": "the future of a live rollout is not observed"}
+                        results[task.name][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
+                                                    "note": "the future of a live rollout is not observed"}
                         bar.advance(job, episodes)
                         continue
-                    generator = torch.Generator().manual_seed(seed)
+                    generator = torch.Generator().manual_seed(seed)  # corruption draws on the CPU
                     wins = 0
                     for e in range(episodes):
                         record = [] if mode == "none" else None
@@ -177,26 +212,29 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                         if mode == "shuffle" and policy.injection is not None and (source is None or episodes < 2):
                             raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
                         latents = None if encoder is None else OnlineLatents(encoder, policy.config.history)
-                        success = rollout(policy, env, instruction, seed + e, mode, n_action_steps, latents,
-                                          source, generator, record, frames)
+                        success = rollout(policy, env, task.instruction, seed + e, mode, n_action_steps, latents,
+                                          source, generator, record, frames, cameras)
                         wins += success
                         if record is not None:
                             memories.append(record)
                         if frames:
-                            _write_video(video_dir / f"{task}-{mode}-ep{e}.mp4", frames)
-                        bar.update(job, advance=1, info=f"{task} {mode}: {wins}/{e + 1}")
+                            _write_video(video_dir / f"{task.name}-{mode}-ep{e}.mp4", frames)
+                        bar.update(job, advance=1, info=f"{task.name[:40]} {mode}: {wins}/{e + 1}")
                     lo, hi = wilson_interval(wins, episodes)
-                    results[task][mode] = {"successes": wins, "episodes": episodes, "rate": wins / episodes,
-                                           "ci95": [lo, hi]}
+                    results[task.name][mode] = {"successes": wins, "episodes": episodes, "rate": wins / episodes,
+                                                "ci95": [lo, hi]}
             if "none" not in modes:
-                results[task].pop("none", None)
+                results[task.name].pop("none", None)
     result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done, "simulator": sim,
               "episodes_per_task": episodes, "n_action_steps": n_action_steps, "max_steps": max_steps,
               "tasks": results, "overall": {}}
+    if sim == "libero":
+        result["suite"] = settings.eval.suite
     out = Path(run_dir) / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
     if out.is_file():  # keep tasks and modes of an earlier evaluation of this checkpoint unless redone here
         old = json.loads(out.read_text())
-        if old.get("episodes_per_task") == episodes and old.get("n_action_steps") == n_action_steps:
+        same = all(old.get(k) == result.get(k) for k in ("episodes_per_task", "n_action_steps", "max_steps", "suite"))
+        if same:
             for task, per_mode in old["tasks"].items():
                 result["tasks"][task] = {**per_mode, **result["tasks"].get(task, {})}
     result["overall"] = overall_rates(result["tasks"])

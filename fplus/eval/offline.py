@@ -76,6 +76,13 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
     return out
 
 
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda when available, else cpu; anything else as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None, batch_size: int | None = None,
                  max_batches: int | None = None, device: str = "cpu") -> tuple[dict, Path]:
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
