@@ -179,11 +179,27 @@ def estimate_memory_gib(settings: Settings) -> tuple[float, str]:
     return total, f"{params / 1e9:.1f}B params, {m.finetune}, batch {t.batch_size}, ~{seq} tokens/sample"
 
 
+def check_simulator(settings: Settings) -> list[Check]:
+    """The closed-loop simulator of EVAL_SIM is installed (nothing to check when EVAL_SIM=none)."""
+    sim = settings.eval.sim
+    if sim == "none":
+        return []
+    from fplus.sim.registry import check_available
+
+    try:
+        check_available(sim)
+    except FplusError as err:
+        return [Check(f"sim {sim}", "fail", str(err))]
+    detail = f"suite {settings.eval.suite}, {settings.eval.episodes} episodes per task" if sim == "libero" else \
+        f"{settings.eval.episodes} episodes per task"
+    return [Check(f"sim {sim}", "ok", detail)]
+
+
 def run_checks(settings: Settings, needs_world: bool, needs_coc: bool) -> list[Check]:
     checks = check_versions() + check_device()
     data_checks, ds = check_dataset(settings)
     checks += data_checks + check_latents(settings, ds, needs_world) + check_coc(settings, ds, needs_coc)
-    checks += check_disk(settings)
+    checks += check_disk(settings) + check_simulator(settings)
     try:
         gib, how = estimate_memory_gib(settings)
         detail = f"~{gib:.1f} GiB per training process ({how})" if gib == gib else how

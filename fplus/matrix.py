@@ -111,6 +111,10 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
     unknown = [e for e in experiments if e not in EXPERIMENTS]
     if unknown:
         raise FplusError(f"unknown experiments {unknown}; valid: {', '.join(EXPERIMENTS)}")
+    if base.eval.sim != "none":  # fail now, not after hours of training
+        from fplus.sim.registry import check_available
+
+        check_available(base.eval.sim)
     outcome = MatrixOutcome()
     outcome.did_work |= _ensure_dataset(base, console)
     per_exp = {e: experiment_settings(profile, e, overrides) for e in experiments}

@@ -40,3 +40,17 @@ def test_cli_exit_code(tmp_path):
     out = subprocess.run([fplus, "doctor", "--profile", "l40s"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, timeout=120)
     assert out.returncode == 1 and "check(s) failed" in out.stdout and "dataset" in out.stdout
+
+
+def test_simulator_check_names_the_install_command(tmp_path, monkeypatch):
+    from fplus.sim import libero
+
+    write_toy_dataset(tmp_path / "ds", lengths=(5,))
+    checks = {c.name: c for c in run_checks(toy_settings(tmp_path, tmp_path / "ds", EVAL_SIM="metaworld"),
+                                            needs_world=False, needs_coc=False)}
+    assert checks["sim metaworld"].status == "ok"
+    monkeypatch.setattr(libero, "installed_distribution", lambda: None)
+    s = toy_settings(tmp_path, tmp_path / "ds", EVAL_SIM="libero", EVAL_SUITE="libero_goal")
+    check = {c.name: c for c in run_checks(s, needs_world=False, needs_coc=False)}["sim libero"]
+    assert check.status == "fail" and 'pip install -e ".[libero]"' in check.detail
+    assert "sim none" not in {c.name for c in run_checks(toy_settings(tmp_path, tmp_path / "ds"), False, False)}

@@ -162,7 +162,7 @@ def collect_sim(path: Path, simulator: str) -> Record:
 
     tasks = data.get("tasks") or {}
     return {"file": path.name, "simulator": data.get("simulator", simulator), "step": data.get("step"),
-            "episodes_per_task": data.get("episodes_per_task"),
+            "episodes_per_task": data.get("episodes_per_task"), "suite": data.get("suite"),
             "tasks": {t: {m: cell(per[m]) for m in _ordered_modes(per)} for t, per in tasks.items()},
             "overall": {m: cell(data["overall"][m]) for m in _ordered_modes(data["overall"])}}
 

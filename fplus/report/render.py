@@ -175,7 +175,8 @@ def sim_tables(data: Record, simulator: str) -> list[Block]:
         rows = [[Cell(task, "text")] + [fmt_rate(per.get(m)) for m in modes] for task, per in sim["tasks"].items()]
         rows.append([Cell("overall", "text")] + [fmt_rate(sim["overall"].get(m)) for m in modes])
         episodes = sim["episodes_per_task"]
-        blocks += [Heading(3, f"{simulator}: {r['label']} per task"),
+        suite = f" {sim['suite']}" if sim.get("suite") else ""
+        blocks += [Heading(3, f"{simulator}{suite}: {r['label']} per task"),
                    Table(["task", *modes], rows, caption=(f"{episodes} episodes per task and mode, " if episodes
                                                           else "") + f"step {sim['step']}, `{sim['file']}`")]
     return blocks

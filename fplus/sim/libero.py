@@ -11,7 +11,7 @@ and works too; its first import asks on stdin where to put datasets, so `import_
 first (`$LIBERO_CONFIG_PATH/config.yaml`, default `~/.libero/config.yaml`) with the package's own default paths.
 
 Protocol (the one the LIBERO numbers of openpi/LeRobot policies are reported under; DESIGN 7):
-- one env per task; episode e starts from the task's initial state `e mod 50`: `reset()`, then `set_init_state`;
+- one env per task; episode e: `seed(e)`, `reset()`, then `set_init_state` with the task's initial state `e mod 50`;
 - 10 settle steps with the no-op action (zero motion, gripper -1 = open) whose frames the policy never sees;
 - both cameras (agentview, eye-in-hand) are rendered upside down by robosuite and flipped 180 degrees here;
 - state (8,): end-effector position (3), end-effector orientation as axis-angle (3, robosuite's formula on its
@@ -213,8 +213,12 @@ class LiberoEnv:
         return max(self._steps, 0)
 
     def reset(self, episode: int) -> LiberoObs:
-        """Start from initial state `episode mod n` of the task, then settle for SETTLE_STEPS no-op steps."""
+        """Start from initial state `episode mod n` of the task, then settle for SETTLE_STEPS no-op steps.
+
+        `episode` also seeds the env (LIBERO seeds numpy's global generator) so that a reset never depends on
+        what ran before."""
         self._check_open()
+        self._env.seed(episode)
         self._env.reset()
         raw = self._env.set_init_state(self.task.init_states[episode % len(self.task.init_states)])
         for _ in range(SETTLE_STEPS):

@@ -48,6 +48,22 @@ def sim_spec(sim: str) -> SimSpec:
     return SPECS[sim]
 
 
+def check_available(sim: str) -> None:
+    """Raise `FplusError` with the install command when the simulator's package is missing (checked without
+    importing it, so that `fplus matrix` and `fplus doctor` can fail before training instead of after)."""
+    import importlib.util
+
+    sim_spec(sim)
+    if sim == "metaworld":
+        if importlib.util.find_spec("metaworld") is None:
+            raise FplusError('Meta-World is not installed: pip install -e ".[sim]"')
+        return
+    from fplus.sim.libero import INSTALL_HINT, installed_distribution
+
+    if installed_distribution() is None or importlib.util.find_spec("libero") is None:
+        raise FplusError(f"LIBERO is not installed (optional extra): {INSTALL_HINT}")
+
+
 def resolve_tasks(sim: str, requested: list[str] | None, dataset_tasks: list[str], suite: str) -> list[SimTask]:
     """The tasks to evaluate.
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fplus.errors import FplusError
 from fplus.eval.closed_loop import OnlineLatents, evaluate_closed_loop, wilson_interval
 from fplus.world.encoders import build_encoder
 
@@ -61,3 +62,6 @@ def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path):
     assert per_mode["oracle"]["successes"] is None and "not observed" in per_mode["oracle"]["note"]
     assert set(saved["overall"]) == {"none", "zero", "random", "shuffle"}
     assert (tmp_path / "videos" / "reach-v3-none-ep0.mp4").stat().st_size > 0
+    # a Meta-World run cannot drive LIBERO's arm: refused before any simulator is built
+    with pytest.raises(FplusError, match="the run's actions have 4 dimensions, libero takes 7"):
+        evaluate_closed_loop(run_dir_for(s), "libero", None, episodes=1, progress=False)

@@ -343,3 +343,17 @@ def test_cli(tmp_path):
     assert bad.returncode == 1
     err = bad.stderr.strip()
     assert len(err.splitlines()) == 1 and "is not a run directory" in err and "contains the runs E0, E2, E4" in err
+
+
+def test_libero_results_show_their_suite_beside_metaworld(tmp_path):
+    run = make_run(tmp_path / "runs", "E2")
+    libero = {**_sim(run, "E2", TOTAL), "simulator": "libero", "suite": "libero_goal"}
+    (run / "eval" / f"sim-libero-step-{TOTAL:06d}.json").write_text(json.dumps(libero))
+    files = write_report([run], tmp_path / "report")
+    data = json.loads(files.json.read_text())
+    sims = data["runs"][0]["sim"]
+    assert set(sims) == {"libero", "metaworld"} and sims["libero"]["suite"] == "libero_goal"
+    assert sims["libero"]["overall"] == libero["overall"]
+    md = files.markdown.read_text()
+    assert "### libero libero_goal: E2 per task" in md and "### metaworld: E2 per task" in md
+    assert {p.name for p in files.plots} >= {"success-libero.png", "success-metaworld.png"}

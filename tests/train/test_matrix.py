@@ -36,3 +36,13 @@ def test_missing_coc_is_an_error_by_default(tmp_path):
     profile = profile_file(tmp_path, MATRIX_EXPERIMENTS="E4")
     with pytest.raises(FplusError, match="E4 needs CoC labels: COC_JSONL is unset"):
         run_matrix(profile, console=Console(record=True))
+
+
+def test_missing_simulator_fails_before_any_training(tmp_path, monkeypatch):
+    from fplus.sim import libero
+
+    monkeypatch.setattr(libero, "installed_distribution", lambda: None)
+    profile = profile_file(tmp_path, MATRIX_EXPERIMENTS="E0", EVAL_SIM="libero")
+    with pytest.raises(FplusError, match=r"LIBERO is not installed .*\.\[libero\]"):
+        run_matrix(profile, console=Console(record=True))
+    assert not (tmp_path / "runs").exists()
