@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -100,6 +101,12 @@ def write_hf_libero_config(package_dir: Path, config_dir: Path) -> Path | None:
     return path
 
 
+def _drop_macro_advice(record: logging.LogRecord) -> bool:
+    """robosuite advises on every import to create a private macro file; LIBERO needs none."""
+    message = record.getMessage()
+    return "macro file" not in message and "setup_macros.py" not in message
+
+
 def import_libero() -> tuple[Any, Any, Any]:
     """`(benchmark, get_libero_path, OffScreenRenderEnv)` from `libero.libero`, without interactive prompts.
 
@@ -113,6 +120,7 @@ def import_libero() -> tuple[Any, Any, Any]:
         package_dir = Path(next(iter(spec.submodule_search_locations))) / "libero"
         config_dir = Path(os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".libero")).expanduser()
         write_hf_libero_config(package_dir, config_dir)
+    logging.getLogger("robosuite_logs").addFilter(_drop_macro_advice)
     try:
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
