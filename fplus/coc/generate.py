@@ -1,8 +1,8 @@
 """`generate_coc`: one CoC label per episode of a dataset, templated from the task and the recorded motion.
 
-    result = generate_coc(ds, Path("coc.jsonl"), action_key="action", state_key="observation.state",
-                          instruction_key="task", spec=MotionSpec(), counter=load_token_counter("tiny"),
-                          max_tokens=128)
+    job = LabelJob(action_key="action", state_key="observation.state", instruction_key="task", spec=MotionSpec(),
+                   counter=load_token_counter("tiny"), max_tokens=128)
+    result = generate_coc(ds, Path("coc.jsonl"), job)
 
 Each episode is segmented into phases (`fplus.coc.phases`), its task text and phases become a text
 (`fplus.coc.template`, the richest style that fits COC_MAX_TOKENS) or, with a `VlmLabeler`, a VLM rewrites them.
@@ -35,6 +35,21 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from fplus.coc.vlm import VlmLabeler
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """What to label and how: the dataset keys (`state_key` None: motion from the actions alone), the motion
+    segmentation, the token counter and budget, and optionally a VLM that sees `image_key`'s frames."""
+
+    action_key: str
+    state_key: str | None
+    instruction_key: str
+    spec: MotionSpec
+    counter: TokenCounter
+    max_tokens: int
+    vlm: VlmLabeler | None = None
+    image_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,22 +106,12 @@ def _vectors(ds: LeRobotDataset, key: str, name: str) -> np.ndarray:
     return values.astype(np.float64)
 
 
-def label_episodes(
-    ds: LeRobotDataset,
-    *,
-    action_key: str,
-    state_key: str | None,
-    instruction_key: str,
-    spec: MotionSpec,
-    counter: TokenCounter,
-    max_tokens: int,
-    vlm: VlmLabeler | None = None,
-    image_key: str | None = None,
-    console: Console | None = None,
-    progress: bool = True,
-) -> tuple[list[EpisodeLabel], list[int]]:
+def label_episodes(ds: LeRobotDataset, job: LabelJob, *, console: Console | None = None,
+                   progress: bool = True) -> tuple[list[EpisodeLabel], list[int]]:
     """Labels of every episode (in episode order) and the episodes whose VLM text was rejected (empty or too long:
     they keep the templated text)."""
+    action_key, state_key, instruction_key = job.action_key, job.state_key, job.instruction_key
+    spec, counter, max_tokens, vlm, image_key = job.spec, job.counter, job.max_tokens, job.vlm, job.image_key
     ds.validate_keys(DataKeys(action=action_key, state=state_key, instruction=instruction_key,
                               image=image_key if vlm is not None else None))
     if vlm is not None and image_key is None:
@@ -153,35 +158,19 @@ def write_jsonl_atomic(path: Path, records: list[dict], overwrite: bool) -> None
     write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
-def generate_coc(
-    ds: LeRobotDataset,
-    out: Path,
-    *,
-    action_key: str,
-    state_key: str | None,
-    instruction_key: str,
-    spec: MotionSpec,
-    counter: TokenCounter,
-    max_tokens: int,
-    overwrite: bool = False,
-    vlm: VlmLabeler | None = None,
-    image_key: str | None = None,
-    console: Console | None = None,
-    progress: bool = True,
-) -> GenerateResult:
+def generate_coc(ds: LeRobotDataset, out: Path, job: LabelJob, *, overwrite: bool = False,
+                 console: Console | None = None, progress: bool = True) -> GenerateResult:
     """Label every episode and write the JSONL (see the module docstring); returns what was written."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FplusError(f"{out} already exists; pass --overwrite to replace it")
-    labels, rejected = label_episodes(
-        ds, action_key=action_key, state_key=state_key, instruction_key=instruction_key, spec=spec,
-        counter=counter, max_tokens=max_tokens, vlm=vlm, image_key=image_key, console=console, progress=progress)
+    labels, rejected = label_episodes(ds, job, console=console, progress=progress)
     write_jsonl_atomic(out, [{"episode_index": label.episode_index, TEXT_KEY: label.text} for label in labels],
                        overwrite=overwrite)
-    report = validate_coc(out, max_tokens=max_tokens, counter=counter, dataset=ds, require_full_coverage=True)
+    report = validate_coc(out, max_tokens=job.max_tokens, counter=job.counter, dataset=ds, require_full_coverage=True)
     if not report.ok:  # a bug, never the user's fault: say so plainly
         raise FplusError(f"the generated {out} fails validation: {'; '.join(map(str, report.errors[:3]))}")
-    return GenerateResult(path=out, labels=labels, report=report, counter=counter, vlm_rejected=rejected)
+    return GenerateResult(path=out, labels=labels, report=report, counter=job.counter, vlm_rejected=rejected)
 
 
 def generate_from_settings(
@@ -221,10 +210,9 @@ def generate_from_settings(
         from fplus.coc.vlm import VlmLabeler
 
         vlm = VlmLabeler.load(vlm_name, device=device, num_frames=vlm_frames)
-    return generate_coc(ds, out, action_key=d.action_key, state_key=d.state_key,
-                        instruction_key=instruction_key, spec=spec, counter=counter,
-                        max_tokens=settings.coc.max_tokens, overwrite=overwrite, vlm=vlm, image_key=d.image_key,
-                        console=console, progress=progress)
+    job = LabelJob(action_key=d.action_key, state_key=d.state_key, instruction_key=instruction_key, spec=spec,
+                   counter=counter, max_tokens=settings.coc.max_tokens, vlm=vlm, image_key=d.image_key)
+    return generate_coc(ds, out, job, overwrite=overwrite, console=console, progress=progress)
 
 
 def render_result(result: GenerateResult) -> list:

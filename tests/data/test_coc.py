@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fplus.coc.generate import generate_coc, generate_from_settings, write_jsonl_atomic
+from fplus.coc.generate import LabelJob, generate_coc, generate_from_settings, write_jsonl_atomic
 from fplus.coc.phases import MotionSpec, closed_intervals, segment_episode
 from fplus.coc.template import STYLES, compose_text, fit_text, parse_task
 from fplus.coc.tokens import TokenCounter, approximate_count, load_token_counter
@@ -267,9 +268,9 @@ def test_fit_text_uses_the_richest_style_that_fits():
 
 def test_generate_round_trip_full_coverage_and_determinism(tmp_path, motion_ds):
     counter = load_token_counter("tiny")
-    kwargs = dict(action_key="action", state_key=STATE, instruction_key="task", spec=MotionSpec(),
-                  counter=counter, max_tokens=128, progress=False)
-    result = generate_coc(motion_ds, tmp_path / "coc.jsonl", **kwargs)
+    job = LabelJob(action_key="action", state_key=STATE, instruction_key="task", spec=MotionSpec(),
+                   counter=counter, max_tokens=128)
+    result = generate_coc(motion_ds, tmp_path / "coc.jsonl", job, progress=False)
     report = validate_coc(result.path, max_tokens=128, counter=counter, dataset=motion_ds, require_full_coverage=True)
     assert report.ok and not report.warnings and report.coverage.labelled == len(EPISODES)
     assert [[(p.name, p.start, p.stop) for p in label.phases] for label in result.labels] == EXPECTED_PHASES
@@ -279,11 +280,11 @@ def test_generate_round_trip_full_coverage_and_determinism(tmp_path, motion_ds):
     assert all(set(r) == {"episode_index", "coc_text"} for r in records)
     assert "the red block" in records[0]["coc_text"] and "the puck" in records[1]["coc_text"]
 
-    again = generate_coc(motion_ds, tmp_path / "again.jsonl", **kwargs)
+    again = generate_coc(motion_ds, tmp_path / "again.jsonl", job, progress=False)
     assert again.path.read_bytes() == result.path.read_bytes()
     with pytest.raises(FplusError, match="already exists; pass --overwrite"):
-        generate_coc(motion_ds, result.path, **kwargs)
-    roomy = generate_coc(motion_ds, result.path, **{**kwargs, "max_tokens": 1000}, overwrite=True)
+        generate_coc(motion_ds, result.path, job, progress=False)
+    roomy = generate_coc(motion_ds, result.path, replace(job, max_tokens=1000), overwrite=True, progress=False)
     assert set(roomy.styles()) == {"full"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.jsonl", "coc.jsonl"]  # no temporary files left
 
@@ -309,8 +310,9 @@ def test_generate_keys_come_from_settings(tmp_path, motion_ds):
     assert result.report.ok and result.labels[0].style == "full"  # no state: motion from the actions
     assert [[(p.name, p.start, p.stop) for p in label.phases] for label in result.labels] == EXPECTED_PHASES
     with pytest.raises(FplusError, match="--gripper-dim 5 is outside"):
-        generate_coc(motion_ds, tmp_path / "g.jsonl", action_key="action", state_key=None, instruction_key="task",
-                     spec=MotionSpec(gripper_dim=5), counter=WORDS, max_tokens=100, progress=False)
+        generate_coc(motion_ds, tmp_path / "g.jsonl", LabelJob(action_key="action", state_key=None,
+                     instruction_key="task", spec=MotionSpec(gripper_dim=5), counter=WORDS, max_tokens=100),
+                     progress=False)
 
 
 # -- VLM ---------------------------------------------------------------------------------------------------------
@@ -351,8 +353,9 @@ def test_vlm_labels_through_a_saved_tiny_model(tmp_path, motion_ds):
     save_backbone(load_backbone("tiny", action_horizon=1, num_fut_tokens=0, use_state=False), tmp_path / "vlm")
     vlm = VlmLabeler.load(str(tmp_path / "vlm"), device="cpu", image_size=32, num_frames=2)
     ds = write_motion_dataset(tmp_path / "ds", EPISODES[:2])
-    result = generate_coc(ds, tmp_path / "coc.jsonl", action_key="action", state_key=STATE, instruction_key="task",
-                          spec=MotionSpec(), counter=WORDS, max_tokens=40, vlm=vlm, image_key=CAM, progress=False)
+    job = LabelJob(action_key="action", state_key=STATE, instruction_key="task", spec=MotionSpec(), counter=WORDS,
+                   max_tokens=40, vlm=vlm, image_key=CAM)
+    result = generate_coc(ds, tmp_path / "coc.jsonl", job, progress=False)
     assert result.report.ok and len(result.labels) == 2
     assert all(label.style in ("vlm", *STYLES) for label in result.labels)
     assert sorted(result.vlm_rejected) == [label.episode_index for label in result.labels if label.style != "vlm"]
