@@ -268,7 +268,9 @@ def results_table(result: dict):
 
     modes = list(result["overall"]) or list(next(iter(result["tasks"].values())))
     table = Table(title=f"{result['run']}  {result['experiment'] or 'custom'}  step {result['step']}  "
-                        f"{result['simulator']}, {result['episodes_per_task']} episodes per task and mode",
+                        f"{result['simulator']}{' ' + result['suite'] if result.get('suite') else ''}, "
+                        f"{result['episodes_per_task']} episode{'s' if result['episodes_per_task'] != 1 else ''} "
+                        "per task and mode",
                   title_justify="left")
     table.add_column("task")
     for mode in modes:
