@@ -99,7 +99,7 @@ def _ensure_coc(settings: Settings, experiment: str, console: Console) -> str | 
 def run_matrix(profile: str | None, experiments: list[str] | None = None, overrides: dict | None = None,
                console: Console | None = None) -> MatrixOutcome:
     """Run the matrix of a profile (see the module docstring)."""
-    from fplus.eval.offline import evaluate_run, resolve_device, results_table
+    from fplus.eval.offline import evaluate_run, results_table
     from fplus.model.corruption import MODES
     from fplus.train.checkpoint import latest_valid
     from fplus.train.run import run_dir_for, run_state, train_run
@@ -138,7 +138,7 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
         last = latest_valid(run_dir)
         step = json.loads((last / "checkpoint.json").read_text())["step"]
         if not (run_dir / "eval" / f"offline-step-{step:06d}.json").is_file():
-            result, _ = evaluate_run(run_dir, MODES, device=resolve_device(settings.eval.device))
+            result, _ = evaluate_run(run_dir, MODES, device=settings.eval.device)
             console.print(results_table(result))
             outcome.did_work = True
         sim = settings.eval.sim

@@ -46,7 +46,6 @@ def eval_command(
     from rich.console import Console
 
     from fplus.model.corruption import MODES
-    from fplus.train.recipe import settings_from_run
 
     modes = MODES if corruption == "all" else tuple(m.strip() for m in corruption.split(",") if m.strip())
     console = Console()
@@ -59,6 +58,8 @@ def eval_command(
                              "(fplus train / fplus matrix make them)")
     if sim is not None:
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, results_table
+        from fplus.train.recipe import settings_from_run
+
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
         result, path = evaluate_closed_loop(
             run, sim, [t.strip() for t in tasks.split(",")] if tasks else None,
@@ -67,9 +68,9 @@ def eval_command(
         console.print(results_table(result))
         console.print(f"wrote {path}")
         return
-    from fplus.eval.offline import evaluate_run, resolve_device, results_table
+    from fplus.eval.offline import evaluate_run, results_table
 
     result, path = evaluate_run(run, modes, step=checkpoint, batch_size=batch_size, max_batches=max_batches,
-                                device=resolve_device(device or settings_from_run(run).eval.device))
+                                device=device)
     console.print(results_table(result))
     console.print(f"wrote {path}")

@@ -84,10 +84,11 @@ def resolve_device(device: str) -> str:
 
 
 def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None, batch_size: int | None = None,
-                 max_batches: int | None = None, device: str = "cpu") -> tuple[dict, Path]:
+                 max_batches: int | None = None, device: str | None = None) -> tuple[dict, Path]:
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
     settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json (merged with the modes an earlier
-    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path)."""
+    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path).
+    `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
     from fplus.data.lerobot import LeRobotDataset, keys_from_settings
     from fplus.data.split import Split
     from fplus.train import checkpoint as ckpt
@@ -97,7 +98,7 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     settings = settings_from_run(run_dir)
     config = json.loads((run_dir / CONFIG).read_text())
     path = ckpt.checkpoint_for(run_dir, step)
-    policy = FPlusPolicy.load(path / "policy", device=device)
+    policy = FPlusPolicy.load(path / "policy", device=resolve_device(device or settings.eval.device))
     keys = keys_from_settings(settings.data)
     ds = LeRobotDataset.open(settings.data.dataset, keys, revision=settings.data.revision)
     if ds.fingerprint != config["dataset_fingerprint"]:

@@ -1,7 +1,7 @@
 """LIBERO tasks (optional extra), stepped with the evaluation protocol of DESIGN 7.
 
-    suite = LiberoSuite("libero_spatial")                    # 10 tasks, 50 initial states each
-    with LiberoEnv(suite.tasks[0], image_size=(256, 256)) as env:
+    tasks = load_suite("libero_spatial")                     # 10 tasks, 50 initial states each
+    with LiberoEnv(tasks[0], image_size=(256, 256)) as env:
         obs = env.reset(episode=0)       # init state 0, then 10 settle steps; {"image", "wrist_image", "state"}
         obs, success, done = env.step(action)                 # action: (7,), success = env.check_success()
 
@@ -22,6 +22,7 @@ Protocol (the one the LIBERO numbers of openpi/LeRobot policies are reported und
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import logging
@@ -34,6 +35,7 @@ from typing import Any, TypedDict
 import numpy as np
 
 from fplus.errors import FplusError
+from fplus.io import write_text_atomic
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # robosuite picks its GL context from this; read at import
 
@@ -94,10 +96,7 @@ def write_hf_libero_config(package_dir: Path, config_dir: Path) -> Path | None:
     paths.update({key: str(package_dir / sub) for key, sub in (
         ("bddl_files", "bddl_files"), ("init_states", "init_files"), ("datasets", "../datasets"),
         ("assets", "assets"))})
-    config_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(paths))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(paths))
     return path
 
 
@@ -107,15 +106,22 @@ def _drop_macro_advice(record: logging.LogRecord) -> bool:
     return "macro file" not in message and "setup_macros.py" not in message
 
 
+def require_libero() -> tuple[str, importlib.machinery.ModuleSpec]:
+    """(distribution, module spec of `libero`) without importing it; `FplusError` with the install command when
+    no LIBERO package is installed."""
+    dist = installed_distribution()
+    spec = importlib.util.find_spec("libero")
+    if dist is None or spec is None:
+        raise FplusError(f"LIBERO is not installed (optional extra): {INSTALL_HINT}")
+    return dist, spec
+
+
 def import_libero() -> tuple[Any, Any, Any]:
     """`(benchmark, get_libero_path, OffScreenRenderEnv)` from `libero.libero`, without interactive prompts.
 
     Raises `FplusError` with the install command when no LIBERO package is installed.
     """
-    dist = installed_distribution()
-    spec = importlib.util.find_spec("libero")
-    if dist is None or spec is None:
-        raise FplusError(f"LIBERO is not installed (optional extra): {INSTALL_HINT}")
+    dist, spec = require_libero()
     if dist == "hf-libero":  # its first import prompts on stdin unless its config file exists
         package_dir = Path(next(iter(spec.submodule_search_locations))) / "libero"
         config_dir = Path(os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".libero")).expanduser()

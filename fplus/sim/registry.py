@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from fplus.errors import FplusError
+from fplus.sim.libero import ACTION_DIM as LIBERO_ACTION_DIM
+from fplus.sim.libero import STATE_DIM as LIBERO_STATE_DIM
 
 SIMULATORS = ("metaworld", "libero")
 
@@ -29,7 +31,7 @@ class SimSpec:
 
 SPECS = {
     "metaworld": SimSpec("metaworld", ("image",), state_dim=4, action_dim=4),
-    "libero": SimSpec("libero", ("image", "wrist_image"), state_dim=8, action_dim=7),
+    "libero": SimSpec("libero", ("image", "wrist_image"), state_dim=LIBERO_STATE_DIM, action_dim=LIBERO_ACTION_DIM),
 }
 
 
@@ -58,10 +60,9 @@ def check_available(sim: str) -> None:
         if importlib.util.find_spec("metaworld") is None:
             raise FplusError('Meta-World is not installed: pip install -e ".[sim]"')
         return
-    from fplus.sim.libero import INSTALL_HINT, installed_distribution
+    from fplus.sim.libero import require_libero
 
-    if installed_distribution() is None or importlib.util.find_spec("libero") is None:
-        raise FplusError(f"LIBERO is not installed (optional extra): {INSTALL_HINT}")
+    require_libero()
 
 
 def resolve_tasks(sim: str, requested: list[str] | None, dataset_tasks: list[str], suite: str) -> list[SimTask]:
