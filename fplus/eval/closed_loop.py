@@ -167,7 +167,7 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     if policy.config.state_dim is not None and policy.config.state_dim != spec.state_dim:
         raise FplusError(f"the run's state has {policy.config.state_dim} dimensions, {sim} gives "
                          f"{spec.state_dim}: this run was not trained on {sim} data")
-    ds = LeRobotDataset.open(settings.data.dataset)
+    ds = LeRobotDataset.open(settings.data.dataset, revision=settings.data.revision)
     image_sizes = tuple(int(ds.features[k]["shape"][0]) for k in keys)
     # every camera is rendered; LIBERO's wrist camera follows the main size when the run reads only one
     image_sizes = image_sizes + (image_sizes[0],) * (len(spec.cameras) - len(image_sizes))
