@@ -112,9 +112,28 @@ def check_latents(settings: Settings, ds, needs_world: bool) -> list[Check]:
     try:
         entry, latents = find_latents(w.cache_dir, ds, settings.data.image_key, w.source, encoder, w.pooling,
                                       w.temporal_window)
-        return [Check("latents", "ok", f"{entry}: {latents.shape[0]} x {latents.shape[1]}")]
     except FplusError as err:
         return [Check("latents", "warn", f"{err}")]
+    return [latent_spread_check(f"{entry}: {latents.shape[0]} x {latents.shape[1]}", latents,
+                                ds.episode_of_frames())]
+
+
+def latent_spread_check(found: str, latents, episode_of) -> Check:
+    """`warn` when the latents are degenerate (nearly one vector: fplus.world.stats), `ok` with the ratio otherwise."""
+    from fplus.world.stats import DEGENERATE_RATIO, latent_spread
+
+    s = latent_spread(latents, episode_of)
+    if not s["degenerate"]:
+        return Check("latents", "ok", f"{found}, spread ratio {s['ratio']:.3g} (between-frame std / mean norm; "
+                                      f"degenerate below {DEGENERATE_RATIO})")
+    consecutive = "" if s["cos_consecutive"] is None else f", {s['cos_consecutive']:.4f} between consecutive frames"
+    return Check("latents", "warn", (
+        f"{found}: degenerate latents (nearly one vector for every frame): between-frame std "
+        f"{s['between_frame_std']:.3g} against a mean norm of {s['mean_norm']:.3g} (ratio {s['ratio']:.3g} < "
+        f"{DEGENERATE_RATIO}), cosine {s['cos_random_pairs']:.4f} between random frames{consecutive}. fplus "
+        "standardises the latents per dimension with the training split's statistics, so training still works, "
+        "but cosine targets on the raw latents are trivial (predicting any frame's latent scores a cosine near 1): judge the Prophet in "
+        "the standardised space against its baselines (`fplus report`)"))
 
 
 def check_coc(settings: Settings, ds, needs_coc: bool) -> list[Check]:

@@ -149,7 +149,8 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
             console.rule(f"{experiment}: closed loop in {sim}")
             result, _ = evaluate_closed_loop(run_dir, sim, None, settings.eval.episodes, CLOSED_LOOP_MODES,
                                              console=console, suite=settings.eval.suite,
-                                             device=settings.eval.device)
+                                             device=settings.eval.device,
+                                             corrupted_episodes=settings.eval.corrupted_episodes)
             console.print(sim_table(result))
             outcome.did_work = True
     runs = [run_dir_for(s) for e, s in per_exp.items() if outcome.runs[e] != "skipped"]

@@ -113,6 +113,8 @@ class ModelSettings(Section):
     prophet_layers: int = env("PROPHET_LAYERS", 2, "Prophet transformer layers", ge=1)
     prophet_heads: int = env("PROPHET_HEADS", 4, "Prophet attention heads", ge=1)
     prophet_delta: bool = env("PROPHET_DELTA", False, "Prophet predicts z_future - z_t")
+    prophet_context: bool = env("PROPHET_CONTEXT", True, "Prophet also reads the pooled ACT hidden states, so "
+                                "L_world trains the backbone (needed for E1 to shape the policy)")
     injection_heads: int = env("INJECTION_HEADS", 4, "heads of the gated cross-attention", ge=1)
 
     @model_validator(mode="after")
@@ -147,7 +149,9 @@ class TrainSettings(Section):
                               ge=0, le=1)
     save_every: int | None = env("SAVE_EVERY", None, "steps between checkpoints (unset: end of every epoch)", ge=1)
     keep_last: int = env("KEEP_LAST", 2, "checkpoints kept (older ones are deleted)", ge=1)
-    val_batches: int | None = env("VAL_BATCHES", None, "validation batches per corruption mode (unset: all)", ge=1)
+    val_batches: int | None = env("VAL_BATCHES", None, "validation batches (unset: all)", ge=1)
+    val_every: int | None = env("VAL_EVERY", None, "steps between validations (unset: at the end of every epoch); "
+                                "the last step is always validated", ge=1)
     logger: Literal["none", "tensorboard", "trackio"] = env("LOGGER", "none", "extra metrics logger")
     frame_cache_gb: float = env("FRAME_CACHE_GB", 4.0, "decode all frames into RAM when they fit in this", ge=0)
     lambda_world: float = env("LAMBDA_WORLD", 1.0, "weight of L_world = 1 - cos(z_pred, z_future)", ge=0)
@@ -158,11 +162,13 @@ class TrainSettings(Section):
 class EvalSettings(Section):
     """Offline and closed-loop evaluation (DESIGN 6, 7)."""
 
-    corruption: Literal["none", "zero", "random", "shuffle", "oracle", "all"] = env(
+    corruption: Literal["none", "zero", "random", "shuffle", "oracle", "history", "all"] = env(
         "CORRUPTION", "none", "future-memory corruption mode at evaluation"
     )
     sim: Literal["none", "metaworld", "libero"] = env("EVAL_SIM", "none", "closed-loop simulator")
-    episodes: int = env("EVAL_EPISODES", 10, "closed-loop episodes per task", ge=1)
+    episodes: int = env("EVAL_EPISODES", 10, "closed-loop episodes per task (under corruption `none`)", ge=1)
+    corrupted_episodes: int | None = env("EVAL_EPISODES_CORRUPTED", None, "closed-loop episodes per task under the "
+                                         "other corruption modes (unset: EVAL_EPISODES)", ge=1)
     suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10"] = env(
         "EVAL_SUITE", "libero_spatial", "LIBERO suite of closed-loop evaluation")
     device: str = env("EVAL_DEVICE", "auto", "device of evaluation: auto (cuda when available), cpu, cuda, cuda:1")

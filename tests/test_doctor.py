@@ -1,7 +1,10 @@
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from fplus.doctor import estimate_memory_gib, run_checks
 from fplus.settings import load_settings
@@ -54,3 +57,38 @@ def test_simulator_check_names_the_install_command(tmp_path, monkeypatch):
     check = {c.name: c for c in run_checks(s, needs_world=False, needs_coc=False)}["sim libero"]
     assert check.status == "fail" and 'pip install -e ".[libero]"' in check.detail
     assert "sim none" not in {c.name for c in run_checks(toy_settings(tmp_path, tmp_path / "ds"), False, False)}
+
+
+def _latents_check(tmp_path, monkeypatch, latents):
+    from fplus.doctor import check_latents
+    from fplus.world import cache
+
+    ds = write_toy_dataset(tmp_path / "ds", lengths=(5, 6))
+    assert latents.shape[0] == ds.num_frames
+    monkeypatch.setattr(cache, "find_latents", lambda *args: (tmp_path / "entry", latents))
+    [check] = check_latents(toy_settings(tmp_path, tmp_path / "ds"), ds, needs_world=True)
+    return check
+
+
+def test_degenerate_latents_warn_with_the_numbers(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    constant = np.full(8, 2.0)  # norm 5.66, like the audited demo latents
+    check = _latents_check(tmp_path, monkeypatch, (constant + 0.01 * rng.normal(size=(11, 8))).astype(np.float16))
+    assert check.name == "latents" and check.status == "warn"
+    d = check.detail
+    assert d.startswith(f"{tmp_path / 'entry'}: 11 x 8: degenerate latents")
+    assert re.search(r"between-frame std 0\.0\d+ against a mean norm of 5\.66 \(ratio 0\.00\d+ < 0\.05\)", d), d
+    assert re.search(r"cosine 1\.0000 between random frames, 1\.0000 between consecutive frames", d), d
+    assert "standardises the latents per dimension with the training split's statistics" in d
+    assert "cosine targets on the raw latents are trivial" in d
+
+
+def test_spread_latents_are_ok_with_the_ratio(tmp_path, monkeypatch):
+    latents = np.random.default_rng(1).normal(size=(11, 8)).astype(np.float16)
+    check = _latents_check(tmp_path, monkeypatch, latents)
+    from fplus.world.stats import latent_spread
+
+    ratio = latent_spread(latents)["ratio"]
+    assert check.status == "ok" and ratio > 1
+    assert check.detail == (f"{tmp_path / 'entry'}: 11 x 8, spread ratio {ratio:.3g} (between-frame std / mean norm; "
+                            "degenerate below 0.05)")

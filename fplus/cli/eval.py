@@ -16,7 +16,8 @@ def eval_command(
     = None,
     profile: Profile = None,
     experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="E0-E4, to find the run")] = None,
-    corruption: Annotated[str, typer.Option(help="none|zero|random|shuffle|oracle|all, or a comma list")] = "all",
+    corruption: Annotated[str, typer.Option(help="none|zero|random|shuffle|oracle|history|all, or a comma list")] \
+    = "all",
     checkpoint: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest valid)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="evaluation batch size (default: the run's)")] = None,
     max_batches: Annotated[int | None, typer.Option(help="evaluate at most this many batches per mode")] = None,
@@ -29,6 +30,8 @@ def eval_command(
     = None,
     episodes: Annotated[int | None, typer.Option(help="closed loop: episodes per task and mode (EVAL_EPISODES)")]
     = None,
+    corrupted_episodes: Annotated[int | None, typer.Option(help="closed loop: episodes per task under the other "
+                                                                "modes (EVAL_EPISODES_CORRUPTED)")] = None,
     n_action_steps: Annotated[int | None, typer.Option(help="closed loop: actions executed per chunk (H/2)")]
     = None,
     max_steps: Annotated[int | None, typer.Option(help="closed loop: policy steps per episode (Meta-World: "
@@ -64,7 +67,8 @@ def eval_command(
         result, path = evaluate_closed_loop(
             run, sim, [t.strip() for t in tasks.split(",")] if tasks else None,
             episodes or settings_from_run(run).eval.episodes, chosen, n_action_steps, max_steps, checkpoint,
-            video_dir=video, console=console, suite=suite, device=device)
+            video_dir=video, console=console, suite=suite, device=device,
+            corrupted_episodes=corrupted_episodes or settings_from_run(run).eval.corrupted_episodes)
         console.print(results_table(result))
         console.print(f"wrote {path}")
         return

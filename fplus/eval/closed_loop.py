@@ -6,11 +6,18 @@ with a world memory, the history of world latents computed online from the main 
 as training (each latent from frames seen so far only). It predicts a chunk of H actions and executes the first
 `n_action_steps` of them. The simulators sit behind `fplus.sim.registry`.
 
+Online latents are rounded to float16 like the cache's, and the policy standardises them with its own training
+statistics, so a frame gets the same standardised latent online as offline.
+
 Corruption modes in closed loop:
     none, zero, random  as offline
-    shuffle             the memory predicted at the same step of another rollout of the same task (the rollouts'
-                        `none` memories, deranged across episodes, as shuffle deranges a batch offline)
+    history             z_t repeated: what the present alone gives
+    shuffle             the memory predicted at the same step of another rollout (another episode) of the same task
+                        (the rollouts' `none` memories, each rollout taking the next one's)
     oracle              not available: the future frames of a live rollout are not observed (reported as n/a)
+
+`none` runs EVAL_EPISODES per task; the other modes EVAL_EPISODES_CORRUPTED (default: as many), so that the
+baseline comparison gets a tight interval while the diagnostics stay cheap; the result says how many each used.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
 
-CLOSED_LOOP_MODES = ("none", "zero", "random", "shuffle")
+CLOSED_LOOP_MODES = ("none", "zero", "random", "shuffle", "history")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -55,7 +62,8 @@ class OnlineLatents:
         m = self.encoder.temporal_window
         idx = [max(0, len(self.frames) - m + i) for i in range(m)]
         clip = torch.from_numpy(np.stack([self.frames[i] for i in idx]))[None]  # (1, m, H, W, 3)
-        self.latents.append(self.encoder.encode_frames(clip)[0])
+        # rounded to float16 as the cache stores latents: online and offline latents of a frame are identical
+        self.latents.append(self.encoder.encode_frames(clip)[0].half().float())
 
     def history_window(self) -> torch.Tensor:
         """(1, T, D): z[t-T+1 .. t], the first latent repeated before the rollout started."""
@@ -84,7 +92,7 @@ def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str,
     (the history spacing matches training's consecutive frames); a chunk is predicted every `n_action_steps`
     steps. `cameras` are the observation keys the policy reads (the run's image key, then its wrist key).
     `record` collects the Prophet's memory (1, K, D) of each chunk (for `shuffle` of other rollouts),
-    `shuffle_source` is another rollout's record.
+    `shuffle_source` is another rollout's record (injected instead of this rollout's prediction under `shuffle`).
     """
     obs = env.reset(episode)
     use_state = policy.config.state_dim is not None
@@ -97,17 +105,15 @@ def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str,
         batch = observation_batch(obs, cameras, instruction, use_state)
         if latents is not None:
             batch[K.Z_HIST] = latents.history_window()
-        if record is not None and policy.prophet is not None:
-            with torch.no_grad():
-                record.append(policy.prophet(batch[K.Z_HIST].to(policy.latent_mean.device)).cpu())
+        memory = None
         if mode == "shuffle" and policy.injection is not None:
-            # inject another rollout's memory: the "oracle" path injects whatever z_future it is given
-            other = shuffle_source[min(chunk_index, len(shuffle_source) - 1)]
-            chunk = policy.predict_action_chunk({**batch, K.Z_FUTURE: other}, corruption="oracle")
-        else:
-            chunk = policy.predict_action_chunk(batch, corruption=mode, generator=generator)
+            memory = shuffle_source[min(chunk_index, len(shuffle_source) - 1)]
+        prediction = policy.predict(batch, corruption="none" if mode == "shuffle" else mode, generator=generator,
+                                    memory=memory)
+        if record is not None and prediction.memory is not None:
+            record.append(prediction.memory.cpu())
         chunk_index += 1
-        actions = chunk[0, :n_action_steps].float().cpu().numpy()
+        actions = prediction.actions[0, :n_action_steps].float().cpu().numpy()
         for i, action in enumerate(actions):
             obs, success, done = env.step(action)
             if success:
@@ -125,15 +131,17 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                          modes: tuple[str, ...] = CLOSED_LOOP_MODES, n_action_steps: int | None = None,
                          max_steps: int | None = None, step: int | None = None, seed: int = 1000,
                          video_dir: Path | None = None, progress: bool = True, console=None,
-                         suite: str | None = None, device: str | None = None) -> tuple[dict, Path]:
+                         suite: str | None = None, device: str | None = None,
+                         corrupted_episodes: int | None = None) -> tuple[dict, Path]:
     """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json.
 
     Args:
         sim: metaworld or libero (the `libero` extra).
         tasks: simulator tasks (Meta-World names; LIBERO indices or names), default: Meta-World the dataset's
             tasks that the simulator knows, LIBERO the whole suite.
-        episodes: rollouts per task and mode; episode e starts from layout `seed + e` (Meta-World: the seed of
-            the layout, LIBERO: initial state `(seed + e) mod 50`), the same layouts for every mode.
+        episodes: rollouts per task under `none`; episode e starts from layout `seed + e` (Meta-World: the seed
+            of the layout, LIBERO: initial state `(seed + e) mod 50`), the same layouts for every mode.
+        corrupted_episodes: rollouts per task under every other mode (default: `episodes`; at most `episodes`).
         n_action_steps: actions executed per predicted chunk (default: half the horizon, at least 1).
         max_steps: policy steps per episode (default: Meta-World DEMO_MAX_STEPS, LIBERO its suite's limit).
         suite: LIBERO suite (default: the run's EVAL_SUITE). device: default the run's EVAL_DEVICE.
@@ -191,7 +199,8 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     results: dict[str, dict] = {}
     bar = make_progress("episodes", console=console, disable=not progress)
     with bar:
-        job = bar.add_task(f"{sim} rollouts", total=len(chosen) * len(ordered) * episodes, info="")
+        episodes_for = {m: episodes if m == "none" else min(episodes, corrupted_episodes or episodes) for m in ordered}
+        job = bar.add_task(f"{sim} rollouts", total=len(chosen) * sum(episodes_for.values()), info="")
         for task in chosen:
             memories: list[list[torch.Tensor]] = []
             results[task.name] = {}
@@ -201,15 +210,16 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                     if mode == "oracle":
                         results[task.name][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
                                                     "note": "the future of a live rollout is not observed"}
-                        bar.advance(job, episodes)
+                        bar.advance(job, episodes_for[mode])
                         continue
                     generator = torch.Generator().manual_seed(seed)  # corruption draws on the CPU
                     wins = 0
-                    for e in range(episodes):
+                    for e in range(episodes_for[mode]):
                         record = [] if mode == "none" else None
                         frames = [] if video_dir is not None and e == 0 else None
                         source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
-                        if mode == "shuffle" and policy.injection is not None and (source is None or episodes < 2):
+                        if mode == "shuffle" and policy.injection is not None and (source is None or
+                                                                                   len(memories) < 2):
                             raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
                         latents = None if encoder is None else OnlineLatents(encoder, policy.config.history)
                         success = rollout(policy, env, task.instruction, seed + e, mode, n_action_steps, latents,
@@ -220,13 +230,15 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                         if frames:
                             _write_video(video_dir / f"{task.name}-{mode}-ep{e}.mp4", frames)
                         bar.update(job, advance=1, info=f"{task.name[:40]} {mode}: {wins}/{e + 1}")
-                    lo, hi = wilson_interval(wins, episodes)
-                    results[task.name][mode] = {"successes": wins, "episodes": episodes, "rate": wins / episodes,
+                    n = episodes_for[mode]
+                    lo, hi = wilson_interval(wins, n)
+                    results[task.name][mode] = {"successes": wins, "episodes": n, "rate": wins / n,
                                                 "ci95": [lo, hi]}
             if "none" not in modes:
                 results[task.name].pop("none", None)
     result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done, "simulator": sim,
-              "episodes_per_task": episodes, "n_action_steps": n_action_steps, "max_steps": max_steps,
+              "episodes_per_task": episodes, "episodes_per_mode": {m: episodes_for[m] for m in modes},
+              "n_action_steps": n_action_steps, "max_steps": max_steps,
               "tasks": results, "overall": {}}
     if sim == "libero":
         result["suite"] = settings.eval.suite
@@ -262,6 +274,17 @@ def _write_video(path: Path, frames: list[np.ndarray]) -> None:
     encoder.close()
 
 
+def _episodes_text(result: dict) -> str:
+    """ "5 episodes per task and mode", or "11 episodes per task under none, 3 under zero, ..." when they differ."""
+    n = result["episodes_per_task"]
+    per_mode = result.get("episodes_per_mode") or {}
+    plural = "s" if n != 1 else ""
+    others = {m: k for m, k in per_mode.items() if m != "none" and k != n and m != "oracle"}
+    if not others:
+        return f"{n} episode{plural} per task and mode"
+    return f"{n} episode{plural} per task under none, " + ", ".join(f"{k} under {m}" for m, k in others.items())
+
+
 def results_table(result: dict):
     """A Rich table: success rate [95% interval] per task (rows) and corruption mode (columns)."""
     from rich.table import Table
@@ -269,8 +292,7 @@ def results_table(result: dict):
     modes = list(result["overall"]) or list(next(iter(result["tasks"].values())))
     table = Table(title=f"{result['run']}  {result['experiment'] or 'custom'}  step {result['step']}  "
                         f"{result['simulator']}{' ' + result['suite'] if result.get('suite') else ''}, "
-                        f"{result['episodes_per_task']} episode{'s' if result['episodes_per_task'] != 1 else ''} "
-                        "per task and mode",
+                        f"{_episodes_text(result)}",
                   title_justify="left")
     table.add_column("task")
     for mode in modes:

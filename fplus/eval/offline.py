@@ -1,8 +1,16 @@
 """Offline evaluation: action error on held-out episodes under each corruption of the future memory.
 
-`evaluate_modes` is the one evaluation loop; the training recipe's per-epoch validation and `fplus eval` both
-call it. Per mode it reports the masked MSE of the predicted action chunks in normalised units (the training
-loss's units) and in raw units (overall and per action dimension), and the Prophet's cos(z_pred, z_future).
+`evaluate_modes` is the one evaluation loop; the training recipe's validation and `fplus eval` both call it.
+Per batch it runs the backbone once and applies every corruption mode to the memory only (the ACT states do not
+depend on it). Per mode it reports the masked MSE of the predicted action chunks in normalised units (the
+training loss's units) and in raw units (overall and per action dimension). With a Prophet it also reports the
+world cosine cos(z_pred, z_future) over valid future steps, next to two trivial baselines: always predicting the
+training mean, and copy-last (z_t repeated); in the standardised space the loss uses and in the raw encoder space.
+A Prophet that does not beat copy-last has learnt nothing the present does not already give.
+
+Samples are visited in a fixed seeded random order, so every batch mixes episodes: `shuffle` gives each sample
+the memory of a sample from another episode of the same batch (a batch where one episode holds more than half of
+the samples leaves the surplus out of `shuffle`; `samples` counts what each mode used).
 """
 
 from __future__ import annotations
@@ -17,63 +25,100 @@ from torch.utils.data import DataLoader
 from fplus import batch as K
 from fplus.errors import FplusError
 from fplus.io import write_text_atomic
-from fplus.model.corruption import MODES
+from fplus.model.corruption import MODES, shuffle_donors
 from fplus.model.policy import FPlusPolicy
-from fplus.model.prophet import world_loss
+from fplus.model.prophet import world_cosine_sums
 from fplus.train.data import EpochSampler, PolicySamples, collate
 
-SEED = 12345  # random and shuffle corruptions draw from this seed: every evaluation sees the same corruption
+SEED = 12345  # sample order, random and shuffle corruptions draw from this seed: every evaluation is the same
+WORLD_METRICS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": "val_cos_world_copy",
+                 "prophet_raw": "val_cos_world_raw", "mean_raw": "val_cos_world_mean_raw",
+                 "copy_raw": "val_cos_world_copy_raw", "align": "val_cos_align"}
+"""Keys of an evaluation's `world` cosines -> the names of the validation metrics (metrics.jsonl)."""
+
+
+def memory_modes(policy: FPlusPolicy, modes: tuple[str, ...]) -> tuple[str, ...]:
+    """The modes that mean something for this policy: all of `modes` with an injected memory, else `none`."""
+    return tuple(modes) if policy.injection is not None else ("none",)
+
+
+def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
+    """Add this batch's cosine sums and valid counts of the Prophet and the two baselines (both spaces)."""
+    valid, z_future, z_pred = enc.future_valid, enc.z_future, enc.z_pred
+    copy = enc.z_hist[:, -1:].expand_as(z_future)
+    mean = torch.zeros_like(z_future)
+    raw = policy.latent_norm.inverse
+    candidates = {"prophet": (z_pred, z_future), "mean": (mean, z_future), "copy": (copy, z_future),
+                  "prophet_raw": (raw(z_pred), raw(z_future)), "mean_raw": (raw(mean), raw(z_future)),
+                  "copy_raw": (raw(copy), raw(z_future))}
+    if policy.align is not None:  # FLARE: the FUT states' projection against the future (standardised)
+        fut_h = enc.prompt.gather(enc.out.layers[policy.align.layer], enc.prompt.fut_positions)
+        m = fut_h.shape[1]
+        candidates["align"] = (policy.align(fut_h), z_future[:, :m])
+    for key, (pred, target) in candidates.items():
+        total, count = world_cosine_sums(pred, target, valid[:, :pred.shape[1]])
+        sums[key][0] += float(total)
+        sums[key][1] += float(count)
 
 
 @torch.no_grad()
 def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str, ...], batch_size: int,
-                   max_batches: int | None = None, num_workers: int = 0) -> dict[str, dict]:
-    """{mode: {mse_norm, mse_raw, mse_per_dim_raw, cos_world, samples, action_steps}} over `samples` (in order);
-    the MSEs average over the valid (non-padded) action steps.
-
-    A batch of one sample is skipped for `shuffle` (there is no other sample to take the memory from).
-    """
+                   max_batches: int | None = None, num_workers: int = 0) -> dict:
+    """{"modes": {mode: {mse_norm, mse_raw, mse_per_dim_raw, cos_world, samples, action_steps}}, "world": {prophet,
+    mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None}; the MSEs average over valid action steps.
+    Policies without an injected memory are evaluated under `none` only (the other modes cannot change them)."""
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}, all")
+    modes = memory_modes(policy, modes)
     was_training = policy.training
     policy.eval()
-    device = policy.action_head.step.device
+    device = policy.device
+    generators = {m: torch.Generator().manual_seed(SEED + i) for i, m in enumerate(MODES)}
+    sq_norm = {m: 0.0 for m in modes}
+    sq_raw = {m: None for m in modes}
+    count = {m: 0 for m in modes}
+    n_samples = {m: 0 for m in modes}
+    keys = [k for k in WORLD_METRICS if k != "align" or policy.align is not None]
+    world = {k: [0.0, 0.0] for k in keys} if policy.prophet is not None else None
+    loader = DataLoader(samples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                        sampler=EpochSampler(len(samples), SEED, shuffle=True))
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        episodes = batch["episode_index"]
+        donors = shuffle_donors(episodes, generators["shuffle"]) if "shuffle" in modes else None
+        active = [m for m in modes if m != "shuffle" or donors is not None]
+        preds, enc = policy.predict_modes(batch, active, generators, None if donors is None else donors[0])
+        target = batch[K.ACTIONS].to(device, torch.float32)
+        valid = (~batch[K.ACTION_PAD].to(device)).unsqueeze(-1).float()  # (B, H, 1)
+        for mode, pred in preds.items():
+            v = valid
+            if mode == "shuffle":  # samples whose donor is from their own episode do not count
+                v = valid * donors[1].to(device).float()[:, None, None]
+            err_raw = ((pred - target) ** 2 * v).sum(dim=(0, 1))  # (A,)
+            err_norm = ((policy.action_norm(pred) - policy.action_norm(target)) ** 2 * v).sum()
+            sq_raw[mode] = err_raw if sq_raw[mode] is None else sq_raw[mode] + err_raw
+            sq_norm[mode] += float(err_norm)
+            count[mode] += int(v.sum())
+            n_samples[mode] += len(episodes) if mode != "shuffle" else int(donors[1].sum())
+        if world is not None:
+            _world_sums(policy, enc, world)
+    policy.train(was_training)
+    if count["none"] == 0:
+        raise FplusError("no validation samples to evaluate (VAL_FRACTION = 0?)")
+    world_cos = None if world is None else {k: (t / c if c else None) for k, (t, c) in world.items()}
     out: dict[str, dict] = {}
     for mode in modes:
-        if mode not in MODES:
-            raise FplusError(f"unknown corruption mode {mode!r}; valid: {', '.join(MODES)}, all")
-        generator = torch.Generator().manual_seed(SEED)
-        sq_norm = sq_raw = None
-        count = n_samples = 0
-        cos_sum, cos_n = 0.0, 0
-        loader = DataLoader(samples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                            sampler=EpochSampler(len(samples), 0, shuffle=False))
-        for i, batch in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            n = len(batch["index"])
-            if mode == "shuffle" and n < 2:
-                continue
-            pred = policy.predict_action_chunk(batch, corruption=mode, generator=generator)  # (B, H, A) raw
-            target = batch[K.ACTIONS].to(device, torch.float32)
-            valid = (~batch[K.ACTION_PAD].to(device)).unsqueeze(-1).float()  # (B, H, 1)
-            err_raw = ((pred - target) ** 2 * valid).sum(dim=(0, 1))  # (A,)
-            err_norm = ((policy.action_norm(pred) - policy.action_norm(target)) ** 2 * valid).sum(dim=(0, 1))
-            sq_raw = err_raw if sq_raw is None else sq_raw + err_raw
-            sq_norm = err_norm if sq_norm is None else sq_norm + err_norm
-            count += int(valid.sum())
-            n_samples += n
-            if policy.prophet is not None:
-                z_pred = policy.prophet(batch[K.Z_HIST].to(device, torch.float32))
-                _, cos = world_loss(z_pred, batch[K.Z_FUTURE].to(device), batch[K.FUTURE_VALID].to(device))
-                cos_sum += float(cos) * n
-                cos_n += n
-        if count == 0:
-            raise FplusError("no validation samples to evaluate (VAL_FRACTION = 0?)")
-        per_dim = (sq_raw / count).cpu().numpy()
-        out[mode] = {"mse_norm": float(sq_norm.sum() / (count * len(per_dim))), "mse_raw": float(per_dim.mean()),
-                     "mse_per_dim_raw": per_dim.tolist(), "cos_world": cos_sum / cos_n if cos_n else None,
-                     "samples": n_samples, "action_steps": count}
-    policy.train(was_training)
-    return out
+        if count[mode] == 0:
+            raise FplusError(f"no batch could be evaluated under {mode} (shuffle needs batches of several episodes: "
+                             "raise the batch size or validate on more episodes)")
+        per_dim = (sq_raw[mode] / count[mode]).cpu().numpy()
+        out[mode] = {"mse_norm": sq_norm[mode] / (count[mode] * len(per_dim)), "mse_raw": float(per_dim.mean()),
+                     "mse_per_dim_raw": per_dim.tolist(),
+                     "cos_world": None if world_cos is None else world_cos["prophet"],
+                     "samples": n_samples[mode], "action_steps": count[mode] // 1}
+    return {"modes": out, "world": world_cos}
 
 
 def resolve_device(device: str) -> str:
@@ -114,15 +159,17 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
         _, latents = find_latents(w.cache_dir, ds, keys.image, w.source, encoder, w.pooling, w.temporal_window)
     samples = PolicySamples(ds, keys, split.val, policy.config.action_horizon, policy.config.history,
                             policy.config.future, latents=None if latents is None else np.asarray(latents))
-    results = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches)
+    evaluated = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches)
+    results = evaluated["modes"]
     step_done = json.loads((path / ckpt.MANIFEST).read_text())["step"]
     result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
-              "action_names": ds.features[keys.action].get("names"), "modes": results}
+              "action_names": ds.features[keys.action].get("names"), "modes": results,
+              "world": evaluated["world"]}
     out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
     if out.is_file():  # an evaluation of other modes of this checkpoint: keep them, newest values win
         merged = {**json.loads(out.read_text())["modes"], **results}
-        result["modes"] = {m: merged[m] for m in MODES if m in merged}
+        result["modes"] = {m: merged[m] for m in memory_modes(policy, MODES) if m in merged}
     write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
 
@@ -142,4 +189,12 @@ def results_table(result: dict):
         dims = " ".join(f"{(names[i] if i < len(names) else i)}={v:.4g}" for i, v in enumerate(m["mse_per_dim_raw"]))
         cos = "n/a" if m["cos_world"] is None else f"{m['cos_world']:.4f}"
         table.add_row(mode, f"{m['mse_norm']:.4f}", delta, f"{m['mse_raw']:.4g}", dims, cos, str(m["samples"]))
+    world = result.get("world")
+    if world:
+        def f(key: str) -> str:
+            return "n/a" if world.get(key) is None else f"{world[key]:.4f}"
+
+        table.caption = (f"world cosine, standardised: Prophet {f('prophet')}, training mean {f('mean')}, copy-last "
+                         f"{f('copy')}; raw latents: Prophet {f('prophet_raw')}, mean {f('mean_raw')}, copy-last "
+                         f"{f('copy_raw')}")
     return table

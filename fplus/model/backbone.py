@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from fplus.errors import FplusError
 
 if TYPE_CHECKING:
     from fplus.model.prompt import PromptBatch
+    from fplus.model.token_rows import TokenRows
 
 ALIASES: dict[str, str] = {
     "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
@@ -154,19 +156,22 @@ class Backbone:
         layers: Sequence[int] = (),
         state_embeds: torch.Tensor | None = None,
         text_loss: bool = False,
+        token_rows: TokenRows | None = None,
     ) -> BackboneOutput:
         """One pass of the language model over `batch`.
 
         Args:
             layers: decoder layers (1..num_layers, negative counts from the end) whose outputs to return.
-            state_embeds: (B, d) input embeddings for the <STATE> position of each sample (needs
+            state_embeds: (B, d) added to the input embedding at the <STATE> position of each sample (needs
                 batch.state_positions); gradient flows into them.
             text_loss: also compute the LM loss on batch.labels (only the labelled positions go through the LM head).
+            token_rows: trainable rows that replace the embedding-matrix rows of fplus's added tokens.
         """
         vlm = self._vlm()
         wanted = self._layer_numbers(layers)
         captured: dict[int, torch.Tensor] = {}
-        with self._capture_layers(vlm, wanted, captured), self._inject_state(vlm, batch, state_embeds):
+        with self._capture_layers(vlm, wanted, captured), \
+                self._edit_embeddings(vlm, batch, state_embeds, token_rows):
             out = vlm.model(
                 input_ids=batch.input_ids,
                 attention_mask=batch.attention_mask,
@@ -191,9 +196,10 @@ class Backbone:
         out = self.forward(batch, layers, state_embeds)
         return out.last_hidden, out.layers
 
-    def text_loss(self, batch: PromptBatch, state_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def text_loss(self, batch: PromptBatch, state_embeds: torch.Tensor | None = None,
+                  token_rows: TokenRows | None = None) -> torch.Tensor:
         """Scalar LM cross-entropy on batch.labels (e.g. the CoC text of a `separate` CoC batch)."""
-        loss = self.forward(batch, state_embeds=state_embeds, text_loss=True).text_loss
+        loss = self.forward(batch, state_embeds=state_embeds, text_loss=True, token_rows=token_rows).text_loss
         assert loss is not None
         return loss
 
@@ -232,23 +238,29 @@ class Backbone:
 
     @staticmethod
     @contextmanager
-    def _inject_state(vlm: nn.Module, batch: PromptBatch, state_embeds: torch.Tensor | None) -> Iterator[None]:
-        """Replace the input embedding at batch.state_positions by state_embeds (B, d) for the duration of a call."""
-        if state_embeds is None:
+    def _edit_embeddings(vlm: nn.Module, batch: PromptBatch, state_embeds: torch.Tensor | None,
+                         token_rows: TokenRows | None) -> Iterator[None]:
+        """For one call: the added tokens' input embeddings come from `token_rows`, and `state_embeds` (B, d) is
+        added at batch.state_positions."""
+        if state_embeds is None and token_rows is None:
             yield
             return
-        if batch.state_positions is None:
-            raise ValueError("state_embeds given but the prompt has no <STATE> token (build it with use_state=True)")
-        b, length = batch.input_ids.shape
-        if state_embeds.shape[0] != b or state_embeds.dim() != 2:
-            raise ValueError(f"state_embeds must be (B={b}, d), got {tuple(state_embeds.shape)}")
+        b = batch.input_ids.shape[0]
+        if state_embeds is not None:
+            if batch.state_positions is None:
+                raise ValueError("state_embeds given but the prompt has no <STATE> token (build it with use_state=True)")
+            if state_embeds.shape[0] != b or state_embeds.dim() != 2:
+                raise ValueError(f"state_embeds must be (B={b}, d), got {tuple(state_embeds.shape)}")
         rows = torch.arange(b, device=batch.input_ids.device)
         calls = []
 
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
             calls.append(1)
-            output = output.clone()
-            output[rows, batch.state_positions] = state_embeds.to(output.dtype)
+            if token_rows is not None:
+                output = token_rows.apply(batch.input_ids, output)
+            if state_embeds is not None:
+                output = output.clone()
+                output[rows, batch.state_positions] += state_embeds.to(output.dtype)
             return output
 
         handle = vlm.get_input_embeddings().register_forward_hook(hook)
@@ -373,8 +385,10 @@ def add_special_tokens(model: nn.Module, tokenizer: Any, tokens: list[str]) -> l
     """Add the tokens not already in the tokenizer (as special tokens) and grow the embeddings to hold them.
 
     Returns the tokens added. The embedding matrix only grows (Qwen checkpoints carry spare rows beyond the
-    tokenizer, so new ids often fit without resizing). New rows: mean of the existing token rows plus a seeded
-    perturbation of 0.1 x their per-dimension std, in the input embedding and (if untied) in the LM head.
+    tokenizer, so new ids often fit without resizing). New rows: mean of the existing token rows plus a
+    perturbation of 0.1 x their per-dimension std seeded by the token's name, in the input embedding and (if
+    untied) in the LM head. A token's row is therefore the same whichever other tokens are added with it (E0 and
+    E4 get identical <ACT_i> and <STATE> rows), and the global random stream is left untouched.
     """
     vocab = tokenizer.get_vocab()
     new = [t for t in tokens if t not in vocab]
@@ -383,19 +397,25 @@ def add_special_tokens(model: nn.Module, tokenizer: Any, tokens: list[str]) -> l
     old_len = len(tokenizer)
     tokenizer.add_tokens(new, special_tokens=True)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        with torch.random.fork_rng(devices=[]):  # resizing draws random rows (overwritten below)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     new_ids = tokenizer.convert_tokens_to_ids(new)
     inputs = model.get_input_embeddings().weight
-    _init_rows(inputs, new_ids, old_len)
+    _init_rows(inputs, new_ids, new, old_len)
     outputs = model.get_output_embeddings()
     if outputs is not None and outputs.weight is not inputs:
-        _init_rows(outputs.weight, new_ids, old_len)
+        _init_rows(outputs.weight, new_ids, new, old_len)
     return new
 
 
+def token_seed(token: str) -> int:
+    """The seed of a new token's embedding perturbation: NEW_ROW_SEED and the token's name (stable across runs)."""
+    return (NEW_ROW_SEED * 1_000_003 + zlib.crc32(token.encode())) % 2**63
+
+
 @torch.no_grad()
-def _init_rows(weight: torch.Tensor, ids: list[int], ref_rows: int, chunk: int = 8192) -> None:
-    """weight[ids] = mean(weight[:ref_rows]) + 0.1 * std(weight[:ref_rows]) * noise (seeded), per dimension."""
+def _init_rows(weight: torch.Tensor, ids: list[int], tokens: list[str], ref_rows: int, chunk: int = 8192) -> None:
+    """weight[id] = mean(weight[:ref_rows]) + 0.1 * std(weight[:ref_rows]) * noise(token), per dimension."""
     total = torch.zeros(weight.shape[1], dtype=torch.float64, device=weight.device)
     total_sq = torch.zeros_like(total)
     for start in range(0, ref_rows, chunk):
@@ -404,9 +424,10 @@ def _init_rows(weight: torch.Tensor, ids: list[int], ref_rows: int, chunk: int =
         total_sq += (rows * rows).sum(0)
     mean = total / ref_rows
     std = (total_sq / ref_rows - mean * mean).clamp(min=0).sqrt()
-    generator = torch.Generator().manual_seed(NEW_ROW_SEED)
-    noise = torch.randn(len(ids), weight.shape[1], generator=generator, dtype=torch.float64).to(weight.device)
-    weight[ids] = (mean + 0.1 * std * noise).to(weight.dtype)
+    for token_id, token in zip(ids, tokens, strict=True):
+        generator = torch.Generator().manual_seed(token_seed(token))
+        noise = torch.randn(weight.shape[1], generator=generator, dtype=torch.float64).to(weight.device)
+        weight[token_id] = (mean + 0.1 * std * noise).to(weight.dtype)
 
 
 def _model_class(model_type: str) -> type:
@@ -525,15 +546,18 @@ def qwen3vl_config(tokenizer: Any, text: dict, vision: dict) -> Any:
     )
 
 
-def tiny_config(tokenizer: Any) -> Any:
-    """A small Qwen3VLConfig whose special-token ids are the tokenizer's (text d=64, 2 layers; vision d=32, depth 2)."""
+def tiny_config(tokenizer: Any, num_layers: int = 2) -> Any:
+    """A small Qwen3VLConfig whose special-token ids are the tokenizer's (text d=64, 2 layers; vision d=32, depth 2).
+
+    `num_layers` deepens the text model only (e.g. 28, the depth of Qwen3-VL-2B, to test layer-dependent settings
+    such as LoRA layers and ALIGN_LAYER with a profile's own values)."""
     head_dim = 16
     return qwen3vl_config(
         tokenizer,
         text={
             "hidden_size": 64,
             "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "num_hidden_layers": num_layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "head_dim": head_dim,
@@ -571,12 +595,12 @@ def build_random(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Modu
     return model.eval(), tokenizer, build_tiny_image_processor()
 
 
-def build_tiny() -> tuple[nn.Module, Any, Any]:
+def build_tiny(num_layers: int = 2) -> tuple[nn.Module, Any, Any]:
     """(model, tokenizer, image processor) of the tiny random Qwen3-VL; two builds give identical weights."""
     from transformers import Qwen3VLForConditionalGeneration
 
     tokenizer = build_tiny_tokenizer()
-    config = tiny_config(tokenizer)
+    config = tiny_config(tokenizer, num_layers)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         model = Qwen3VLForConditionalGeneration(config)

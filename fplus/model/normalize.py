@@ -43,6 +43,14 @@ class Normalizer(nn.Module):
         norm.scale.copy_(torch.as_tensor(scale, dtype=torch.float32))
         return norm
 
+    @torch.no_grad()
+    def set_mean_std(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Set mean_std statistics (F,) directly (std floored at EPS), e.g. those of the world latents."""
+        if self.mode != "mean_std":
+            raise FplusError("set_mean_std needs a mean_std normaliser")
+        self.shift.copy_(mean.float())
+        self.scale.copy_(std.float().clamp(min=EPS))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., F) raw -> (..., F) normalised."""
         return (x - self.shift) / self.scale

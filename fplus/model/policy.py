@@ -1,20 +1,33 @@
 """FPlusPolicy: the F+ vision-language-action policy, composed of one backbone and the parts of DESIGN 5.
 
-    prompt  = image(s) + instruction + [<STATE>] [<FUT_0..M-1>] <ACT_0..H-1> [CoC text]
+    prompt  = image(s) + instruction + [<STATE>] <ACT_0..H-1> [<FUT_0..M-1>] [\n CoC text]
     act_h   = backbone hidden states at the ACT tokens                          (B, H, d)
-    z_pred  = Prophet(z_hist)                                                    (B, K, D)       E1 E2 E4
+    z       = (z_raw - mean) / std, per dimension, training-split statistics   (B, T|K, D)   standardised latents
+    z_pred  = Prophet(z_hist, context = mean_h act_h)                           (B, K, D)     E1 E2 E4
     act_h   = act_h + tanh(gate) * CrossAttn(act_h, memory)                      memory: z_pred  E2 E4
     actions = ActionHead(act_h)                                                  (B, H, A)
     L = L_action + lambda_world L_world + lambda_text L_text + lambda_align L_align
 
+World latents enter the policy raw (from the cache or the online encoder) and are standardised here, with the
+statistics saved in the policy's state (`latent_norm`): every path (training, validation, offline eval, closed
+loop, serving) applies the same transform because it is the policy's own. Prophet, FLARE targets and corruption
+modes live in the standardised space.
+
 During training the injected memory is the true future (oracle) with probability p_oracle per sample (scheduled
 sampling, the training loop anneals it), else the prediction. At evaluation a corruption mode replaces it.
-The CoC text never feeds the action path: in `joint_after_act` it follows the ACT tokens in a causal sequence.
+The CoC text never feeds the action path: in `joint_after_act` it follows the query tokens after a separator.
+
+Do-no-harm: every module is initialised from its own generator, seeded by (INIT_SEED, module name), so modules
+shared between experiments start from identical weights whatever else an experiment adds, and at init every
+experiment's actions equal E0's bit for bit (the gate is 0, FUT tokens come after the ACT tokens).
 """
 
 from __future__ import annotations
 
 import json
+import zlib
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,19 +37,21 @@ from torch import nn
 
 from fplus import batch as K
 from fplus.errors import FplusError
-from fplus.model.action_head import ActionHead
+from fplus.model.action_head import ActionHead, masked_mse
 from fplus.model.align import FutureAlignment
-from fplus.model.backbone import Backbone, load_backbone
-from fplus.model.corruption import corrupt_memory
+from fplus.model.backbone import Backbone, BackboneOutput, load_backbone
+from fplus.model.corruption import MODES, corrupt_memory, shuffle_donors
 from fplus.model.injection import GatedCrossAttention
 from fplus.model.normalize import Normalizer
 from fplus.model.prompt import PromptBatch, PromptBuilder
 from fplus.model.prophet import Prophet, world_loss
+from fplus.model.token_rows import TokenRows
 
 CONFIG_FILE = "config.json"
 HEADS_FILE = "policy.safetensors"
 BACKBONE_FILE = "backbone_trainable.safetensors"
 PROCESSOR_DIR = "processor"
+LOSS_WEIGHTS = {"l_action": None, "l_world": "lambda_world", "l_text": "lambda_text", "l_align": "lambda_align"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,7 @@ class PolicyConfig:
     prophet_layers: int = 2
     prophet_heads: int = 4
     prophet_delta: bool = False
+    prophet_context: bool = True
     injection_heads: int = 4
     lambda_world: float = 1.0
     lambda_text: float = 0.1
@@ -70,6 +86,7 @@ class PolicyConfig:
     lora_layers: int = 8
     gradient_checkpointing: bool = False
     normalization: str = "mean_std"
+    init_seed: int = 0
 
     def __post_init__(self):
         if self.injection and not self.prophet:
@@ -78,11 +95,36 @@ class PolicyConfig:
             raise FplusError("the Prophet and FLARE alignment need world latents (world_dim)")
         if self.finetune not in ("full", "frozen", "lora"):
             raise FplusError(f"unknown FINETUNE {self.finetune!r}; valid: full, frozen, lora")
+        if self.prophet and not self.injection and not self.prophet_context:
+            raise FplusError("PROPHET=true with INJECTION=false and PROPHET_CONTEXT=false: L_world would train a "
+                             "side model that never reaches the actions (E1 would equal E0); set PROPHET_CONTEXT=true")
 
     @property
     def num_fut_tokens(self) -> int:
         """M <FUT_j> tokens: one per future latent, only with FLARE alignment."""
         return self.future if self.flare_align else 0
+
+    def resolved_align_layer(self, num_layers: int) -> int:
+        """ALIGN_LAYER, or the middle decoder layer (1-based) when unset."""
+        return self.align_layer or max(1, num_layers // 2)
+
+    def check_loss_paths(self, num_layers: int) -> None:
+        """Fail (FplusError) when an active loss could reach no trainable weight of its path for a backbone of
+        `num_layers` decoder layers. The added token rows always train; what can fail is FLARE alignment: its
+        loss reads layer ALIGN_LAYER, so under LoRA at least one adapted layer must sit at or below it."""
+        if not self.flare_align:
+            return
+        layer = self.resolved_align_layer(num_layers)
+        if not 1 <= layer <= num_layers:
+            raise FplusError(f"ALIGN_LAYER={layer} is out of range: the backbone has decoder layers 1..{num_layers}")
+        if self.finetune == "lora":
+            first = max(1, num_layers - self.lora_layers + 1)
+            if layer < first:
+                raise FplusError(
+                    f"ALIGN_LAYER={layer}{'' if self.align_layer else ' (unset: the middle layer)'} is below the "
+                    f"first LoRA layer {first} (LORA_LAYERS={self.lora_layers} of {num_layers}): L_align could "
+                    f"reach no adapted backbone weight. Set ALIGN_LAYER >= {first} or LORA_LAYERS >= "
+                    f"{num_layers - layer + 1}")
 
     @classmethod
     def from_settings(cls, settings, action_dim: int, state_dim: int | None, world_dim: int | None) -> PolicyConfig:
@@ -94,17 +136,31 @@ class PolicyConfig:
             history=w.history, future=w.future, prophet=m.prophet, injection=m.injection,
             flare_align=m.flare_align, coc=m.coc, coc_mode=c.mode, align_layer=m.align_layer,
             prophet_width=m.prophet_width, prophet_layers=m.prophet_layers, prophet_heads=m.prophet_heads,
-            prophet_delta=m.prophet_delta, injection_heads=m.injection_heads,
+            prophet_delta=m.prophet_delta, prophet_context=m.prophet_context, injection_heads=m.injection_heads,
             lambda_world=t.lambda_world, lambda_text=t.lambda_text, lambda_align=t.lambda_align,
             finetune=m.finetune, lora_rank=m.lora_rank, lora_layers=m.lora_layers,
-            gradient_checkpointing=m.gradient_checkpointing, normalization=m.normalization,
+            gradient_checkpointing=m.gradient_checkpointing, normalization=m.normalization, init_seed=t.seed,
         )
 
 
+def module_seed(init_seed: int, name: str) -> int:
+    """The seed of one module's initialisation: a function of INIT_SEED and the module's name only."""
+    return (init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+
+
+@contextmanager
+def seeded(init_seed: int, name: str):
+    """Draw from a generator seeded by (init_seed, name) inside the block; the global stream is left unchanged."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(module_seed(init_seed, name))
+        yield
+
+
 def apply_finetune(backbone: Backbone, mode: str, lora_rank: int, lora_layers: int,
-                   gradient_checkpointing: bool) -> None:
+                   gradient_checkpointing: bool, init_seed: int = 0) -> None:
     """Set which backbone weights train: `full` (all), `frozen` (none) or `lora` (peft LoRA on the attention and
-    MLP projections of the last `lora_layers` decoder layers; everything else frozen)."""
+    MLP projections of the last `lora_layers` decoder layers; everything else frozen). The added tokens' rows
+    train in every mode, through the policy's TokenRows."""
     if gradient_checkpointing:  # renamed in transformers 5.2x; older 5.x only has the gradient_* name
         kwargs = {"use_reentrant": False}
         if hasattr(backbone.model, "activation_checkpointing_enable"):
@@ -125,7 +181,33 @@ def apply_finetune(backbone: Backbone, mode: str, lora_rank: int, lora_layers: i
               r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
     config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=target,
                         bias="none", init_lora_weights=True)
-    backbone.model = get_peft_model(backbone.model, config)
+    with seeded(init_seed, "lora"):
+        backbone.model = get_peft_model(backbone.model, config)
+
+
+@dataclass
+class Encoded:
+    """One backbone pass over a batch and the world latents it brings (standardised), before the memory.
+
+    act_h (B, H, d); z_hist (B, T, D), z_future (B, K, D), future_valid (B, K) or None; z_pred (B, K, D) or None.
+    """
+
+    prompt: PromptBatch
+    out: BackboneOutput
+    act_h: torch.Tensor
+    state_embeds: torch.Tensor | None = None
+    z_hist: torch.Tensor | None = None
+    z_future: torch.Tensor | None = None
+    future_valid: torch.Tensor | None = None
+    z_pred: torch.Tensor | None = None
+
+
+@dataclass
+class Prediction:
+    """actions (B, H, A) raw; memory (B, K, D) the memory that was injected, or None without an injection."""
+
+    actions: torch.Tensor
+    memory: torch.Tensor | None
 
 
 class FPlusPolicy(nn.Module):
@@ -139,6 +221,7 @@ class FPlusPolicy(nn.Module):
     def __init__(self, config: PolicyConfig, backbone: Backbone, action_norm: Normalizer,
                  state_norm: Normalizer | None = None):
         super().__init__()
+        config.check_loss_paths(backbone.num_layers)
         self.config = config
         self.backbone = backbone
         self.vlm = backbone.model  # registers the backbone's parameters as a submodule
@@ -148,17 +231,28 @@ class FPlusPolicy(nn.Module):
                                      coc_mode=config.coc_mode if config.coc else None)
         self.action_norm = action_norm
         self.state_norm = state_norm
-        self.action_head = ActionHead(d, config.action_dim, config.action_horizon)
-        self.state_proj = nn.Linear(config.state_dim, d) if config.state_dim else None
-        self.prophet = Prophet(config.world_dim, config.history, config.future, config.prophet_width,
-                               config.prophet_layers, config.prophet_heads, config.prophet_delta) \
+
+        def make(name: str, factory: Callable[[], nn.Module]) -> nn.Module:
+            with seeded(config.init_seed, name):
+                return factory()
+
+        ids = backbone.act_token_ids + backbone.fut_token_ids + (
+            [backbone.state_token_id] if backbone.state_token_id is not None else [])
+        rows = backbone.model.get_input_embeddings().weight.detach()[ids]
+        self.token_rows = TokenRows(ids, rows)
+        self.action_head = make("action_head", lambda: ActionHead(d, config.action_dim, config.action_horizon))
+        self.state_proj = make("state_proj", lambda: nn.Linear(config.state_dim, d)) if config.state_dim else None
+        self.prophet = make("prophet", lambda: Prophet(
+            config.world_dim, config.history, config.future, config.prophet_width, config.prophet_layers,
+            config.prophet_heads, config.prophet_delta, context_dim=d if config.prophet_context else None)) \
             if config.prophet else None
-        self.injection = GatedCrossAttention(d, config.world_dim, config.injection_heads) if config.injection else None
-        align_layer = config.align_layer or max(1, backbone.num_layers // 2)
-        self.align = FutureAlignment(d, config.world_dim, align_layer) if config.flare_align else None
-        if config.world_dim:  # statistics of the world latents, for the `random` corruption
-            self.register_buffer("latent_mean", torch.zeros(config.world_dim))
-            self.register_buffer("latent_std", torch.ones(config.world_dim))
+        self.injection = make("injection", lambda: GatedCrossAttention(d, config.world_dim, config.injection_heads)) \
+            if config.injection else None
+        align_layer = config.resolved_align_layer(backbone.num_layers)
+        self.align = make("align", lambda: FutureAlignment(d, config.world_dim, align_layer)) \
+            if config.flare_align else None
+        # statistics of the world latents over the training split (set_latent_stats): the standardisation
+        self.latent_norm = Normalizer(config.world_dim, "mean_std") if config.world_dim else None
 
     # ----- construction -----------------------------------------------------------------------------------------
 
@@ -168,19 +262,29 @@ class FPlusPolicy(nn.Module):
         """A fresh policy: loads the backbone, sets fine-tuning, and normalisation from dataset `stats`."""
         backbone = load_backbone(config.backbone, action_horizon=config.action_horizon,
                                  num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None)
+        config.check_loss_paths(backbone.num_layers)  # before peft wraps anything
         apply_finetune(backbone, config.finetune, config.lora_rank, config.lora_layers,
-                       config.gradient_checkpointing)
+                       config.gradient_checkpointing, config.init_seed)
         action_norm = Normalizer.from_stats(stats[action_key], config.normalization, action_key)
         state_norm = Normalizer.from_stats(stats[state_key], config.normalization, state_key) \
             if config.state_dim else None
         return cls(config, backbone, action_norm, state_norm).to(device)
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Per-dimension mean and std (D,) of the world latents, used by the `random` corruption."""
-        if self.config.world_dim is None:
+        """Per-dimension mean and std (D,) of the raw world latents over the training split: the standardisation."""
+        if self.latent_norm is None:
             raise FplusError("this policy uses no world latents")
-        self.latent_mean.copy_(mean)
-        self.latent_std.copy_(std)
+        self.latent_norm.set_mean_std(mean, std)
+
+    def standardize(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw world latents (..., D) -> standardised (..., D), float32 on the policy's device."""
+        if self.latent_norm is None:
+            raise FplusError("this policy uses no world latents")
+        return self.latent_norm(z.to(self.device, torch.float32))
+
+    @property
+    def device(self) -> torch.device:
+        return self.action_head.step.device
 
     # ----- forward ----------------------------------------------------------------------------------------------
 
@@ -191,29 +295,101 @@ class FPlusPolicy(nn.Module):
         coc = batch.get(K.COC_TEXT) if with_coc and self.config.coc else None
         if with_coc and self.config.coc and coc is None:
             raise FplusError("this experiment trains a CoC loss but the batch has no coc_text (set COC_JSONL)")
-        device = self.action_head.step.device
-        return self.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], coc).to(device)
+        return self.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], coc).to(self.device)
 
-    def _act_states(self, batch: dict[str, Any], prompt: PromptBatch):
+    def encode(self, batch: dict[str, Any], with_coc: bool) -> Encoded:
+        """The backbone pass, the ACT states, the standardised latents and the Prophet's prediction."""
+        prompt = self.prompt(batch, with_coc)
         state_embeds = None
         if self.state_proj is not None:
-            state = batch[K.STATE].to(self.action_head.step.device, torch.float32)
+            state = batch[K.STATE].to(self.device, torch.float32)
             state_embeds = self.state_proj(self.state_norm(state))
         layers = (self.align.layer,) if self.align is not None else ()
         want_text = self.config.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
-        out = self.backbone.forward(prompt, layers=layers, state_embeds=state_embeds, text_loss=want_text)
-        act_h = prompt.gather(out.last_hidden, prompt.act_positions)
-        return act_h, out, state_embeds
+        out = self.backbone.forward(prompt, layers=layers, state_embeds=state_embeds, text_loss=want_text,
+                                    token_rows=self.token_rows)
+        enc = Encoded(prompt, out, prompt.gather(out.last_hidden, prompt.act_positions), state_embeds)
+        if self.latent_norm is not None:
+            if K.Z_HIST in batch:
+                enc.z_hist = self.standardize(batch[K.Z_HIST])
+            if batch.get(K.Z_FUTURE) is not None:
+                enc.z_future = self.standardize(batch[K.Z_FUTURE])
+            if K.FUTURE_VALID in batch:
+                enc.future_valid = batch[K.FUTURE_VALID].to(self.device)
+        if self.prophet is not None:
+            if enc.z_hist is None:
+                raise FplusError("this policy has a Prophet: the batch needs z_hist (world latents)")
+            context = enc.act_h.float().mean(1) if self.config.prophet_context else None
+            enc.z_pred = self.prophet(enc.z_hist, context)
+        return enc
 
-    def _memory(self, batch: dict[str, Any], z_pred: torch.Tensor, corruption: str | None, p_oracle: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-        z_future = batch.get(K.Z_FUTURE)
-        if corruption is not None:
-            return corrupt_memory(corruption, z_pred, z_future, self.latent_mean, self.latent_std, generator)
-        if p_oracle <= 0 or z_future is None:
-            return z_pred
-        use_oracle = torch.rand(z_pred.shape[0], generator=generator) < p_oracle  # (B,) per sample
-        return torch.where(use_oracle.to(z_pred.device)[:, None, None], z_future.to(z_pred.dtype), z_pred)
+    def memory(self, enc: Encoded, mode: str, donors: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """The memory (B, K, D) injected under corruption `mode` (see fplus.model.corruption; `donors` for
+        shuffle)."""
+        present = None if enc.z_hist is None else enc.z_hist[:, -1]
+        return corrupt_memory(mode, enc.z_pred, enc.z_future, present, donors, generator)
+
+    @staticmethod
+    def _donors(batch: dict[str, Any], mode: str | None, generator: torch.Generator | None) -> torch.Tensor | None:
+        """Shuffle donors of other episodes for a batch with `episode_index` (None for other modes)."""
+        if mode != "shuffle" or "episode_index" not in batch:
+            return None
+        found = shuffle_donors(list(batch["episode_index"]), generator)
+        if found is None:
+            raise FplusError("shuffle corruption needs a batch with samples of at least two episodes")
+        return found[0]
+
+    def act(self, act_h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """ACT states (B, H, d) [+ memory (B, K, D)] -> normalised actions (B, H, A)."""
+        if self.injection is not None and memory is not None:
+            act_h = self.injection(act_h, memory)
+        return self.action_head.predict(act_h)
+
+    def _training_memory(self, enc: Encoded, p_oracle: float, generator: torch.Generator | None) -> torch.Tensor:
+        if p_oracle <= 0 or enc.z_future is None:
+            return enc.z_pred
+        use_oracle = torch.rand(enc.z_pred.shape[0], generator=generator) < p_oracle  # (B,) per sample
+        return torch.where(use_oracle.to(self.device)[:, None, None], enc.z_future.to(enc.z_pred.dtype), enc.z_pred)
+
+    def losses(self, batch: dict[str, Any], p_oracle: float = 0.0, corruption: str | None = None,
+               generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The active loss terms {l_action, [l_world], [l_text], [l_align]} (unweighted scalars) and the metrics
+        that are not losses (cos_world, cos_align, gate)."""
+        enc = self.encode(batch, with_coc=True)
+        terms: dict[str, torch.Tensor] = {}
+        metrics: dict[str, float] = {}
+        act_h = enc.act_h
+        if self.prophet is not None:
+            terms["l_world"], cos = world_loss(enc.z_pred, enc.z_future, enc.future_valid)
+            metrics["cos_world"] = cos.item()
+        memory = None
+        if self.injection is not None:
+            memory = self.memory(enc, corruption, self._donors(batch, corruption, generator), generator) \
+                if corruption \
+                else self._training_memory(enc, p_oracle, generator)
+            metrics["gate"] = self.injection.gate_value
+        target = self.action_norm(batch[K.ACTIONS].to(self.device, torch.float32))
+        pred = self.act(act_h, memory)
+        terms["l_action"] = masked_mse(pred, target, batch[K.ACTION_PAD].to(self.device))
+        if self.config.coc:
+            if self.config.coc_mode == "joint_after_act":
+                terms["l_text"] = enc.out.text_loss
+            else:
+                terms["l_text"] = self.backbone.text_loss(enc.prompt.coc, token_rows=self.token_rows)
+        if self.align is not None:
+            fut_h = enc.prompt.gather(enc.out.layers[self.align.layer], enc.prompt.fut_positions)
+            terms["l_align"], cos_align = self.align.loss(fut_h, enc.z_future, enc.future_valid)
+            metrics["cos_align"] = cos_align.item()
+        return terms, metrics
+
+    def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """L = L_action + sum of lambda_x * L_x over the active terms."""
+        total = torch.zeros((), device=self.device)
+        for name, value in terms.items():
+            weight = LOSS_WEIGHTS[name]
+            total = total + (value if weight is None else getattr(self.config, weight) * value)
+        return total
 
     def forward(self, batch: dict[str, Any], p_oracle: float = 0.0, corruption: str | None = None,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
@@ -224,65 +400,64 @@ class FPlusPolicy(nn.Module):
             corruption: replace the memory by a corruption mode instead (validation under corruption).
         Metrics: loss, l_action and, where they apply, l_world, cos_world, l_text, l_align, cos_align, gate.
         """
-        device = self.action_head.step.device
-        prompt = self.prompt(batch, with_coc=True)
-        act_h, out, state_embeds = self._act_states(batch, prompt)
-        metrics: dict[str, float] = {}
-        loss = torch.zeros((), device=device)
-        if self.prophet is not None:
-            z_hist = batch[K.Z_HIST].to(device, torch.float32)
-            z_future = batch[K.Z_FUTURE].to(device, torch.float32)
-            valid = batch[K.FUTURE_VALID].to(device)
-            z_pred = self.prophet(z_hist)
-            l_world, cos = world_loss(z_pred, z_future, valid)
-            loss = loss + self.config.lambda_world * l_world
-            metrics.update(l_world=l_world.item(), cos_world=cos.item())
-            if self.injection is not None:
-                memory = self._memory({**batch, K.Z_FUTURE: z_future}, z_pred, corruption, p_oracle, generator)
-                act_h = self.injection(act_h, memory)
-                metrics["gate"] = self.injection.gate_value
-        target = self.action_norm(batch[K.ACTIONS].to(device, torch.float32))
-        l_action = self.action_head.loss(act_h, target, batch[K.ACTION_PAD].to(device))
-        loss = loss + l_action
-        metrics["l_action"] = l_action.item()
-        if self.config.coc:
-            if self.config.coc_mode == "joint_after_act":
-                l_text = out.text_loss
-            else:
-                l_text = self.backbone.text_loss(prompt.coc, state_embeds=None)
-            loss = loss + self.config.lambda_text * l_text
-            metrics["l_text"] = l_text.item()
-        if self.align is not None:
-            fut_h = prompt.gather(out.layers[self.align.layer], prompt.fut_positions)
-            l_align, cos_align = self.align.loss(fut_h, batch[K.Z_FUTURE].to(device, torch.float32),
-                                                 batch[K.FUTURE_VALID].to(device))
-            loss = loss + self.config.lambda_align * l_align
-            metrics.update(l_align=l_align.item(), cos_align=cos_align.item())
+        terms, metrics = self.losses(batch, p_oracle, corruption, generator)
+        loss = self.weighted(terms)
+        metrics.update({name: value.item() for name, value in terms.items()})
         metrics["loss"] = loss.item()
         return loss, metrics
 
     @torch.no_grad()
+    def predict(self, obs: dict[str, Any], corruption: str = "none", generator: torch.Generator | None = None,
+                memory: torch.Tensor | None = None) -> Prediction:
+        """Raw actions (B, H, A) for observations (images, instructions, [state], [z_hist raw], [z_future raw for
+        oracle], [episode_index for shuffle]) and the memory injected.
+
+        The memory is the Prophet's prediction unless `corruption` replaces it or `memory` (B, K, D), standardised,
+        is given (e.g. another rollout's prediction: closed-loop shuffle). E0 ignores both.
+        """
+        enc = self.encode(obs, with_coc=False)
+        injected = None
+        if self.injection is not None:
+            injected = memory.to(self.device, torch.float32) if memory is not None else \
+                self.memory(enc, corruption, self._donors(obs, corruption, generator), generator)
+        return Prediction(self.action_norm.inverse(self.act(enc.act_h, injected).float()),
+                          None if enc.z_pred is None else enc.z_pred.detach())
+
     def predict_action_chunk(self, obs: dict[str, Any], corruption: str = "none",
                              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Raw actions (B, H, A) for observations (images, instructions, [state], [z_hist], [z_future for oracle]).
+        """Raw actions (B, H, A): `predict(...).actions`."""
+        return self.predict(obs, corruption, generator).actions
 
-        The memory is the Prophet's prediction unless `corruption` replaces it (E0 ignores it).
-        """
-        prompt = self.prompt(obs, with_coc=False)
-        act_h, _, _ = self._act_states(obs, prompt)
-        if self.injection is not None:
-            device = act_h.device
-            z_pred = self.prophet(obs[K.Z_HIST].to(device, torch.float32))
-            oracle = obs.get(K.Z_FUTURE)
-            memory = corrupt_memory(corruption, z_pred, None if oracle is None else oracle.to(device),
-                                    self.latent_mean, self.latent_std, generator)
-            act_h = self.injection(act_h, memory)
-        return self.action_norm.inverse(self.action_head.predict(act_h).float())
+    @torch.no_grad()
+    def predict_modes(self, batch: dict[str, Any], modes: Sequence[str],
+                      generators: dict[str, torch.Generator] | None = None,
+                      donors: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Encoded]:
+        """Raw actions (B, H, A) under each corruption mode from ONE backbone pass (only the memory differs), and
+        the encoding (for the world cosines). Without an injection only `none` is computed. `donors`: see
+        `memory` (default: drawn from the batch's episode_index)."""
+        bad = [m for m in modes if m not in MODES]
+        if bad:
+            raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
+        enc = self.encode(batch, with_coc=False)
+        if self.injection is None:
+            modes = [m for m in modes if m == "none"]
+        generators = generators or {}
+        out = {}
+        for mode in modes:
+            if self.injection is None:
+                memory = None
+            else:
+                given = donors if donors is not None or mode != "shuffle" else \
+                    self._donors(batch, mode, generators.get(mode))
+                memory = self.memory(enc, mode, given, generators.get(mode))
+            out[mode] = self.action_norm.inverse(self.act(enc.act_h, memory).float())
+        return out, enc
 
     # ----- persistence ------------------------------------------------------------------------------------------
 
     def _own_state(self) -> dict[str, torch.Tensor]:
-        """Weights and buffers outside the backbone (heads, Prophet, injection, normalisers, latent stats)."""
+        """Weights and buffers outside the backbone (heads, Prophet, injection, token rows, normalisers, latent
+        statistics)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("vlm.")}
 
     def _backbone_trainable(self) -> dict[str, torch.Tensor]:
@@ -333,7 +508,7 @@ class FPlusPolicy(nn.Module):
         backbone = load_backbone(config.backbone, action_horizon=config.action_horizon,
                                  num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None)
         apply_finetune(backbone, config.finetune, config.lora_rank, config.lora_layers,
-                       config.gradient_checkpointing)
+                       config.gradient_checkpointing, config.init_seed)
         action_norm = Normalizer(config.action_dim, config.normalization)
         state_norm = Normalizer(config.state_dim, config.normalization) if config.state_dim else None
         policy = cls(config, backbone, action_norm, state_norm)

@@ -3,13 +3,19 @@
 One sample's sequence (chat template of the backbone's tokenizer; Qwen3-VL shown):
 
     <|im_start|>user\n  [<|vision_start|> <|image_pad|> x N <|vision_end|>] per camera  instruction <|im_end|>\n
-    <|im_start|>assistant\n  [<STATE>]  <FUT_0> .. <FUT_{M-1}>  <ACT_0> .. <ACT_{H-1}>  [CoC text <|im_end|>]  pad ..
+    <|im_start|>assistant\n  [<STATE>]  <ACT_0> .. <ACT_{H-1}>  <FUT_0> .. <FUT_{M-1}>  [\n CoC text <|im_end|>]  pad
 
 N = (image_size / 32)^2 visual tokens per camera for Qwen3-VL (patch 16, merge 2): 224 px -> 49.
 
+The FUT tokens (FLARE alignment, E4) follow the ACT tokens: under causal attention the ACT tokens never see them,
+so adding them leaves E0's ACT hidden states unchanged bit for bit (do-no-harm); they read the same prefix, so
+aligning them to future latents trains the shared backbone to anticipate.
+
 CoC modes:
-    joint_after_act   the CoC text (labelled) follows the ACT tokens in the same causal sequence. With right padding
-                      and causal attention nothing before the ACT tokens' end can see it, and M-RoPE positions of the
+    joint_after_act   a separator (a newline token, unlabelled) and the CoC text (labelled) follow the query tokens
+                      in the same causal sequence. The separator predicts the first CoC token, so no ACT position
+                      carries a text loss (dL_text/d final ACT hidden state = 0). With right padding and causal
+                      attention nothing before the queries' end can see the text, and M-RoPE positions of the
                       prefix do not depend on it, so the ACT hidden states are unchanged (tests check bit equality).
     separate          the action prompt has no CoC; `batch.coc` (or `coc_batch`) is a second prompt, image +
                       instruction + CoC text as the assistant answer, for its own forward pass.
@@ -36,6 +42,8 @@ from fplus.model.backbone import IM_END, IMAGE_PAD, Backbone
 CocMode = Literal["joint_after_act", "separate"]
 COC_MODES = ("joint_after_act", "separate")
 IGNORE = -100
+SEPARATOR = "\n"
+"""Follows the query tokens in a joint CoC prompt; it (not ACT_{H-1} or FUT_{M-1}) predicts the first CoC token."""
 ImageInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
@@ -84,7 +92,7 @@ class PromptBuilder:
         backbone: gives the tokenizer (with its chat template), image processor and special token ids; the action
             horizon H is len(backbone.act_token_ids).
         image_size: square side in pixels; a multiple of backbone.vision_factor (32 for Qwen3-VL).
-        num_fut_tokens: M <FUT_j> tokens before the ACT tokens (0 for none); at most those the backbone has.
+        num_fut_tokens: M <FUT_j> tokens after the ACT tokens (0 for none); at most those the backbone has.
         use_state: put a <STATE> token first in the assistant turn (its embedding is replaced by a state projection).
         coc_mode: "joint_after_act", "separate" or None (see the module docstring).
     """
@@ -123,6 +131,10 @@ class PromptBuilder:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_PAD)
         self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
         self.pad_id = self.tokenizer.pad_token_id
+        separator = self.tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
+        if len(separator) != 1:
+            raise FplusError(f"the tokenizer splits the CoC separator {SEPARATOR!r} into {len(separator)} tokens")
+        self.separator_id = separator[0]
         self._prefix_cache: dict[tuple[int, str], list[int]] = {}
 
     @property
@@ -199,10 +211,12 @@ class PromptBuilder:
                 if self.use_state:
                     state_pos.append(len(ids))
                     ids.append(bb.state_token_id)
-                fut_pos.append(list(range(len(ids), len(ids) + self.num_fut_tokens)))
-                ids += bb.fut_token_ids[: self.num_fut_tokens]
                 act_pos.append(list(range(len(ids), len(ids) + self.horizon)))
                 ids += bb.act_token_ids
+                fut_pos.append(list(range(len(ids), len(ids) + self.num_fut_tokens)))
+                ids += bb.fut_token_ids[: self.num_fut_tokens]
+            if coc_texts is not None and with_queries:
+                ids.append(self.separator_id)  # unlabelled: the last query token predicts nothing
             labels = [IGNORE] * len(ids)
             if coc_texts is not None:
                 text = self.tokenizer(coc_texts[i], add_special_tokens=False)["input_ids"] + [self.im_end_id]

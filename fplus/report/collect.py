@@ -2,11 +2,16 @@
 
 A run directory (written by `fplus.train.recipe`, evaluated by `fplus eval`):
 
-    RUN/config.json                            settings (flat, incl. EXPERIMENT), policy, total_steps, ...
-    RUN/metrics.jsonl                          `train` lines (loss terms, gate, ...) and `val` lines (per epoch)
+    RUN/config.json                            settings (flat, incl. EXPERIMENT), policy (prophet, injection,
+                                               ...), total_steps, ...
+    RUN/metrics.jsonl                          `train` lines (loss terms, gate, ...) and `val` lines (per epoch:
+                                               val_mse_<mode>, gate, val_cos_world[_mean|_copy][_raw])
     RUN/COMPLETE                               training finished
-    RUN/eval/offline-step-XXXXXX.json          offline action MSE per corruption mode (optional)
+    RUN/eval/offline-step-XXXXXX.json          offline action MSE per corruption mode, `world` cosines (optional)
     RUN/eval/sim-<simulator>-step-XXXXXX.json  closed-loop success per task and mode (optional)
+
+A run without an injected memory (config.json `policy.injection` false: E0, E1, E3) has nothing for the corruption
+modes to act on: only `none` is kept of its results (a number under `zero` would only repeat `none` plus noise).
 
 `collect_run` turns one directory into a JSON-ready dict; anything missing (no eval yet, an unfinished run, an
 empty metrics file) becomes None plus a human note, never an exception. Only a path that is not a run directory
@@ -28,11 +33,19 @@ METRICS = "metrics.jsonl"
 COMPLETE = "COMPLETE"
 EVAL_DIR = "eval"
 
-MODES = ("none", "zero", "random", "shuffle", "oracle")
+MODES = ("none", "zero", "random", "shuffle", "oracle", "history")
 """The corruption modes in display order: fplus.model.corruption.MODES (not imported here: it pulls in torch)."""
+MEMORY_MODES = MODES[1:]
+"""The modes that replace the injected memory: meaningless for a run without one."""
 LOSS_TERMS = ("loss", "l_action", "l_world", "l_text", "l_align")
 """Train-line loss terms, total first; a run logs the ones its experiment has."""
 VAL_PREFIX = "val_mse_"
+WORLD_KEYS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": "val_cos_world_copy",
+              "prophet_raw": "val_cos_world_raw", "mean_raw": "val_cos_world_mean_raw",
+              "copy_raw": "val_cos_world_copy_raw"}
+"""World-cosine numbers of a val line (the offline eval's `world` object uses the keys): cos(z_pred, z_future) of
+the Prophet and of two baselines (predict the training mean; copy-last = z_t repeated), in the standardised latent
+space the loss uses and in the raw encoder space (`_raw`)."""
 OFFLINE_RE = re.compile(r"^offline-step-(?P<step>\d+)\.json$")
 SIM_RE = re.compile(r"^sim-(?P<sim>[A-Za-z0-9_.]+)-step-(?P<step>\d+)\.json$")
 
@@ -131,15 +144,61 @@ def _gate_at(step: int, record: Record, train: list[Record]) -> float | None:
     return float(before[-1]) if before else None
 
 
-def collect_offline(path: Path) -> Record:
-    """One offline eval file, with the deltas vs `none` (normalised and raw)."""
+def _policy_flag(config: Record, key: str) -> bool | None:
+    """config.json `policy.<key>` when it is a bool (`injection`, `prophet`), else None (the config does not say)."""
+    policy = config.get("policy")
+    value = policy.get(key) if isinstance(policy, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def _keep_modes(modes: Record, memory: bool) -> Record:
+    """`modes` in display order, without the memory modes when the run has no injected memory."""
+    return {m: modes[m] for m in _ordered_modes(modes) if memory or m not in MEMORY_MODES}
+
+
+def val_world(record: Record) -> Record | None:
+    """{prophet, mean, copy, prophet_raw, mean_raw, copy_raw} (None where not logged) of one val line, or None when
+    it has no world-cosine number."""
+    out = {k: None if record.get(key) is None else float(record[key]) for k, key in WORLD_KEYS.items()}
+    return out if any(v is not None for v in out.values()) else None
+
+
+def delta_gate_points(run: Record) -> dict[str, list[tuple[float, float]]]:
+    """What the delta-vs-gate figure draws: {mode: [(gate, val MSE(mode) - val MSE(none)), ...]} over the run's
+    validation lines (in order) that have a gate and both MSEs; {} for a run without an injected memory."""
+    if not run.get("has_memory", True):
+        return {}
+    points: dict[str, list[tuple[float, float]]] = {}
+    for h in run["val_history"]:
+        if h["gate"] is None or "none" not in h["modes"]:
+            continue
+        for mode, mse in h["modes"].items():
+            if mode != "none":
+                points.setdefault(mode, []).append((h["gate"], mse - h["modes"]["none"]))
+    return {m: points[m] for m in _ordered_modes(points)}
+
+
+def world_series(run: Record) -> dict[str, list[tuple[int, float]]]:
+    """What the world-cosine figure draws: {prophet | mean | copy: [(step, cos), ...]} of the standardised-space
+    cosines over the run's validation lines; {} for a run without them."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for h in run.get("world", {}).get("history", []):
+        for k in ("prophet", "mean", "copy"):
+            if h[k] is not None:
+                series.setdefault(k, []).append((h["step"], h[k]))
+    return series
+
+
+def collect_offline(path: Path, memory: bool = True) -> Record:
+    """One offline eval file, with the deltas vs `none` (normalised and raw) and the world cosines (`world`: None
+    for a run without a Prophet). memory=False keeps only `none` (a run without an injected memory)."""
     data = _read_json(path, "the offline evaluation")
     modes_in = data.get("modes") if isinstance(data, dict) else None
     if not isinstance(modes_in, dict):
         raise FplusError(f"{path} is not an offline evaluation (no `modes` object)")
     base = modes_in.get("none", {})
     modes: Record = {}
-    for mode in _ordered_modes(modes_in):
+    for mode in _keep_modes(modes_in, memory):
         m = modes_in[mode]
         modes[mode] = {
             "mse_norm": m.get("mse_norm"), "mse_raw": m.get("mse_raw"),
@@ -147,33 +206,66 @@ def collect_offline(path: Path) -> Record:
             "delta_raw": None if mode == "none" else _delta(m.get("mse_raw"), base.get("mse_raw")),
             "mse_per_dim_raw": m.get("mse_per_dim_raw"), "cos_world": m.get("cos_world"), "samples": m.get("samples"),
         }
-    return {"file": path.name, "step": data.get("step"), "gate": data.get("gate"), "modes": modes}
+    world = data.get("world")
+    if isinstance(world, dict):
+        world = {k: None if world.get(k) is None else float(world[k]) for k in WORLD_KEYS}
+    else:
+        world = None
+    return {"file": path.name, "step": data.get("step"), "gate": data.get("gate"), "modes": modes, "world": world,
+            "dropped": [] if memory else [m for m in _ordered_modes(modes_in) if m in MEMORY_MODES]}
 
 
-def collect_sim(path: Path, simulator: str) -> Record:
-    """One closed-loop eval file: per task and overall, per mode {successes, episodes, rate, ci95}."""
+def _episodes_per_mode(data: Record, tasks: Record, modes: list[str]) -> dict[str, int | None]:
+    """Episodes per task of each mode: the file's `episodes_per_mode`, else the one count its task cells share, else
+    `episodes_per_task` (files written before modes could differ)."""
+    given = data.get("episodes_per_mode") if isinstance(data.get("episodes_per_mode"), dict) else {}
+    out: dict[str, int | None] = {}
+    for mode in modes:
+        counts = {per[mode].get("episodes") for per in tasks.values()
+                  if mode in per and per[mode].get("successes") is not None}
+        if given.get(mode) is not None:
+            out[mode] = given[mode]
+        elif len(counts) == 1:
+            out[mode] = counts.pop()
+        else:
+            out[mode] = data.get("episodes_per_task")
+    return out
+
+
+def collect_sim(path: Path, simulator: str, memory: bool = True) -> Record:
+    """One closed-loop eval file: per task and overall, per mode {successes, episodes, rate, ci95, note}, and the
+    episodes per task of each mode of `overall` (`episodes_per_mode`). memory=False keeps only `none`."""
     data = _read_json(path, "the closed-loop evaluation")
     if not isinstance(data, dict) or not isinstance(data.get("overall"), dict):
         raise FplusError(f"{path} is not a closed-loop evaluation (no `overall` object)")
 
     def cell(c: Record) -> Record:
-        return {"successes": c.get("successes"), "episodes": c.get("episodes"), "rate": c.get("rate"),
-                "ci95": list(c["ci95"]) if c.get("ci95") is not None else None}
+        out = {"successes": c.get("successes"), "episodes": c.get("episodes"), "rate": c.get("rate"),
+               "ci95": list(c["ci95"]) if c.get("ci95") is not None else None}
+        if c.get("note"):
+            out["note"] = c["note"]
+        return out
 
-    tasks = data.get("tasks") or {}
+    tasks_in = data.get("tasks") or {}
+    tasks = {t: {m: cell(c) for m, c in _keep_modes(per, memory).items()} for t, per in tasks_in.items()}
+    overall = {m: cell(c) for m, c in _keep_modes(data["overall"], memory).items()}
+    present = set(data["overall"]) | {m for per in tasks_in.values() for m in per}
     return {"file": path.name, "simulator": data.get("simulator", simulator), "step": data.get("step"),
-            "episodes_per_task": data.get("episodes_per_task"), "suite": data.get("suite"),
-            "tasks": {t: {m: cell(per[m]) for m in _ordered_modes(per)} for t, per in tasks.items()},
-            "overall": {m: cell(data["overall"][m]) for m in _ordered_modes(data["overall"])}}
+            "episodes_per_task": data.get("episodes_per_task"),
+            "episodes_per_mode": _episodes_per_mode(data, tasks, list(overall)), "suite": data.get("suite"),
+            "tasks": tasks, "overall": overall,
+            "dropped": [] if memory else [m for m in _ordered_modes(present) if m in MEMORY_MODES]}
 
 
 def collect_run(path: Path) -> Record:
     """Everything the report shows about one run directory, as JSON-ready numbers (None = not available).
 
-    Keys: name, path, experiment, description, complete, steps, total_steps, final_train {term: value},
-    final_gate, val_latest {step, epoch, gate, modes {mode: {mse, delta}}}, val_history [{step, epoch, gate,
-    modes {mode: mse}}], offline (see `collect_offline`) | None, sim {simulator: ...} (see `collect_sim`),
-    notes [str].
+    Keys: name, path, experiment, description, complete, steps, total_steps, has_memory (an injected memory:
+    config.json `policy.injection`, else whether memory modes were evaluated), has_prophet, final_train
+    {term: value}, final_gate, val_latest {step, epoch, gate, modes {mode: {mse, delta}}}, val_history [{step,
+    epoch, gate, modes {mode: mse}}], world {latest {step, prophet, mean, copy, prophet_raw, mean_raw, copy_raw} |
+    None, history [the same per val line]}, offline (see `collect_offline`) | None, sim {simulator: ...} (see
+    `collect_sim`), notes [str]. Without an injected memory only `none` is kept of the corruption modes.
     """
     path = Path(path)
     config = check_run_dir(path)
@@ -186,6 +278,8 @@ def collect_run(path: Path) -> Record:
     if not complete:
         notes.append(f"training not complete (step {steps if steps is not None else 0}"
                      + (f" of {total})" if total is not None else ")"))
+    injection = _policy_flag(config, "injection")
+    memory = injection is not False  # unknown: keep every mode, decide below from what was evaluated
 
     last = train[-1] if train else None
     final_train = {t: float(last[t]) for t in LOSS_TERMS if last is not None and last.get(t) is not None}
@@ -193,7 +287,8 @@ def collect_run(path: Path) -> Record:
     final_gate = float(gates[-1]) if gates else None
 
     history = [{"step": r["step"], "epoch": r.get("epoch"), "gate": _gate_at(r["step"], r, train),
-                "modes": val_modes(r)} for r in val]
+                "modes": _keep_modes(val_modes(r), memory)} for r in val]
+    dropped = _ordered_modes({m for r in val for m in val_modes(r)} - {m for h in history for m in h["modes"]})
     scored = [h for h in history if h["modes"]]
     val_latest = None
     if scored:
@@ -204,24 +299,40 @@ def collect_run(path: Path) -> Record:
                                 for m, v in h["modes"].items()}}
     else:
         notes.append("no validation line yet")
+    world_history = [{"step": r["step"], **w} for r in val if (w := val_world(r)) is not None]
+    world = {"latest": world_history[-1] if world_history else None, "history": world_history}
 
     offline_files = _newest(path / EVAL_DIR, OFFLINE_RE)
-    offline = collect_offline(offline_files[""][1]) if offline_files else None
+    offline = collect_offline(offline_files[""][1], memory) if offline_files else None
     if offline is None:
         notes.append(f"no offline eval yet (`fplus eval {path}`)")
     elif steps is not None and offline["step"] is not None and offline["step"] != steps:
         notes.append(f"offline eval is of step {offline['step']}, training is at step {steps}")
-    sim = {name: collect_sim(p, name) for name, (_, p) in sorted(_newest(path / EVAL_DIR, SIM_RE).items())}
+    sim = {name: collect_sim(p, name, memory) for name, (_, p) in sorted(_newest(path / EVAL_DIR, SIM_RE).items())}
     if not sim:
         notes.append("no closed-loop eval yet")
+
+    if injection is None:
+        found = [m for h in history for m in h["modes"]] + list((offline or {}).get("modes", {}))
+        found += [m for s in sim.values() for m in s["overall"]]
+        has_memory = any(m in MEMORY_MODES for m in found)
+    else:
+        has_memory = injection
+    prophet = _policy_flag(config, "prophet")
+    has_prophet = prophet if prophet is not None else bool(world_history or (offline or {}).get("world"))
+    for where, modes in [("validation", dropped), *([(offline["file"], offline["dropped"])] if offline else []),
+                         *((s["file"], s["dropped"]) for s in sim.values())]:
+        if modes:
+            notes.append(f"no injected memory (config.json policy.injection is false): the {', '.join(modes)} "
+                         f"results of {where} are not shown")
 
     return {"name": path.name, "path": str(path), "experiment": experiment,
             "description": DESCRIPTIONS.get(experiment or "", "custom run" if experiment is None else ""),
             "dataset": settings.get("DATASET"), "backbone": settings.get("BACKBONE"),
             "complete": complete, "steps": steps, "total_steps": total,
-            "steps_per_epoch": config.get("steps_per_epoch"),
+            "steps_per_epoch": config.get("steps_per_epoch"), "has_memory": has_memory, "has_prophet": has_prophet,
             "final_train": final_train, "final_gate": final_gate, "val_latest": val_latest, "val_history": history,
-            "offline": offline, "sim": sim, "notes": notes}
+            "world": world, "offline": offline, "sim": sim, "notes": notes}
 
 
 def collect(runs: list[Path]) -> Record:

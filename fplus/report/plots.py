@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fplus.report.collect import delta_gate_points, world_series
+
 Record = dict[str, Any]
 
 DPI = 110
@@ -22,7 +24,9 @@ TERM_TITLES = {
     "val_mse_none": "validation action MSE (none)",
 }
 MODE_COLORS = {"none": "#7f7f7f", "zero": "#1f77b4", "random": "#ff7f0e", "shuffle": "#9467bd",
-               "oracle": "#2ca02c"}
+               "oracle": "#2ca02c", "history": "#8c564b"}
+WORLD_LINES = {"prophet": ("Prophet", "#d62728", "-"), "mean": ("training mean", "#7f7f7f", ":"),
+               "copy": ("copy-last (z_t repeated)", "#1f77b4", "--")}
 
 
 def _figure(width: float, height: float):
@@ -141,34 +145,56 @@ def gate_curves(runs: list[Record], series: dict[str, tuple[list[Record], list[R
     return _save(fig, path)
 
 
-def delta_vs_gate(runs: list[Record], path: Path) -> Path | None:
-    """Per run, at each validation (checkpoint): x = gate, y = val_mse_<mode> - val_mse_none, one series per mode."""
-    usable = []
-    for run in runs:
-        pts = [h for h in run["val_history"] if h["gate"] is not None and "none" in h["modes"] and len(h["modes"]) > 1]
-        if pts:
-            usable.append((run, pts))
-    if not usable:
-        return None
-    fig = _figure(4.6 * len(usable) + 1.0, 3.7)
-    axes = fig.subplots(1, len(usable), squeeze=False, sharey=True).ravel()
-    for ax, (run, pts) in zip(axes, usable, strict=True):
-        modes = [m for m in pts[-1]["modes"] if m != "none"]
-        for j, mode in enumerate(modes):
-            xy = [(h["gate"], h["modes"][mode] - h["modes"]["none"]) for h in pts if mode in h["modes"]]
-            xs, ys = zip(*xy, strict=True)
-            ax.plot(xs, ys, marker="o", ms=4, lw=1.2, color=mode_color(mode, j), label=mode)
-        ax.axhline(0, color="black", lw=0.6)
-        ax.set_title(f"{run['label']}: corruption delta vs gate", fontsize=10)
-        ax.set_xlabel("gate at checkpoint  tanh(g)")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val MSE(mode) - val MSE(none)")
+def _shared_legend(fig, axes, title: str | None = None) -> None:
     legend: dict = {}
     for ax in axes:
         handles, labels = ax.get_legend_handles_labels()
         legend.update({k: v for k, v in zip(labels, handles, strict=True) if k not in legend})
     fig.legend(list(legend.values()), list(legend.keys()), loc="outside right upper", fontsize=8, frameon=False,
-               title="corruption", title_fontsize=8)
+               title=title, title_fontsize=8)
+
+
+def delta_vs_gate(runs: list[Record], path: Path) -> Path | None:
+    """One panel per run with an injected memory: at each validation line, x = gate, y = val MSE(mode) - val
+    MSE(none), one line (with markers) per corruption mode, and the zero line. The points are
+    `fplus.report.collect.delta_gate_points`."""
+    usable = [(run, pts) for run in runs if (pts := delta_gate_points(run))]
+    if not usable:
+        return None
+    fig = _figure(4.6 * len(usable) + 1.0, 3.7)
+    axes = fig.subplots(1, len(usable), squeeze=False, sharey=True).ravel()
+    for ax, (run, points) in zip(axes, usable, strict=True):
+        for j, (mode, xy) in enumerate(points.items()):
+            xs, ys = zip(*xy, strict=True)
+            ax.plot(xs, ys, marker="o", ms=4, lw=1.2, color=mode_color(mode, j), label=mode)
+        ax.axhline(0, color="black", lw=0.6)
+        ax.set_title(f"{run['label']}: corruption delta vs gate", fontsize=10)
+        ax.set_xlabel("gate at the validation  tanh(g)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val MSE(mode) - val MSE(none)")
+    _shared_legend(fig, axes, "corruption")
+    return _save(fig, path)
+
+
+def world_cosine(runs: list[Record], path: Path) -> Path | None:
+    """One panel per run with world cosines: the validation cos(z_pred, z_future) of the Prophet and of the two
+    baselines (training mean, copy-last) over steps, in the standardised latent space. The points are
+    `fplus.report.collect.world_series`."""
+    usable = [(run, series) for run in runs if (series := world_series(run))]
+    if not usable:
+        return None
+    fig = _figure(4.6 * len(usable) + 1.6, 3.5)
+    axes = fig.subplots(1, len(usable), squeeze=False, sharey=True).ravel()
+    for ax, (run, series) in zip(axes, usable, strict=True):
+        for key, pts in series.items():
+            label, color, style = WORLD_LINES[key]
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, ls=style, color=color, marker="o", ms=3, lw=1.4, label=label)
+        ax.set_title(f"{run['label']}: world cosine (validation, standardised)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("cos(prediction, true future)")
+    _shared_legend(fig, axes)
     return _save(fig, path)
 
 

@@ -17,7 +17,7 @@ from typing import Any
 Record = dict[str, Any]
 
 NA = "n/a"  # missing: not computed yet (no eval, no val line); a note says why
-NOT_APPLICABLE = "—"  # the experiment has no such part (E0 has no gate, no world loss, no memory to corrupt)
+NOT_APPLICABLE = "-"  # the experiment has no such part (E0 has no gate, no world loss, no memory to corrupt)
 
 
 @dataclass
@@ -75,6 +75,7 @@ class Plots:
     losses: Path | None = None
     gate: Path | None = None
     delta_vs_gate: Path | None = None
+    world_cosine: Path | None = None
     success: dict[str, Path] = field(default_factory=dict)
 
 
@@ -120,7 +121,7 @@ def runs_table(data: Record) -> Table:
     for run in data["runs"]:
         row = [Cell(run["label"], "text"), Cell(run["description"] or "", "text"), _steps(run),
                Cell("yes" if run["complete"] else "no", "text")]
-        for t in terms:  # no train line at all: n/a; a term the experiment does not have: —
+        for t in terms:  # no train line at all: n/a; a term the experiment does not have: -
             row.append(fmt(run["final_train"].get(t), NA if not run["final_train"] else NOT_APPLICABLE))
         gate = run["final_gate"]
         row.append(fmt(gate, NA if not run["final_train"] else NOT_APPLICABLE) if gate is None
@@ -129,8 +130,11 @@ def runs_table(data: Record) -> Table:
     return Table(header, rows, caption="Final train losses are those of the last logged step.")
 
 
-def _side_by_side(data: Record, pick, value_key: str, delta_key: str, caption: str) -> Table:
-    """Rows: corruption modes; per run: value and delta vs `none`. pick(run) -> {mode: cell} or None."""
+def _side_by_side(data: Record, pick, value_key: str, delta_key: str, caption: str) -> list[Block]:
+    """Rows: corruption modes; per run: value and delta vs `none`. pick(run) -> {mode: cell} or None.
+
+    A run without an injected memory gets `NOT_APPLICABLE` in every memory mode; a run with one that lacks a mode
+    (not evaluated) gets `NA`, with a note under the table."""
     runs = data["runs"]
     groups, header = [("", 1)], ["corruption"]
     for run in runs:
@@ -139,46 +143,129 @@ def _side_by_side(data: Record, pick, value_key: str, delta_key: str, caption: s
         groups.append((f"{run['label']}{step}", 2))
         header += ["MSE", "Δ vs none"]
     rows = []
+    unevaluated: dict[str, list[str]] = {}
     for mode in data["modes"]:
         row = [Cell(mode, "text")]
         for run in runs:
             block = pick(run)
+            if mode != "none" and not run.get("has_memory", True):
+                row += [Cell(NOT_APPLICABLE, "na"), Cell(NOT_APPLICABLE, "na")]
+                continue
             if block is None:
                 row += [Cell(NA, "na"), Cell(NA, "na")]
                 continue
             m = block["modes"].get(mode)
             if m is None:
-                row += [Cell(NOT_APPLICABLE, "na"), Cell(NOT_APPLICABLE, "na")]
+                row += [Cell(NA, "na"), Cell(NA, "na")]
+                unevaluated.setdefault(run["label"], []).append(mode)
                 continue
             row += [fmt(m[value_key]), Cell("", "na") if mode == "none" else fmt_delta(m[delta_key])]
         rows.append(row)
-    return Table(header, rows, groups=groups, caption=caption)
+    blocks: list[Block] = [Table(header, rows, groups=groups, caption=caption)]
+    if unevaluated:
+        blocks.append(Para(f"{NA}: not evaluated in " + "; ".join(f"{label} ({', '.join(modes)})"
+                                                             for label, modes in unevaluated.items()) + ".",
+                           note=True))
+    return blocks
+
+
+def world_table(data: Record) -> list[Block]:
+    """The Prophet's cos(z_pred, z_future) beside the training-mean and copy-last baselines, standardised and raw,
+    from the latest val line and from the offline eval, per run with a Prophet."""
+    keys = ("prophet", "mean", "copy")
+    rows = []
+    for run in data["runs"]:
+        if not run.get("has_prophet"):
+            continue
+        sources = [(f"validation, step {w['step']}", w) if (w := run["world"]["latest"]) else ("validation", None)]
+        if run["offline"] is not None:
+            sources.append((f"offline eval, step {run['offline']['step']}", run["offline"]["world"]))
+        for where, w in sources:
+            row = [Cell(run["label"], "text"), Cell(where, "text")]
+            for suffix in ("", "_raw"):
+                values = [None if w is None else w.get(k + suffix) for k in keys]
+                prophet, copy = values[0], values[2]
+                first = fmt(prophet)
+                if prophet is not None and copy is not None:
+                    first.style = "better" if prophet > copy else "worse"
+                row += [first, fmt(values[1]), fmt(values[2])]
+            rows.append(row)
+    if not rows:
+        return [Para(f"World cosine: {NOT_APPLICABLE} (no run has a Prophet).", note=True)]
+    header = ["run", "from", "Prophet", "training mean", "copy-last", "Prophet", "training mean", "copy-last"]
+    groups = [("", 2), ("standardised", 3), ("raw", 3)]
+    return [
+        Table(header, rows, groups=groups, caption="cos(z_pred, z_future) averaged over the validation samples "
+              "(latest val line of metrics.jsonl) and the offline eval (its `world`); standardised: the latent "
+              "space the loss uses, raw: the encoder's own."),
+        Para("The baselines need no learning: **training mean** always predicts the mean latent of the training "
+             "split, **copy-last** predicts the present latent z_t for every future step (what the present alone "
+             "gives). A Prophet that does not beat copy-last has learnt nothing beyond the present. In the raw "
+             "encoder space near-constant latents make every cosine close to 1; the standardised space (per "
+             "dimension, with the training split's statistics) is the one the loss uses."),
+    ]
+
+
+def _episodes(sim: Record) -> dict[str, int]:
+    """Episodes per task of each mode that has results (from `collect_sim`)."""
+    return {m: n for m, n in (sim.get("episodes_per_mode") or {}).items() if n}
+
+
+def _episodes_text(episodes: dict[str, int]) -> str:
+    return ", ".join(f"{m} {n}" for m, n in episodes.items())
 
 
 def sim_tables(data: Record, simulator: str) -> list[Block]:
+    """The all-tasks table (runs x modes) and one per-task table per run. Runs without an injected memory get
+    `NOT_APPLICABLE` in the memory modes; when the modes of a run used different episode counts, the per-task
+    headers say so ("zero (8 ep.)") and a line under the all-tasks table lists them."""
     runs = [r for r in data["runs"] if simulator in r["sim"]]
     modes: list[str] = []
     for r in runs:
         modes += [m for m in r["sim"][simulator]["overall"] if m not in modes]
+
+    def rate(run: Record, per: Record, mode: str) -> Cell:
+        if mode != "none" and not run.get("has_memory", True):
+            return Cell(NOT_APPLICABLE, "na")
+        return fmt_rate(per.get(mode))
+
     overall_rows = [[Cell(r["label"], "text"), Cell(str(r["sim"][simulator]["step"]))]
-                    + [fmt_rate(r["sim"][simulator]["overall"].get(m)) for m in modes] for r in runs]
+                    + [rate(r, r["sim"][simulator]["overall"], m) for m in modes] for r in runs]
     missing = [r["label"] for r in data["runs"] if simulator not in r["sim"]]
     blocks: list[Block] = [
         Heading(3, f"{simulator}: all tasks"),
         Table(["run", "step", *modes], overall_rows,
               caption="success rate [95% interval] (successes/episodes) per corruption mode"),
     ]
+    unevaluated = [f"{r['label']} ({', '.join(gaps)})" for r in runs if r.get("has_memory", True)
+                   and (gaps := [m for m in modes if m not in r["sim"][simulator]["overall"]])]
+    if unevaluated:
+        blocks.append(Para(f"{NA}: not evaluated in {'; '.join(unevaluated)}.", note=True))
+    uneven = {r["label"]: eps for r in runs if len(set((eps := _episodes(r["sim"][simulator])).values())) > 1}
+    if uneven:
+        blocks.append(Para("Episodes per task differ between modes: " + "; ".join(
+            f"{label}: {_episodes_text(eps)}" for label, eps in uneven.items()) + ".", note=True))
     if missing:
         blocks.append(Para(f"{NA} for {', '.join(missing)}: no {simulator} evaluation yet.", note=True))
     for r in runs:
         sim = r["sim"][simulator]
-        rows = [[Cell(task, "text")] + [fmt_rate(per.get(m)) for m in modes] for task, per in sim["tasks"].items()]
-        rows.append([Cell("overall", "text")] + [fmt_rate(sim["overall"].get(m)) for m in modes])
-        episodes = sim["episodes_per_task"]
+        rows = [[Cell(task, "text")] + [rate(r, per, m) for m in modes] for task, per in sim["tasks"].items()]
+        rows.append([Cell("overall", "text")] + [rate(r, sim["overall"], m) for m in modes])
+        episodes = _episodes(sim)
         suite = f" {sim['suite']}" if sim.get("suite") else ""
+        if len(set(episodes.values())) > 1:
+            header = [f"{m} ({episodes[m]} ep.)" if m in episodes else m for m in modes]
+            counts = f"episodes per task: {_episodes_text(episodes)}, "
+        else:
+            header = list(modes)
+            n = next(iter(episodes.values()), None) or sim["episodes_per_task"]
+            counts = f"{n} episode{'s' if n != 1 else ''} per task and mode, " if n else ""
+        notes = {f"{m} is not in the table: {c['note']}" for per in sim["tasks"].values() for m, c in per.items()
+                 if c.get("note") and m not in modes}
         blocks += [Heading(3, f"{simulator}{suite}: {r['label']} per task"),
-                   Table(["task", *modes], rows, caption=(f"{episodes} episodes per task and mode, " if episodes
-                                                          else "") + f"step {sim['step']}, `{sim['file']}`")]
+                   Table(["task", *header], rows, caption=counts + f"step {sim['step']}, `{sim['file']}`")]
+        if notes:
+            blocks.append(Para("; ".join(sorted(notes)) + ".", note=True))
     return blocks
 
 
@@ -190,7 +277,7 @@ def build_document(data: Record, plots: Plots) -> list[Block]:
         Para(f"Generated {data['generated']} by fplus {data['fplus_version']} from "
              + ", ".join(f"`{r['path']}`" for r in runs) + "."),
         Para(f"`{NA}`: not available yet (see the notes at the end); `{NOT_APPLICABLE}`: the experiment has no such "
-             "part (no world loss, no gate, no memory to corrupt).", note=True),
+             "part (no world loss, no gate, no injected memory for the corruption modes to act on).", note=True),
         Heading(2, "Runs"),
         runs_table(data),
     ]
@@ -205,26 +292,34 @@ def build_document(data: Record, plots: Plots) -> list[Block]:
             Para("Expected: corrupting the memory hurts more as the gate opens; the oracle (true future) helps. "
                  "Δ is the MSE minus the MSE with the uncorrupted memory (`none`); positive = worse.")]
     doc.append(Heading(3, "Validation during training"))
-    doc.append(_side_by_side(data, lambda r: r["val_latest"], "mse", "delta",
-                             "Validation (latest val line of metrics.jsonl), normalised action MSE."))
+    doc += _side_by_side(data, lambda r: r["val_latest"], "mse", "delta",
+                         "Validation (latest val line of metrics.jsonl), normalised action MSE.")
     if plots.delta_vs_gate:
         doc.append(Figure(plots.delta_vs_gate, "corruption delta vs gate",
-                          "At each checkpoint's validation: x = gate, y = val MSE(mode) - val MSE(none)."))
+                          "delta(mode) vs gate over the validation points: per run with an injected memory, at each "
+                          "val line x = gate, y = val MSE(mode) - val MSE(none); above 0 the corruption hurts."))
     else:
-        doc.append(Para(f"Corruption delta vs gate: {NA} (no run has validation lines with a gate and "
-                        "corruption modes yet).", note=True))
+        doc.append(Para(f"Corruption delta vs gate: {NA} (no run with an injected memory has validation lines "
+                        "with a gate and corruption modes yet).", note=True))
     doc.append(Heading(3, "Offline eval"))
     if any(r["offline"] for r in runs):
-        doc.append(_side_by_side(data, lambda r: r["offline"], "mse_norm", "delta_norm",
-                                 "Offline eval (`fplus eval`, newest eval/offline-step-*.json), normalised MSE."))
-        doc.append(_side_by_side(data, lambda r: r["offline"], "mse_raw", "delta_raw",
-                                 "Offline eval, raw action units (MSE averaged over action dimensions)."))
+        doc += _side_by_side(data, lambda r: r["offline"], "mse_norm", "delta_norm",
+                             "Offline eval (`fplus eval`, newest eval/offline-step-*.json), normalised MSE.")
+        doc += _side_by_side(data, lambda r: r["offline"], "mse_raw", "delta_raw",
+                             "Offline eval, raw action units (MSE averaged over action dimensions).")
         missing = [r["label"] for r in runs if r["offline"] is None]
         if missing:
             doc.append(Para(f"Offline eval {NA} for {', '.join(missing)}: run `fplus eval RUN`.", note=True))
     else:
         doc.append(Para(f"Offline eval: {NA} (no run has an eval/offline-step-*.json yet; run `fplus eval RUN`).",
                         note=True))
+
+    doc.append(Heading(2, "World prediction against its baselines"))
+    doc += world_table(data)
+    if plots.world_cosine:
+        doc.append(Figure(plots.world_cosine, "world cosine vs baselines",
+                          "Validation cos(z_pred, z_future) over steps (standardised latents): the Prophet, the "
+                          "training mean and copy-last (z_t repeated)."))
 
     doc.append(Heading(2, "Closed-loop success"))
     simulators = sorted({s for r in runs for s in r["sim"]})

@@ -7,10 +7,12 @@ writes into the output directory
     report.json   the collected numbers (fplus.report.collect): scripts and tests read this
     report.md     Markdown; figures referenced by relative path (plots/*.png)
     report.html   one self-contained file: inline CSS, figures embedded as base64 PNGs
-    plots/        losses.png, gate.png, delta_vs_gate.png, success-<simulator>.png (those with data)
+    plots/        losses.png, gate.png, delta_vs_gate.png, world_cosine.png, success-<simulator>.png (those with
+                  data)
 
-Missing pieces (no eval yet, an unfinished run) appear as "n/a" with a note; a path that is not a run directory
-is an FplusError. Without matplotlib (the `report` extra) the tables are still written, with a note.
+Missing pieces (no eval yet, an unfinished run) appear as "n/a" with a note; parts a run does not have (a gate, a
+world loss, the memory modes of a run without an injected memory) as "-". A path that is not a run directory is an
+FplusError. Without matplotlib (the `report` extra) the tables are still written, with a note.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fplus.report import plots as p
 from fplus.report.render import Plots, build_document, to_html, to_markdown
 
 PLOTS_DIR = "plots"
-PLOT_NAMES = ("losses.png", "gate.png", "delta_vs_gate.png")
+PLOT_NAMES = ("losses.png", "gate.png", "delta_vs_gate.png", "world_cosine.png")
 
 
 @dataclass
@@ -61,6 +63,7 @@ def make_plots(data: dict, out: Path) -> Plots:
         losses=p.loss_curves(runs, series, data["loss_terms"], plot_dir / "losses.png"),
         gate=p.gate_curves(runs, series, plot_dir / "gate.png"),
         delta_vs_gate=p.delta_vs_gate(runs, plot_dir / "delta_vs_gate.png"),
+        world_cosine=p.world_cosine(runs, plot_dir / "world_cosine.png"),
     )
     for sim in sorted({s for r in runs for s in r["sim"]}):
         path = p.success_bars(runs, sim, plot_dir / f"success-{sim}.png")
@@ -88,7 +91,8 @@ def write_report(runs: list[Path], out: Path) -> ReportFiles:
         plots = Plots()
         data["notes"].append("plots n/a: matplotlib is not installed (`pip install 'fplus[report]'`)")
     files = ReportFiles(out=out, markdown=out / "report.md", html=out / "report.html", json=out / "report.json")
-    files.plots = [q for q in (plots.losses, plots.gate, plots.delta_vs_gate, *plots.success.values()) if q]
+    files.plots = [q for q in (plots.losses, plots.gate, plots.delta_vs_gate, plots.world_cosine,
+                               *plots.success.values()) if q]
     data["plots"] = [q.relative_to(out).as_posix() for q in files.plots]
     doc = build_document(data, plots)
     files.json.write_text(json.dumps(data, indent=2) + "\n")

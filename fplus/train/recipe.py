@@ -5,6 +5,8 @@ Every experiment (E0-E4) runs through it; the settings decide which parts of the
     RUN/config.json      resolved settings (flat names), policy config, dataset fingerprint: resume and eval
                          read them from here, never from the current environment
     RUN/split.json       train/validation episodes
+    RUN/latent_stats.json  per-dimension mean and std of the world latents over the training split (the policy
+                         standardises latents with them; they are also in every checkpoint's policy weights)
     RUN/metrics.jsonl    one JSON line per log step (every loss term, gate, cos, lr, samples/s, p_oracle) and per
                          validation (action MSE under each corruption mode, gate)
     RUN/checkpoints/     atomic, verified checkpoints (fplus.train.checkpoint), the newest KEEP_LAST kept
@@ -42,6 +44,25 @@ CONFIG = "config.json"
 SPLIT = "split.json"
 METRICS = "metrics.jsonl"
 COMPLETE = "COMPLETE"
+LATENT_STATS = "latent_stats.json"
+
+
+def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (D,) float32 of the raw world latents (N, D) over the frames of `episodes`
+    (the training split): the standardisation every path applies (DESIGN 4). Accumulated in float64."""
+    total = sq = None
+    n = 0
+    for e in episodes:
+        ep = ds.episode(e)
+        z = np.asarray(latents[ep.start:ep.stop], dtype=np.float64)
+        total = z.sum(0) if total is None else total + z.sum(0)
+        sq = (z * z).sum(0) if sq is None else sq + (z * z).sum(0)
+        n += len(z)
+    if not n:
+        raise FplusError("no training frames to compute the world-latent statistics from")
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
 
 
 def settings_from_run(run_dir: Path) -> Settings:
@@ -143,9 +164,13 @@ class TrainRecipe:
         torch.manual_seed(s.train.seed)
         policy = FPlusPolicy.build(config, ds.stats, self.keys.action, self.keys.state)
         if latents is not None and config.world_dim:
-            rows = np.concatenate([np.arange(ds.episode(e).start, ds.episode(e).stop) for e in self.split.train])
-            z = torch.from_numpy(latents[rows].astype(np.float32))
-            policy.set_latent_stats(z.mean(0), z.std(0))
+            mean, std = latent_stats(latents, ds, self.split.train)
+            policy.set_latent_stats(mean, std)
+            if acc.is_main_process:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                write_text_atomic(self.run_dir / LATENT_STATS, json.dumps(
+                    {"episodes": "train", "frames": int(sum(ds.episode(e).length for e in self.split.train)),
+                     "mean": mean.tolist(), "std": std.tolist()}))
         self.policy_config = config
 
         preload = _fits(ds, self.keys, s.train.frame_cache_gb)
@@ -218,7 +243,7 @@ class TrainRecipe:
                 continue
             if name.startswith("vlm."):
                 backbone.append(p)
-            elif name.startswith("prophet."):
+            elif name.startswith("prophet."):  # the Prophet's context projection included
                 prophet.append(p)
             else:
                 heads.append(p)
@@ -300,6 +325,9 @@ class TrainRecipe:
                     done_here += 1
                     metrics["samples_per_s"] = samples / max(time.perf_counter() - t0, 1e-9)
                     self._after_step(metrics, bar, task)
+                    if s.val_every and self.progress.step % s.val_every == 0 and \
+                            self.progress.step < self.total_steps:
+                        self._log({"kind": "val", **self.validate()})
                     if self.progress.step >= self.total_steps or (self.stop_after and done_here >= self.stop_after):
                         break
                 if self.stop_after and done_here >= self.stop_after and self.progress.step < self.total_steps:
@@ -307,7 +335,8 @@ class TrainRecipe:
                 if self.progress.position >= self.steps_per_epoch * accum:
                     self.progress.epoch += 1
                     self.progress.position = 0
-                    self._log({"kind": "val", **self.validate()})
+                    if s.val_every is None or self.progress.step >= self.total_steps:
+                        self._log({"kind": "val", **self.validate()})
                     if s.save_every is None and self.progress.step < self.total_steps:
                         self.save()
         if not self.progress.position == 0:  # the last step ended mid-epoch (MAX_STEPS): validate once more
@@ -337,21 +366,21 @@ class TrainRecipe:
 
     def validate(self) -> dict[str, float]:
         """Normalised action MSE on the validation episodes under every corruption mode (only `none` without an
-        injected memory), cos(z_pred, z_future) and the gate: one `fplus.eval.offline.evaluate_modes` pass."""
-        from fplus.eval.offline import evaluate_modes
+        injected memory), the Prophet's world cosine beside its mean and copy-last baselines, and the gate: one
+        `fplus.eval.offline.evaluate_modes` pass."""
+        from fplus.eval.offline import WORLD_METRICS, evaluate_modes
 
         policy = self.accelerator.unwrap_model(self.model)
         out: dict[str, float] = {"step": self.progress.step, "epoch": self.progress.epoch}
         if self.val_set is None:
             return out
-        modes = MODES if policy.injection is not None else ("none",)
         with self.accelerator.autocast():
-            results = evaluate_modes(policy, self.val_set, modes, self.settings.train.batch_size,
+            results = evaluate_modes(policy, self.val_set, MODES, self.settings.train.batch_size,
                                      self.settings.train.val_batches)
-        for mode, r in results.items():
+        for mode, r in results["modes"].items():
             out[f"val_mse_{mode}"] = r["mse_norm"]
-        if results["none"]["cos_world"] is not None:
-            out["val_cos_world"] = results["none"]["cos_world"]
+        for key, value in (results["world"] or {}).items():
+            out[WORLD_METRICS[key]] = value
         if policy.injection is not None:
             out["gate"] = policy.injection.gate_value
         return out

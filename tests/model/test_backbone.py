@@ -141,7 +141,7 @@ def test_hidden_states_layers_and_text_loss(backbone):
         backbone.hidden_states(batch, layers=(3,))
 
 
-def test_state_embeds_replace_the_state_input_and_get_gradient(backbone):
+def test_state_embeds_add_to_the_state_input_and_get_gradient(backbone):
     builder = PromptBuilder(backbone, 64, M, True, None)
     batch = builder(images(2), INSTRUCTIONS)
     rows = torch.arange(2)
@@ -155,7 +155,8 @@ def test_state_embeds_replace_the_state_input_and_get_gradient(backbone):
     finally:
         handle.remove()
     x = captured["x"]
-    torch.testing.assert_close(x[rows, batch.state_positions], state, rtol=0, atol=0)
+    state_row = emb(batch.input_ids[rows, batch.state_positions])
+    torch.testing.assert_close(x[rows, batch.state_positions], state_row + state, rtol=0, atol=0)
     ids = batch.input_ids[:, 0]  # any text position keeps its embedding
     torch.testing.assert_close(x[:, 0], emb(ids))
     act = batch.gather(last, batch.act_positions)

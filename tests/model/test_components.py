@@ -7,7 +7,7 @@ import torch
 from fplus.errors import FplusError
 from fplus.model.action_head import ActionHead, masked_mse
 from fplus.model.align import FutureAlignment
-from fplus.model.corruption import corrupt_memory, derangement
+from fplus.model.corruption import corrupt_memory, shuffle_donors
 from fplus.model.injection import GatedCrossAttention
 from fplus.model.normalize import Normalizer
 from fplus.model.prophet import Prophet, world_loss
@@ -108,30 +108,40 @@ def test_corruption_modes():
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(6, 3, 4)
     oracle = torch.randn(6, 3, 4)
-    mean, std = torch.tensor([1.0, -2.0, 0.0, 5.0]), torch.tensor([0.5, 2.0, 1.0, 0.1])
-    assert torch.equal(corrupt_memory("none", pred, oracle, mean, std), pred)
-    assert torch.equal(corrupt_memory("zero", pred, oracle, mean, std), torch.zeros_like(pred))
-    assert torch.equal(corrupt_memory("oracle", pred, oracle, mean, std), oracle)
-    shuffled = corrupt_memory("shuffle", pred, oracle, mean, std, g)
-    rows = [next(j for j in range(6) if torch.equal(shuffled[i], pred[j])) for i in range(6)]
-    assert sorted(rows) == list(range(6)) and all(r != i for i, r in enumerate(rows))
-    big = corrupt_memory("random", torch.zeros(4000, 3, 4), None, mean, std, g)
-    torch.testing.assert_close(big.mean(dim=(0, 1)), mean, atol=0.05, rtol=0)
-    torch.testing.assert_close(big.std(dim=(0, 1)), std, atol=0.05, rtol=0.03)
+    present = torch.randn(6, 4)
+    assert torch.equal(corrupt_memory("none", pred, oracle), pred)
+    assert torch.equal(corrupt_memory("zero", pred, oracle), torch.zeros_like(pred))
+    assert torch.equal(corrupt_memory("oracle", pred, oracle), oracle)
+    history = corrupt_memory("history", pred, oracle, present)
+    assert torch.equal(history, present[:, None].expand(6, 3, 4))
+    donors = torch.tensor([3, 4, 5, 0, 1, 2])
+    assert torch.equal(corrupt_memory("shuffle", pred, donors=donors), pred[donors])
+    big = corrupt_memory("random", torch.zeros(4000, 3, 4), None, generator=g)  # standardised space: N(0, 1)
+    torch.testing.assert_close(big.mean(dim=(0, 1)), torch.zeros(4), atol=0.05, rtol=0)
+    torch.testing.assert_close(big.std(dim=(0, 1)), torch.ones(4), atol=0.05, rtol=0)
     with pytest.raises(FplusError, match="needs the true future"):
-        corrupt_memory("oracle", pred, None, mean, std)
+        corrupt_memory("oracle", pred, None)
+    with pytest.raises(FplusError, match="needs the present"):
+        corrupt_memory("history", pred, oracle)
+    with pytest.raises(FplusError, match="needs donors"):
+        corrupt_memory("shuffle", pred, oracle)
     with pytest.raises(FplusError, match="unknown corruption mode 'noise'"):
-        corrupt_memory("noise", pred, oracle, mean, std)
-    with pytest.raises(FplusError, match="at least 2"):
-        corrupt_memory("shuffle", pred[:1], oracle, mean, std)
+        corrupt_memory("noise", pred, oracle)
 
 
-def test_derangement_has_no_fixed_points():
+def test_shuffle_donors_always_come_from_another_episode():
     g = torch.Generator().manual_seed(1)
-    for n in (2, 3, 7):
+    # validation in episode order used to give 96% same-episode memories; donors never share the episode
+    for episodes in ([0, 0, 0, 1, 1, 1], [5, 5, 2, 2, 7, 7, 7, 9], [0, 1], [3, 3, 1, 1, 1, 2]):
         for _ in range(20):
-            perm = derangement(n, g)
-            assert sorted(perm.tolist()) == list(range(n)) and all(perm[i] != i for i in range(n))
+            perm, ok = shuffle_donors(episodes, g)
+            assert sorted(perm.tolist()) == list(range(len(episodes)))
+            assert ok.all() and all(episodes[perm[i]] != episodes[i] for i in range(len(episodes)))
+    # one episode holds more than half: its surplus cannot get another episode's memory and is marked
+    episodes = [4, 4, 4, 4, 4, 1, 2]
+    perm, ok = shuffle_donors(episodes, g)
+    assert int(ok.sum()) == 4 and all(episodes[perm[i]] != episodes[i] for i in range(7) if ok[i])
+    assert shuffle_donors([3, 3, 3], g) is None and shuffle_donors([1], g) is None
 
 
 def test_normalizer_modes_round_trip():

@@ -45,17 +45,57 @@ def open_gate(policy, value=0.8):
         policy.injection.gate.fill_(value)
 
 
-def test_do_no_harm_e2_equals_e0_with_the_gate_at_zero():
-    e2 = make(prophet=True, injection=True)
-    e0 = make(seed=1)
-    missing, unexpected = e0.load_state_dict(e2.state_dict(), strict=False)
-    assert not missing and all(k.startswith(("prophet.", "injection.", "latent_")) for k in unexpected)
+EXPERIMENT_FLAGS = {
+    "E1": dict(prophet=True),
+    "E2": dict(prophet=True, injection=True),
+    "E3": dict(coc=True),
+    "E4": dict(prophet=True, injection=True, coc=True, flare_align=True),
+}
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENT_FLAGS))
+def test_do_no_harm_every_experiment_starts_as_e0_bit_for_bit(experiment):
+    """Same INIT_SEED, nothing copied: shared modules start identical and the actions equal E0's exactly."""
+    e0 = make()
+    other = make(seed=123, **EXPERIMENT_FLAGS[experiment])  # a different global seed changes nothing
+    shared = {k: v for k, v in e0.state_dict().items() if not k.startswith(("vlm.", "token_rows."))}
+    theirs = other.state_dict()
+    for key, value in shared.items():
+        assert torch.equal(value, theirs[key]), key
+    for token_id in e0.token_rows.ids.tolist():  # the ACT and STATE rows, whatever other tokens E4 adds
+        token = e0.backbone.tokenizer.convert_ids_to_tokens(token_id)
+        theirs_id = other.backbone.tokenizer.convert_tokens_to_ids(token)
+        assert torch.equal(e0.token_rows.row(token_id), other.token_rows.row(theirs_id)), token
     batch = make_batch()
-    a0, a2 = e0.predict_action_chunk(batch), e2.predict_action_chunk(batch)
+    a0 = e0.predict_action_chunk(batch)
     assert a0.shape == (B, H, 4)
-    assert torch.equal(a0, a2)
-    for mode in MODES:  # with the gate at 0 no corruption reaches the actions
-        assert torch.equal(e2.predict_action_chunk(batch, corruption=mode), a0)
+    assert torch.equal(other.predict_action_chunk(batch), a0)
+    if other.injection is not None:  # with the gate at 0 no corruption reaches the actions
+        for mode in MODES:
+            assert torch.equal(other.predict_action_chunk({**batch, "episode_index": [0, 1, 2, 3]}, mode), a0)
+
+
+def test_joint_coc_puts_no_text_loss_on_any_act_position():
+    policy = make(coc=True).train()
+    batch = make_batch()
+    enc = policy.encode(batch, with_coc=True)
+    assert enc.prompt.labels is not None
+    captured = {}
+
+    def keep(grad):
+        captured["g"] = grad
+
+    # the text loss recomputed from a leaf copy of the final hidden states: its gradient per position
+    last = enc.out.last_hidden.detach().requires_grad_(True)
+    last.register_hook(keep)
+    from fplus.model.backbone import lm_loss
+
+    lm_loss(policy.vlm.get_output_embeddings(), last, enc.prompt.labels).backward()
+    grad_at_act = enc.prompt.gather(captured["g"], enc.prompt.act_positions)
+    assert grad_at_act.abs().max().item() == 0.0
+    # the separator right after the queries does carry it (it predicts the first CoC token)
+    sep = enc.prompt.act_positions[:, -1] + 1
+    assert captured["g"][torch.arange(B), sep].abs().sum(-1).min().item() > 0
 
 
 def test_coc_suffix_leaves_act_states_and_actions_unchanged():
@@ -64,13 +104,13 @@ def test_coc_suffix_leaves_act_states_and_actions_unchanged():
     with_coc = policy.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], batch[K.COC_TEXT])
     without = policy.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS])
     assert with_coc.labels is not None and with_coc.input_ids.shape[1] > without.input_ids.shape[1]
-    h_with, _, _ = policy._act_states(batch, with_coc)
-    h_without, _, _ = policy._act_states(batch, without)
+    h_with = policy.encode({**batch, "prompt": with_coc}, True).act_h
+    h_without = policy.encode({**batch, "prompt": without}, False).act_h
     # different sequence lengths change the CPU kernels' blocking: equal up to float rounding ...
     torch.testing.assert_close(h_with, h_without, rtol=1e-5, atol=1e-5)
     # ... and bit for bit when only the tokens after the ACT tokens differ (same padded length)
     padded = policy.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], pad_to=with_coc.input_ids.shape[1])
-    assert torch.equal(policy._act_states(batch, padded)[0], h_with)
+    assert torch.equal(policy.encode({**batch, "prompt": padded}, False).act_h, h_with)
     loss, metrics = policy(batch)
     assert metrics["l_text"] > 0 and torch.isfinite(loss)
 
@@ -84,24 +124,75 @@ def test_gate_gets_gradient_once_the_action_loss_depends_on_memory():
     assert policy.prophet.out.weight.grad.abs().sum() > 0
 
 
+def test_e1_world_loss_reaches_the_backbone_and_changes_the_actions():
+    """E1 is not E0 with a detached side model: L_world trains backbone weights through the Prophet's context."""
+    e1 = make(prophet=True).train()
+    terms, _ = e1.losses(make_batch())
+    terms["l_world"].backward()
+    q = dict(e1.vlm.named_parameters())["model.language_model.layers.0.self_attn.q_proj.weight"]
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    assert e1.token_rows.weight.grad.abs().sum() > 0 and e1.action_head.mlp[1].weight.grad is None
+    # a few steps without gradient clipping: E1's actions move away from E0's
+    e0 = make().train()
+    batch = make_batch()
+    for policy in (e0, e1):
+        policy.zero_grad(set_to_none=True)
+        opt = torch.optim.SGD([p for p in policy.parameters() if p.requires_grad], lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            policy(batch)[0].backward()
+            opt.step()
+    e0.eval()
+    e1.eval()
+    diff = (e0.predict_action_chunk(batch) - e1.predict_action_chunk(batch)).abs().max().item()
+    assert diff > 1e-4
+
+
+def test_latents_are_standardised_inside_the_policy():
+    e2 = make(prophet=True, injection=True)
+    mean, std = torch.linspace(-3, 3, D), torch.linspace(0.01, 2.0, D)
+    e2.set_latent_stats(mean, std)
+    batch = make_batch()
+    enc = e2.encode(batch, with_coc=False)
+    torch.testing.assert_close(enc.z_hist, (batch[K.Z_HIST] - mean) / std)
+    torch.testing.assert_close(enc.z_future, (batch[K.Z_FUTURE] - mean) / std)
+    # a near-constant raw latent (the audited demo case) becomes a spread-out one
+    raw = mean + 0.001 * torch.randn(100, D)
+    e2.set_latent_stats(raw.mean(0), raw.std(0))
+    z = e2.standardize(raw)
+    torch.testing.assert_close(z.mean(0), torch.zeros(D), atol=2e-3, rtol=0)  # float32 of a value near 3
+    torch.testing.assert_close(z.std(0), torch.ones(D), atol=2e-3, rtol=0)
+
+
 def test_corruption_modes_change_the_memory_and_leave_e0_unaffected():
     e2 = make(prophet=True, injection=True)
     open_gate(e2)
-    e2.set_latent_stats(torch.full((D,), 0.5), torch.full((D,), 2.0))
-    batch = make_batch()
+    batch = {**make_batch(), "episode_index": [0, 1, 2, 3]}
     g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     actions = {mode: e2.predict_action_chunk(batch, corruption=mode, generator=g()) for mode in MODES}
-    for mode in ("zero", "random", "shuffle", "oracle"):
+    for mode in ("zero", "random", "shuffle", "oracle", "history"):
         assert not torch.allclose(actions[mode], actions["none"]), mode
+    # one backbone pass for every mode gives the same actions as one pass per mode
+    together, _ = e2.predict_modes(batch, MODES, {m: g() for m in MODES})
+    for mode in MODES:
+        torch.testing.assert_close(together[mode], actions[mode], rtol=1e-5, atol=1e-6)
     # shuffle = the memories of other samples: shuffling a batch of identical samples changes nothing
     same = {k: (v[:1].expand(B, *v.shape[1:]).clone() if torch.is_tensor(v) else [v[0]] * B)
             for k, v in batch.items()}
+    same["episode_index"] = [0, 1, 2, 3]
     a_same = e2.predict_action_chunk(same)
     torch.testing.assert_close(e2.predict_action_chunk(same, corruption="shuffle", generator=g()), a_same)
     # oracle = the true future: the same as injecting z_future through the training path
     loss_oracle, _ = e2(batch, corruption="oracle")
     loss_p1, _ = e2(batch, p_oracle=1.0)
     assert loss_oracle.item() == pytest.approx(loss_p1.item(), rel=1e-6)
+    # history = z_t repeated: the same as giving z_t as every future latent to the oracle path
+    z_t = batch[K.Z_HIST][:, -1:].expand(-1, 4, -1)
+    torch.testing.assert_close(actions["history"],
+                               e2.predict_action_chunk({**batch, K.Z_FUTURE: z_t}, corruption="oracle"))
+    # shuffle without episodes of other samples is refused, never silently a same-episode memory
+    with pytest.raises(FplusError, match="at least two episodes"):
+        e2.predict_action_chunk({**batch, "episode_index": [7] * B}, corruption="shuffle")
     e0 = make()
     a0 = e0.predict_action_chunk(batch)
     for mode in MODES:
@@ -112,6 +203,7 @@ def test_every_loss_term_of_e4():
     policy = make(prophet=True, injection=True, coc=True, flare_align=True).train()
     loss, m = policy(make_batch(), p_oracle=0.9)
     assert set(m) == {"loss", "l_action", "l_world", "cos_world", "gate", "l_text", "l_align", "cos_align"}
+    assert m["gate"] == 0.0
     expected = m["l_action"] + 1.0 * m["l_world"] + 0.1 * m["l_text"] + 0.5 * m["l_align"]
     assert m["loss"] == pytest.approx(expected, rel=1e-5)
     loss.backward()
@@ -154,7 +246,8 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path, finetune):
     policy.save(tmp_path / "policy")
     loaded = FPlusPolicy.load(tmp_path / "policy").eval()
     assert torch.equal(loaded.predict_action_chunk(batch), before)
-    assert torch.equal(loaded.latent_std, policy.latent_std)
+    assert torch.equal(loaded.latent_norm.scale, policy.latent_norm.scale)
+    assert torch.equal(loaded.token_rows.weight, policy.token_rows.weight)
     trainable = [n for n, p in loaded.vlm.named_parameters() if p.requires_grad]
     if finetune == "lora":
         assert trainable and all("lora_" in n for n in trainable)

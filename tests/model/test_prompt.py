@@ -45,10 +45,11 @@ def test_positions_point_at_the_query_tokens(backbone):
     assert (batch.input_ids[rows, batch.act_positions] == torch.tensor(backbone.act_token_ids)).all()
     assert (batch.input_ids[rows, batch.fut_positions] == torch.tensor(backbone.fut_token_ids)).all()
     assert (batch.input_ids[torch.arange(2), batch.state_positions] == backbone.state_token_id).all()
-    # <STATE> <FUT_0..M-1> <ACT_0..H-1> contiguous, ending the (unpadded) sequence
-    order = torch.cat([batch.state_positions[:, None], batch.fut_positions, batch.act_positions], 1)
+    # <STATE> <ACT_0..H-1> <FUT_0..M-1> contiguous, ending the (unpadded) sequence: the FUT tokens come after the
+    # ACT tokens, so under causal attention they cannot change the ACT states (do-no-harm for E4)
+    order = torch.cat([batch.state_positions[:, None], batch.act_positions, batch.fut_positions], 1)
     assert (order.diff(dim=1) == 1).all()
-    assert batch.act_positions[:, -1].add(1).tolist() == valid_lengths(batch)
+    assert batch.fut_positions[:, -1].add(1).tolist() == valid_lengths(batch)
     assert batch.labels is None and batch.coc is None
     # without FUT and STATE
     plain = PromptBuilder(backbone, 64, 0, False, None)(images(2), INSTRUCTIONS)
@@ -63,8 +64,8 @@ def test_chat_template_and_right_padding(backbone):
     n = backbone.visual_tokens(64)
     text = tok.decode(batch.input_ids[0, : valid_lengths(batch)[0]])
     expected = ("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n + "<|vision_end|>pick up the red cup"
-                "<|im_end|>\n<|im_start|>assistant\n<STATE>" + "".join(f"<FUT_{j}>" for j in range(M))
-                + "".join(f"<ACT_{i}>" for i in range(H)))
+                "<|im_end|>\n<|im_start|>assistant\n<STATE>" + "".join(f"<ACT_{i}>" for i in range(H))
+                + "".join(f"<FUT_{j}>" for j in range(M)))
     assert text == expected
     lengths = valid_lengths(batch)
     assert lengths[0] < lengths[1] == batch.input_ids.shape[1]
@@ -82,7 +83,9 @@ def test_labels_only_on_the_coc_text(backbone):
     tok = backbone.tokenizer
     for i in range(2):
         labelled = batch.labels[i] != IGNORE
-        start = int(batch.act_positions[i, -1]) + 1
+        sep = int(batch.fut_positions[i, -1]) + 1  # the separator follows the last query token, unlabelled
+        assert batch.input_ids[i, sep] == tok("\n", add_special_tokens=False)["input_ids"][0]
+        start = sep + 1
         end = valid_lengths(batch)[i]
         assert not labelled[:start].any() and labelled[start:end].all() and not labelled[end:].any()
         assert torch.equal(batch.labels[i, start:end], batch.input_ids[i, start:end])

@@ -18,11 +18,12 @@ from fplus.report import collect as c
 from fplus.report.report import write_report
 
 FPLUS = str(Path(sys.executable).with_name("fplus"))
-ALL_MODES = ("none", "zero", "random", "shuffle", "oracle")
+ALL_MODES = ("none", "zero", "random", "shuffle", "oracle", "history")
+MEMORY_MODES = ALL_MODES[1:]
 TOTAL, PER_EPOCH, LOG_EVERY = 120, 40, 10
 TASKS = ("reach-v3", "push-v3", "drawer-open-v3")
 # How much each corruption mode moves the validation MSE per unit of gate (oracle helps, the rest hurt).
-DELTA_PER_GATE = {"zero": 0.6, "random": 0.9, "shuffle": 0.4, "oracle": -0.25}
+DELTA_PER_GATE = {"zero": 0.6, "random": 0.9, "shuffle": 0.4, "oracle": -0.25, "history": 0.2}
 GATE_MAX = {"E2": 0.35, "E4": 0.5}
 FLOOR = {"E0": 0.09, "E2": 0.06, "E4": 0.045}  # where each experiment's action loss levels off
 
@@ -61,53 +62,85 @@ def _train_line(exp: str, step: int) -> dict:
     return line
 
 
+def _world(exp: str, step: int) -> dict:
+    """The world cosines (Prophet, baselines; standardised and raw) of a run with a Prophet at `step`."""
+    gate = _gate(exp, step)
+    return {"prophet": round(0.5 + gate, 6), "mean": 0.02, "copy": 0.61, "prophet_raw": round(0.995 + gate / 100, 6),
+            "mean_raw": 0.9987, "copy_raw": 0.9991}
+
+
 def _val_line(exp: str, step: int) -> dict:
     none = round(0.5 * math.exp(-step / 60) + 0.7 * FLOOR[exp] + 0.05, 6)
     line = {"step": step, "epoch": step // PER_EPOCH, "kind": "val", "val_mse_none": none}
     if exp in ("E2", "E4"):
         gate = _gate(exp, step)
         line.update({f"val_mse_{m}": round(none + k * gate, 6) for m, k in DELTA_PER_GATE.items()})
-        line.update(val_cos_world=round(0.5 + gate, 6), gate=gate)
+        w = _world(exp, step)
+        line.update(gate=gate, val_cos_world=w["prophet"], val_cos_world_mean=w["mean"],
+                    val_cos_world_copy=w["copy"], val_cos_world_raw=w["prophet_raw"],
+                    val_cos_world_mean_raw=w["mean_raw"], val_cos_world_copy_raw=w["copy_raw"])
+    if exp == "E4":
+        line["val_cos_align"] = 0.7
     return line
 
 
-def _offline(run: Path, exp: str, step: int) -> dict:
+def _offline(run: Path, exp: str, step: int, modes_of_e0=("none",)) -> dict:
     base = {"E0": 0.2, "E2": 0.15, "E4": 0.12}[exp]
     gate = _gate(exp, step) if exp != "E0" else None
     modes = {}
-    for mode in ALL_MODES:
+    for mode in ALL_MODES if exp != "E0" else modes_of_e0:
         shift = 0.0 if gate is None or mode == "none" else DELTA_PER_GATE[mode] * gate
         mse = round(base + shift, 6)
         modes[mode] = {"mse_norm": mse, "mse_raw": round(mse * 0.04, 8), "mse_per_dim_raw": [round(mse * 0.03, 8),
                        round(mse * 0.05, 8)], "cos_world": None if gate is None else 0.8, "samples": 96,
                        "action_steps": 1536}
     return {"run": str(run), "experiment": exp, "step": step, "gate": gate, "action_names": ["dx", "dy"],
-            "modes": modes}
+            "modes": modes, "world": None if exp == "E0" else {**_world(exp, step), "prophet": 0.8}}
 
 
-def _sim(run: Path, exp: str, step: int, modes=("none", "zero", "oracle"), episodes: int = 10) -> dict:
+def _sim(run: Path, exp: str, step: int, modes=("none", "zero", "oracle"), episodes: int = 10,
+         episodes_per_mode: dict | None = None) -> dict:
+    """As fplus.eval.closed_loop writes it: `oracle` cells n/a (and not in `overall`), modes may use fewer episodes
+    than `none` (`episodes_per_mode`; omitted, as in files written before modes could differ, when None)."""
     skill = {"E0": 4, "E2": 6, "E4": 7}[exp]
-    effect = {"none": 0, "zero": -2, "oracle": 1, "random": -3, "shuffle": -1}
+    effect = {"none": 0, "zero": -2, "random": -3, "shuffle": -1, "history": -1}
+    per_mode = {m: (episodes_per_mode or {}).get(m, episodes) for m in modes}
     tasks, overall = {}, {}
     for i, task in enumerate(TASKS):
         tasks[task] = {}
         for m in modes:
-            s = max(0, min(episodes, skill - i + (effect[m] if exp != "E0" else 0)))
-            tasks[task][m] = {"successes": s, "episodes": episodes, "rate": s / episodes, "ci95": _wilson(s, episodes)}
+            if m == "oracle":
+                tasks[task][m] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
+                                  "note": "the future of a live rollout is not observed"}
+                continue
+            n = per_mode[m]
+            s = max(0, min(n, skill - i + (effect[m] if exp != "E0" else 0)))
+            tasks[task][m] = {"successes": s, "episodes": n, "rate": s / n, "ci95": _wilson(s, n)}
     for m in modes:
-        s, n = sum(tasks[t][m]["successes"] for t in TASKS), episodes * len(TASKS)
-        overall[m] = {"successes": s, "episodes": n, "rate": s / n, "ci95": _wilson(s, n)}
-    return {"run": str(run), "experiment": exp, "step": step, "simulator": "metaworld", "episodes_per_task": episodes,
-            "tasks": tasks, "overall": overall}
+        if m != "oracle":
+            s, n = sum(tasks[t][m]["successes"] for t in TASKS), per_mode[m] * len(TASKS)
+            overall[m] = {"successes": s, "episodes": n, "rate": s / n, "ci95": _wilson(s, n)}
+    out = {"run": str(run), "experiment": exp, "step": step, "simulator": "metaworld", "episodes_per_task": episodes,
+           "tasks": tasks, "overall": overall}
+    if episodes_per_mode is not None:
+        out["episodes_per_mode"] = {m: 0 if m == "oracle" else n for m, n in per_mode.items()}
+    return out
+
+
+SIM_OF = {"E0": {"modes": ("none",)},  # no injected memory: the closed loop evaluates `none` only
+          "E2": {"modes": ("none", "zero", "oracle", "history"), "episodes_per_mode": {"zero": 8, "history": 8}},
+          "E4": {"modes": ("none", "zero", "oracle")}}
 
 
 def make_run(root: Path, exp: str, *, upto: int = TOTAL, offline: bool = True, sim: bool = True) -> Path:
-    """A run directory as the training recipe and `fplus eval` leave it, trained to step `upto`."""
+    """A run directory as the training recipe and `fplus eval` leave it, trained to step `upto`. Closed loop: E2's
+    memory modes use 8 episodes per task against 10 for `none`."""
     run = root / exp
     run.mkdir(parents=True)
     settings = {"EXPERIMENT": exp, "DATASET": "outputs/demo/data", "BACKBONE": "tiny", "LOG_EVERY": LOG_EVERY,
                 "MAX_EPOCHS": TOTAL // PER_EPOCH, "OUTPUT_DIR": str(root)}
-    (run / "config.json").write_text(json.dumps({"settings": settings, "policy": {"action_horizon": 8},
+    policy = {"action_horizon": 8, "prophet": exp != "E0", "injection": exp in ("E2", "E4")}
+    (run / "config.json").write_text(json.dumps({"settings": settings, "policy": policy,
                                                  "dataset_fingerprint": "abc123", "fplus_version": "0.1.0",
                                                  "steps_per_epoch": PER_EPOCH, "total_steps": TOTAL}))
     lines = []
@@ -124,7 +157,8 @@ def make_run(root: Path, exp: str, *, upto: int = TOTAL, offline: bool = True, s
         (run / "eval" / f"offline-step-{upto // 2:06d}.json").write_text(json.dumps(_offline(run, exp, upto // 2)))
         (run / "eval" / f"offline-step-{upto:06d}.json").write_text(json.dumps(_offline(run, exp, upto)))
     if sim:
-        (run / "eval" / f"sim-metaworld-step-{upto:06d}.json").write_text(json.dumps(_sim(run, exp, upto)))
+        sim_file = _sim(run, exp, upto, **SIM_OF[exp])
+        (run / "eval" / f"sim-metaworld-step-{upto:06d}.json").write_text(json.dumps(sim_file))
     return run
 
 
@@ -187,13 +221,18 @@ def test_collected_numbers_equal_the_inputs(reported):
         assert off["modes"][mode]["mse_raw"] == written["modes"][mode]["mse_raw"]
     assert off["modes"]["zero"]["delta_norm"] == pytest.approx(0.6 * _gate("E2", 120), abs=2e-6)
     assert off["modes"]["zero"]["delta_raw"] == pytest.approx(0.04 * 0.6 * _gate("E2", 120), abs=1e-7)
-    assert r["E0"]["offline"]["modes"]["shuffle"]["delta_norm"] == 0.0
+    assert list(r["E0"]["offline"]["modes"]) == ["none"] and r["E0"]["offline"]["world"] is None
+    assert off["world"] == written["world"] and off["world"]["prophet"] == 0.8
+    assert [r[k]["has_memory"] for k in r] == [False, True, True] and r["E0"]["has_prophet"] is False
     # closed loop
     sim = r["E2"]["sim"]["metaworld"]
     written = json.loads((runs[1] / "eval" / "sim-metaworld-step-000120.json").read_text())
     assert sim["overall"] == written["overall"] and sim["tasks"] == written["tasks"]
     assert sim["overall"]["none"] == {"successes": 15, "episodes": 30, "rate": 0.5, "ci95": [0.3315, 0.6685]}
-    assert sim["episodes_per_task"] == 10 and list(sim["overall"]) == ["none", "zero", "oracle"]
+    assert sim["overall"]["zero"] == {"successes": 9, "episodes": 24, "rate": 0.375, "ci95": _wilson(9, 24)}
+    assert sim["episodes_per_task"] == 10 and list(sim["overall"]) == ["none", "zero", "history"]
+    assert sim["episodes_per_mode"] == {"none": 10, "zero": 8, "history": 8}
+    assert sim["tasks"]["push-v3"]["oracle"]["successes"] is None
 
 
 def test_files_exist_and_plots_are_valid_pngs(reported):
@@ -203,7 +242,7 @@ def test_files_exist_and_plots_are_valid_pngs(reported):
     for f in (files.markdown, files.html, files.json):
         assert f.is_file() and f.stat().st_size > 0
     names = sorted(p.name for p in files.plots)
-    assert names == ["delta_vs_gate.png", "gate.png", "losses.png", "success-metaworld.png"]
+    assert names == ["delta_vs_gate.png", "gate.png", "losses.png", "success-metaworld.png", "world_cosine.png"]
     assert data["plots"] == [f"plots/{p.name}" for p in files.plots]
     for png in files.plots:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -217,7 +256,7 @@ def test_markdown_and_html_sections(reported):
     _, files, _ = reported
     md, page = files.markdown.read_text(), files.html.read_text()
     for heading in ("# fplus report", "## Runs", "## Action error under corruption of the future memory",
-                    "## Closed-loop success", "## Notes"):
+                    "## World prediction against its baselines", "## Closed-loop success", "## Notes"):
         assert heading in md
     for png in files.plots:  # Markdown: relative paths that exist
         assert f"](plots/{png.name})" in md
@@ -337,7 +376,7 @@ def test_cli(tmp_path):
                          text=True, env={**env, "COLUMNS": "200"}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "plots" / "losses.png").is_file()
-    assert "n/a E4: training not complete (step 80 of 120)" in out.stdout and "4 plot(s)" in out.stdout
+    assert "n/a E4: training not complete (step 80 of 120)" in out.stdout and "5 plot(s)" in out.stdout
     bad = subprocess.run([FPLUS, "report", str(tmp_path), "--out", str(tmp_path / "rep2")], capture_output=True,
                          text=True, env=env, timeout=60)
     assert bad.returncode == 1
@@ -357,3 +396,208 @@ def test_libero_results_show_their_suite_beside_metaworld(tmp_path):
     md = files.markdown.read_text()
     assert "### libero libero_goal: E2 per task" in md and "### metaworld: E2 per task" in md
     assert {p.name for p in files.plots} >= {"success-libero.png", "success-metaworld.png"}
+
+
+# ----- runs without an injected memory, delta vs gate, world baselines, episodes per mode --------------------------
+
+def _md_tables(md: str) -> list[tuple[list[str], list[list[str]], str]]:
+    """(header, rows, caption) of every Markdown table, the caption being the note paragraph that follows it."""
+    parts = md.split("\n\n")
+    out = []
+    for i, part in enumerate(parts):
+        if not part.startswith("| "):
+            continue
+        lines = part.splitlines()
+        header, *rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines if
+                         not line.startswith("|-") and not line.startswith("|---")]
+        caption = parts[i + 1] if i + 1 < len(parts) and parts[i + 1].startswith("_") else ""
+        out.append((header, rows, caption))
+    return out
+
+
+def _table(md: str, caption_starts: str) -> tuple[list[str], list[list[str]]]:
+    found = [(h, r) for h, r, cap in _md_tables(md) if cap.startswith(f"_{caption_starts}")]
+    assert len(found) == 1, f"{len(found)} tables captioned {caption_starts!r}"
+    return found[0]
+
+
+def _column(header: list[str], rows: list[list[str]], name: str) -> dict[str, str]:
+    j = header.index(name)
+    return {row[0]: row[j] for row in rows}
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_runs_without_memory_print_dashes_in_every_memory_mode(tmp_path, legacy):
+    """E0 (policy.injection false) shows `-` under zero, random, shuffle, oracle and history in the validation,
+    offline and closed-loop tables, even when (legacy) its files hold numbers for those modes."""
+    e0, e2 = make_run(tmp_path / "runs", "E0"), make_run(tmp_path / "runs", "E2")
+    if legacy:  # an E0 evaluated as if it had a memory: numbers that only repeat `none`
+        lines = [json.loads(line) for line in (e0 / "metrics.jsonl").read_text().splitlines()]
+        for line in lines:
+            if line["kind"] == "val":
+                line.update({f"val_mse_{m}": line["val_mse_none"] for m in MEMORY_MODES})
+        (e0 / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (e0 / "eval" / "offline-step-000120.json").write_text(json.dumps(_offline(e0, "E0", 120, ALL_MODES)))
+        (e0 / "eval" / "sim-metaworld-step-000120.json").write_text(
+            json.dumps(_sim(e0, "E0", 120, modes=("none", "zero", "shuffle", "history"))))
+    files = write_report([e0, e2], tmp_path / "report")
+    md, page = files.markdown.read_text(), files.html.read_text()
+    data = _by_label(json.loads(files.json.read_text()))
+    for caption in ("Validation", "Offline eval (", "Offline eval, raw"):
+        header, rows = _table(md, caption)
+        modes = {row[0]: row for row in rows}
+        assert list(modes) == list(ALL_MODES)
+        e0_cols = [j for j, h in enumerate(header) if h.startswith("E0")]
+        e2_cols = [j for j, h in enumerate(header) if h.startswith("E2")]
+        assert len(e0_cols) == len(e2_cols) == 2
+        for mode in MEMORY_MODES:
+            assert [modes[mode][j] for j in e0_cols] == ["-", "-"], (caption, mode)
+            assert all(re.fullmatch(r"[+-]?\d[\d.e+-]*", modes[mode][j]) for j in e2_cols), (caption, mode)
+        assert re.fullmatch(r"\d[\d.e-]*", modes["none"][e0_cols[0]])  # E0's own number is shown
+    header, rows = _table(md, "success rate")  # closed loop, all tasks: runs x modes
+    assert header == ["run", "step", "none", "zero", "history"]
+    assert rows[0] == ["E0", "120", "30% [17, 48] (9/30)", "-", "-"] and _wilson(9, 30) == [0.1666, 0.4788]
+    assert rows[1][:3] == ["E2", "120", "50% [33, 67] (15/30)"] and rows[1][3].endswith("(9/24)")
+    header, rows = _table(md, "10 episodes per task and mode")  # E0 per task
+    assert header == ["task", "none", "zero", "history"] and all(row[2:] == ["-", "-"] for row in rows)
+    assert '<td class="na">-</td>' in page
+    # the numbers are not in report.json either
+    assert list(data["E0"]["val_latest"]["modes"]) == ["none"] and data["E0"]["has_memory"] is False
+    assert all(list(h["modes"]) == ["none"] for h in data["E0"]["val_history"])
+    assert list(data["E0"]["offline"]["modes"]) == ["none"]
+    assert list(data["E0"]["sim"]["metaworld"]["overall"]) == ["none"]
+    dropped = [n for n in data["E0"]["notes"] if n.startswith("no injected memory")]
+    if legacy:
+        assert dropped == [
+            "no injected memory (config.json policy.injection is false): the zero, random, shuffle, oracle, "
+            "history results of validation are not shown",
+            "no injected memory (config.json policy.injection is false): the zero, random, shuffle, oracle, "
+            "history results of offline-step-000120.json are not shown",
+            "no injected memory (config.json policy.injection is false): the zero, shuffle, history results of "
+            "sim-metaworld-step-000120.json are not shown"]
+    else:
+        assert dropped == []
+
+
+def test_has_memory_falls_back_to_the_modes_present(tmp_path):
+    """A config.json without `policy.injection` (an older run): a run is taken to have a memory when memory modes
+    were evaluated."""
+    runs = [make_run(tmp_path, exp, sim=False) for exp in ("E0", "E2")]
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        del config["policy"]
+        (run / "config.json").write_text(json.dumps(config))
+    e0, e2 = c.collect(runs)["runs"]
+    assert (e0["has_memory"], e2["has_memory"]) == (False, True)
+    assert (e0["has_prophet"], e2["has_prophet"]) == (False, True)  # world numbers present or not
+    assert list(e2["offline"]["modes"]) == list(ALL_MODES)
+
+
+def _record_lines(monkeypatch) -> tuple[list, list]:
+    """Record (label, [(x, y), ...]) of every Axes.plot and the y of every Axes.axhline (and still draw them)."""
+    from matplotlib.axes import Axes
+
+    drawn, hlines = [], []
+    plot, axhline = Axes.plot, Axes.axhline
+
+    def recording_plot(ax, xs, ys, **kw):
+        drawn.append((kw["label"], list(zip(xs, ys, strict=True))))
+        return plot(ax, xs, ys, **kw)
+
+    def recording_axhline(ax, y=0, **kw):
+        hlines.append(y)
+        return axhline(ax, y, **kw)
+
+    monkeypatch.setattr(Axes, "plot", recording_plot)
+    monkeypatch.setattr(Axes, "axhline", recording_axhline)
+    return drawn, hlines
+
+
+def test_delta_vs_gate_points_equal_the_val_lines(tmp_path, monkeypatch):
+    from fplus.report import plots
+
+    e0, e2 = c.collect([make_run(tmp_path, "E0", sim=False), make_run(tmp_path, "E2", sim=False)])["runs"]
+    val = [_val_line("E2", step) for step in (40, 80, 120)]
+    expected = {m: [(v["gate"], v[f"val_mse_{m}"] - v["val_mse_none"]) for v in val] for m in MEMORY_MODES}
+    points = c.delta_gate_points(e2)
+    assert list(points) == list(MEMORY_MODES) and points == expected
+    assert points["zero"][0] == pytest.approx((_gate("E2", 40), 0.6 * _gate("E2", 40)), abs=2e-6)
+    assert c.delta_gate_points(e0) == {}  # no injected memory: no panel
+    # the figure draws exactly these points, one line per mode, and the zero line
+    drawn, hlines = _record_lines(monkeypatch)
+    assert plots.delta_vs_gate([e0, e2], tmp_path / "d.png") == tmp_path / "d.png"
+    assert dict(drawn) == expected and len(drawn) == len(MEMORY_MODES) and hlines == [0]
+    assert plots.delta_vs_gate([e0], tmp_path / "none.png") is None
+
+
+def test_world_cosine_table_and_figure(reported, tmp_path, monkeypatch):
+    runs, files, data = reported
+    r = _by_label(data)
+    assert r["E2"]["world"]["latest"] == {"step": 120, **_world("E2", 120)}
+    assert [h["step"] for h in r["E2"]["world"]["history"]] == [40, 80, 120]
+    assert r["E0"]["world"] == {"latest": None, "history": []}
+    md = files.markdown.read_text()
+    header, rows = _table(md, "cos(z_pred, z_future)")
+    assert header == ["run", "from", "standardised Prophet", "standardised training mean", "standardised copy-last",
+                      "raw Prophet", "raw training mean", "raw copy-last"]
+    w2, w4 = _world("E2", 120), _world("E4", 80)
+    assert rows == [  # E0 has no Prophet: no row; E4 has no offline eval yet
+        ["E2", "validation, step 120", f"{w2['prophet']:.4g}", "0.02", "0.61", f"{w2['prophet_raw']:.4g}", "0.9987",
+         "0.9991"],
+        ["E2", "offline eval, step 120", "0.8", "0.02", "0.61", f"{w2['prophet_raw']:.4g}", "0.9987", "0.9991"],
+        ["E4", "validation, step 80", f"{w4['prophet']:.4g}", "0.02", "0.61", f"{w4['prophet_raw']:.4g}", "0.9987",
+         "0.9991"]]
+    assert rows[0][2] == "0.8257" and rows[0][5] == "0.9983"
+    assert "A Prophet that does not beat copy-last has learnt nothing beyond the present." in md
+    assert "](plots/world_cosine.png)" in md
+    # the figure: per run, the three standardised curves over the val steps
+    from fplus.report import plots
+
+    assert c.world_series(r["E2"]) == {k: [(s, _world("E2", s)[k]) for s in (40, 80, 120)]
+                                       for k in ("prophet", "mean", "copy")}
+    assert c.world_series(r["E0"]) == {}
+    drawn, _ = _record_lines(monkeypatch)
+    assert plots.world_cosine(data["runs"], tmp_path / "w.png") is not None
+    assert len(drawn) == 6 and drawn[:3] == [
+        ("Prophet", c.world_series(r["E2"])["prophet"]), ("training mean", c.world_series(r["E2"])["mean"]),
+        ("copy-last (z_t repeated)", c.world_series(r["E2"])["copy"])]
+
+
+def test_no_prophet_no_world_table(tmp_path):
+    files = write_report([make_run(tmp_path, "E0")], tmp_path / "out")
+    md = files.markdown.read_text()
+    assert "_World cosine: - (no run has a Prophet)._" in md and "world_cosine.png" not in md
+
+
+def test_closed_loop_tables_say_how_many_episodes_each_mode_used(reported):
+    _, files, _ = reported
+    md = files.markdown.read_text()
+    assert "_Episodes per task differ between modes: E2: none 10, zero 8, history 8._" in md
+    header, rows = _table(md, "episodes per task: none 10, zero 8, history 8, step 120")  # E2 per task
+    assert header == ["task", "none (10 ep.)", "zero (8 ep.)", "history (8 ep.)"]
+    zero = _column(header, rows, "zero (8 ep.)")
+    assert zero["reach-v3"] == f"50% [{100 * _wilson(4, 8)[0]:.0f}, {100 * _wilson(4, 8)[1]:.0f}] (4/8)"
+    assert zero["overall"].endswith("(9/24)")
+    assert "_oracle is not in the table: the future of a live rollout is not observed._" in md
+    header, _ = _table(md, "10 episodes per task and mode, step 120")  # E0: one count, the plain caption
+    assert header == ["task", "none", "zero", "history"]
+
+
+def test_episodes_per_mode_of_files_without_it(tmp_path):
+    """A file written before modes could differ: every mode used `episodes_per_task`; or the task cells tell."""
+    run = make_run(tmp_path, "E2", offline=False, sim=False)
+    (run / "eval").mkdir()
+    path = run / "eval" / "sim-metaworld-step-000120.json"
+    path.write_text(json.dumps(_sim(run, "E2", 120, modes=("none", "zero"))))
+    assert c.collect_sim(path, "metaworld")["episodes_per_mode"] == {"none": 10, "zero": 10}
+    data = _sim(run, "E2", 120, modes=("none", "zero"), episodes_per_mode={"zero": 4})
+    del data["episodes_per_mode"]
+    path.write_text(json.dumps(data))
+    assert c.collect_sim(path, "metaworld")["episodes_per_mode"] == {"none": 10, "zero": 4}
+
+
+def test_the_report_package_never_imports_torch():
+    code = ("import sys; import fplus.report.report, fplus.report.plots, fplus.report.render, fplus.report.collect; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
