@@ -132,8 +132,8 @@ def latent_spread_check(found: str, latents, episode_of) -> Check:
         f"{s['between_frame_std']:.3g} against a mean norm of {s['mean_norm']:.3g} (ratio {s['ratio']:.3g} < "
         f"{DEGENERATE_RATIO}), cosine {s['cos_random_pairs']:.4f} between random frames{consecutive}. fplus "
         "standardises the latents per dimension with the training split's statistics, so training still works, "
-        "but cosine targets on the raw latents are trivial (predicting any frame's latent scores a cosine near 1): judge the Prophet in "
-        "the standardised space against its baselines (`fplus report`)"))
+        "but cosine targets on the raw latents are trivial (predicting any frame's latent scores a cosine near 1): "
+        "judge the Prophet in the standardised space against its baselines (`fplus report`)"))
 
 
 def check_coc(settings: Settings, ds, needs_coc: bool) -> list[Check]:

@@ -65,7 +65,8 @@ def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
 def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str, ...], batch_size: int,
                    max_batches: int | None = None, num_workers: int = 0) -> dict:
     """{"modes": {mode: {mse_norm, mse_raw, mse_per_dim_raw, cos_world, samples, action_steps}}, "world": {prophet,
-    mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None}; the MSEs average over valid action steps.
+    mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None, "skipped": {mode: reason}}; the MSEs average
+    over valid action steps. `shuffle` is skipped (with its reason) when no batch mixes two episodes.
     Policies without an injected memory are evaluated under `none` only (the other modes cannot change them)."""
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -105,20 +106,22 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
         if world is not None:
             _world_sums(policy, enc, world)
     policy.train(was_training)
-    if count["none"] == 0:
+    if not any(count.values()):
         raise FplusError("no validation samples to evaluate (VAL_FRACTION = 0?)")
     world_cos = None if world is None else {k: (t / c if c else None) for k, (t, c) in world.items()}
     out: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
     for mode in modes:
-        if count[mode] == 0:
-            raise FplusError(f"no batch could be evaluated under {mode} (shuffle needs batches of several episodes: "
-                             "raise the batch size or validate on more episodes)")
+        if count[mode] == 0:  # only shuffle can end here
+            skipped[mode] = ("no batch held samples of two episodes (validate on more episodes or with larger "
+                             "batches)")
+            continue
         per_dim = (sq_raw[mode] / count[mode]).cpu().numpy()
         out[mode] = {"mse_norm": sq_norm[mode] / (count[mode] * len(per_dim)), "mse_raw": float(per_dim.mean()),
                      "mse_per_dim_raw": per_dim.tolist(),
                      "cos_world": None if world_cos is None else world_cos["prophet"],
                      "samples": n_samples[mode], "action_steps": count[mode] // 1}
-    return {"modes": out, "world": world_cos}
+    return {"modes": out, "world": world_cos, "skipped": skipped}
 
 
 def resolve_device(device: str) -> str:
@@ -165,7 +168,7 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
               "action_names": ds.features[keys.action].get("names"), "modes": results,
-              "world": evaluated["world"]}
+              "world": evaluated["world"], "skipped": evaluated["skipped"]}
     out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
     if out.is_file():  # an evaluation of other modes of this checkpoint: keep them, newest values win
         merged = {**json.loads(out.read_text())["modes"], **results}

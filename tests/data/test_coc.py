@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import fplus
 from fplus.coc.generate import LabelJob, generate_coc, generate_from_settings, write_jsonl_atomic
-from fplus.coc.phases import MotionSpec, closed_intervals, segment_episode
+from fplus.coc.phases import MotionSpec, Phase, closed_intervals, segment_episode
 from fplus.coc.template import STYLES, compose_text, fit_text, parse_task
 from fplus.coc.tokens import TokenCounter, approximate_count, load_token_counter
 from fplus.coc.validate import compact_ranges, validate_coc
@@ -228,6 +231,53 @@ def test_gripper_dim_threshold_and_no_gripper():
 # -- template ----------------------------------------------------------------------------------------------------
 
 
+def metaworld_sentences() -> dict[str, str]:
+    """TASK_DESCRIPTIONS of fplus.sim.metaworld, read from its source: importing the module needs the `sim` extra
+    (mujoco), the sentences do not."""
+    tree = ast.parse((Path(fplus.__file__).parent / "sim" / "metaworld.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "TASK_DESCRIPTIONS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("TASK_DESCRIPTIONS not found in fplus/sim/metaworld.py")
+
+
+MW_TASKS = metaworld_sentences()
+LIBERO_TASKS = [
+    "put the black bowl on the plate", "open the top drawer and put the bowl inside",
+    "pick up the alphabet soup and place it in the basket", "turn on the stove and put the moka pot on it",
+    "put the black bowl in the bottom drawer of the cabinet and close it", "put the wine bottle on top of the cabinet",
+    "pick up the black bowl between the plate and the ramekin and place it on the plate",
+    "push the plate to the front of the stove", "open the middle drawer of the cabinet",
+]
+
+
+def phase_seq(*spec: tuple[str, int, str]) -> list[Phase]:
+    """Phases tiling [0, T) from (name, frames, direction)."""
+    phases, start = [], 0
+    for name, n, direction in spec:
+        phases.append(Phase(name, start, start + n, direction))
+        start += n
+    return phases
+
+
+# phase sequences of one task: same names with other directions, regrasps, holding from the start, push, reach
+PHASE_SEQS = {
+    "grip": phase_seq(("approach", 8, "along +x"), ("grasp", 3, "down"), ("move", 8, "up"), ("release", 6, "")),
+    "grip_y": phase_seq(("approach", 8, "along +x"), ("grasp", 3, ""), ("move", 8, "along +y"), ("release", 6, "")),
+    "regrasp": phase_seq(("approach", 5, "along +x"), ("grasp", 2, ""), ("move", 3, "along +y"), ("release", 2, ""),
+                         ("approach", 4, "along -x"), ("grasp", 2, ""), ("move", 3, "along -y"), ("release", 3, "up")),
+    "held": phase_seq(("move", 6, "along +x"), ("release", 4, "")),
+    "holding_at_end": phase_seq(("approach", 5, "down"), ("grasp", 3, ""), ("move", 5, "up")),
+    "contact": phase_seq(("approach", 8, "along +x"), ("contact", 8, "along +y"), ("settle", 4, "")),
+    "contact_down": phase_seq(("approach", 7, "along +x"), ("contact", 6, "down"), ("settle", 3, "along +x")),
+    "reach": phase_seq(("approach", 10, "up"), ("settle", 4, "")),
+    "approach_only": phase_seq(("approach", 10, "along +y")),
+}
+BAD_FRAGMENTS = ["toward the gripper", "to the gripper", "approaches the drawer open", "the drawer open (",
+                 "the drawer open,", "the door open (", "the open door is", "  ", " ,", " .", ",,", "..", ", ("]
+DOUBLED = re.compile(r"\b(\w+) \1\b", re.IGNORECASE)  # "the the", "to to", "it it"
+
+
 def test_parse_task():
     assert parse_task("Put the bowl on the plate.") == parse_task("put the bowl on the plate")
     p = parse_task("pick up the red cup and place it on the plate")
@@ -237,20 +287,155 @@ def test_parse_task():
     assert parse_task("open the top drawer of the cabinet").obj == "the top drawer of the cabinet"
     assert parse_task("move the square right").obj == "the square"
     assert parse_task("push the puck to the goal").dest == "to the goal"
+    # (verb, object, result, destination) of the first goal; the result is not part of the object
+    for task, expected in {
+        "pull the drawer open by its handle": ("pull", "the drawer", "open", ""),
+        "push the open door closed": ("push", "the door", "closed", ""),
+        "press the button down from above": ("press", "the button", "down", ""),
+        "push the button in from the front": ("push", "the button", "in", ""),
+        "reach past the wall and push the button in from the front": ("push", "the button", "in", ""),
+        "slide the window open": ("slide", "the window", "open", ""),
+        "turn the dial a quarter turn": ("turn", "the dial", "", ""),
+        "turn the faucet handle to the left to open it": ("turn", "the faucet handle", "", ""),
+        "pick the ring up off the peg": ("pick up", "the ring", "", ""),
+        "pick the peg out of the hole and lift it to the goal": ("pick up", "the peg", "", "to the goal"),
+        "pull the mug away from the coffee machine to the goal": ("pull", "the mug", "", "to the goal"),
+        "sweep the puck off the edge of the table": ("sweep", "the puck", "", "off the edge of the table"),
+        "pick up the puck and place it at the goal on the other side of the wall":
+            ("pick up", "the puck", "", "at the goal on the other side of the wall"),
+        "put the wine bottle on top of the cabinet": ("put", "the wine bottle", "", "on top of the cabinet"),
+        "turn on the stove": ("turn on", "the stove", "on", ""),
+    }.items():
+        p = parse_task(task)
+        assert (p.verb, p.obj, p.result, p.dest) == expected, task
+    # the hand itself: no object, the destination is where the hand goes
+    for task, dest in [("move the gripper to the goal position", "to the goal position"),
+                       ("reach over the wall to the goal position", "to the goal position"),
+                       ("move the gripper into the hole in the table", "into the hole in the table"),
+                       ("reach the goal position", "to the goal position")]:
+        p = parse_task(task)
+        assert (p.obj, p.dest, p.goals[0].hand_only) == ("", dest, True), task
+    assert parse_task("reach over the wall to the goal position").goals[0].via == "over the wall"
+    # where the object is, for verbs that do not carry it there
+    assert parse_task("press the button on the coffee machine").where == "on the coffee machine"
+    assert parse_task("press the button behind the wall down from above").where == "behind the wall"
+    p = parse_task("pick up the black bowl between the plate and the ramekin and place it on the plate")
+    assert (p.obj, p.where, p.dest) == ("the black bowl", "between the plate and the ramekin", "on the plate")
+    # one goal per object; "it" refers back
+    goals = lambda task: [(g.verb, g.obj, g.result, g.dest) for g in parse_task(task).goals]  # noqa: E731
+    assert goals("open the top drawer and put the bowl inside") == [
+        ("open", "the top drawer", "open", ""), ("put", "the bowl", "inside", "")]
+    assert goals("turn on the stove and put the moka pot on it") == [
+        ("turn on", "the stove", "on", ""), ("put", "the moka pot", "", "on the stove")]
+    assert goals("put the black bowl in the bottom drawer of the cabinet and close it") == [
+        ("put", "the black bowl", "", "in the bottom drawer of the cabinet"),
+        ("close", "the bottom drawer of the cabinet", "closed", "")]
+    assert goals("pick up the stick and use it to push the box to the goal") == [
+        ("pick up", "the stick", "", ""), ("push", "the box", "", "to the goal")]
+    assert goals("pick up the hammer and hammer the nail into the wall") == [
+        ("pick up", "the hammer", "", ""), ("hammer", "the nail", "", "into the wall")]
 
 
 def test_texts_give_reasons_from_the_goal():
     phases = segment_episode(*motion_episode(EPISODES[0][1]), MotionSpec())
     text = compose_text(EPISODES[0][0], phases, "full")
     assert text.startswith("The goal is to pick up the red block and place it on the plate. First the hand "
-                           "approaches the red block (steps 0-7), because")
-    assert "(steps 8-10), so that the red block moves with the hand" in text
-    assert "carries the red block until it is on the plate (steps 11-18), because the goal needs" in text
-    assert "Finally the gripper opens (steps 19-24)" in text
+                           "moves along +x to the red block (steps 0-7), because it must reach the red block")
+    assert "closes on the red block (steps 8-10), so that the red block moves with the hand" in text
+    assert ("carries the red block along +y until it is on the plate (steps 11-18), because the red block must "
+            "end up on the plate") in text
+    assert text.endswith("Finally the gripper opens and lets go of the red block while the hand drifts up "
+                         "(steps 19-24), because the red block is on the plate and the goal is reached.")
     press = compose_text(EPISODES[3][0], segment_episode(*motion_episode(EPISODES[3][1]), MotionSpec()), "plain")
-    assert "because it must touch the button before it can press it" in press
+    assert "because it must touch the button before it can press it." in press
     assert "moves the button down, because that is how to press the button from the top" in press
     assert "steps" not in press
+
+
+DEMO_TEXTS = {  # the demo tasks: (task, phases) -> fragments of the full text
+    ("reach-v3", "reach"): ["First the hand moves up to the goal position (steps 0-9), because the task is done once "
+                            "the hand is there.", "because the hand is at the goal position and more motion"],
+    ("push-v3", "contact"): ["First the hand moves along +x to the puck (steps 0-7), because it must touch the puck "
+                             "before it can push it.", "Then it stays in contact and moves the puck along +y",
+                             "because the puck is at the goal and more motion would undo it"],
+    ("drawer-open-v3", "contact"): ["moves along +x to the drawer (steps 0-7), because it must touch the drawer "
+                                    "before it can pull it open.", "because the drawer is open and more motion"],
+    ("button-press-topdown-v3", "contact_down"): [
+        "because it must touch the button before it can press it down.", "moves the button down (steps 7-12)",
+        "drifting slightly along +x (steps 13-15), because the button is down"],
+    ("drawer-open-v3", "grip"): ["moves the drawer up while holding it (steps 11-18) until the drawer is open, "
+                                 "because the goal needs it open."],
+}
+
+
+@pytest.mark.parametrize("key", DEMO_TEXTS, ids=lambda key: "-".join(key))
+def test_demo_task_texts(key):
+    task, seq = key
+    text = compose_text(MW_TASKS[task], PHASE_SEQS[seq], "full")
+    for fragment in DEMO_TEXTS[key]:
+        assert fragment in text
+
+
+def check_text(text: str, task: str, phases: list[Phase], style: str) -> None:
+    """What every label must be: no garbled fragments, capitalised sentences ending with a period, the object named,
+    the phases in order."""
+    parts = parse_task(task)
+    assert not [f for f in BAD_FRAGMENTS if f in text], text
+    assert not DOUBLED.search(text), text
+    for sentence in re.split(r"(?<=\.) ", text):
+        assert sentence[:1].isupper() and sentence.endswith("."), (sentence, text)
+    goal_sentence, _, body = text.partition(". ")
+    assert parts.text in goal_sentence
+    goal_objects = {g.obj for g in parts.goals if g.obj}
+    if style != "minimal":
+        assert any(obj in body for obj in goal_objects) if goal_objects else parts.goals[0].target in body, text
+    if style in ("full", "plain") and len(phases) > 1:
+        openers = re.findall(r"\b(First|Then|Next|Finally) ", body)
+        assert openers[0] == "First" and openers[-1] == "Finally" and len(openers) == len(phases), text
+        assert set(openers[1:-1]) <= {"Then", "Next"}
+    if style == "full":
+        ranges = [f"(steps {p.start}-{p.stop - 1})" if p.length > 1 else f"(step {p.start})" for p in phases]
+        assert [text.index(r) for r in ranges] == sorted(text.index(r) for r in ranges), text
+    if style == "minimal":
+        assert ", ".join(f"{p.name} {p.direction}".rstrip() for p in phases).lower() in text.lower()
+
+
+@pytest.mark.parametrize("task", [*MW_TASKS.values(), *LIBERO_TASKS])
+def test_every_task_reads_well_and_phase_sequences_give_distinct_texts(task):
+    for style in STYLES:
+        texts = {name: compose_text(task, phases, style) for name, phases in PHASE_SEQS.items()}
+        for name, text in texts.items():
+            check_text(text, task, PHASE_SEQS[name], style)
+        assert len(set(texts.values())) == len(texts), f"{style}: some phase sequences share a text"
+        assert texts == {name: compose_text(task, phases, style) for name, phases in PHASE_SEQS.items()}
+
+
+def test_hand_only_tasks_say_where_the_hand_goes():
+    for task in ("move the gripper to the goal position", "reach over the wall to the goal position"):
+        for phases in PHASE_SEQS.values():
+            for style in ("full", "plain", "short"):
+                text = compose_text(task, phases, style)
+                assert "the goal position" in text.partition(". ")[2] and "toward the gripper" not in text
+    text = compose_text("reach over the wall to the goal position", PHASE_SEQS["contact"], "plain")
+    assert text == ("The goal is to reach over the wall to the goal position. First the hand moves along +x over the "
+                    "wall toward the goal position, because the task is done once the hand is there. Then it turns "
+                    "and moves along +y, because the goal position lies that way. Finally the hand slows down and "
+                    "stays still, because the hand is at the goal position and more motion would undo it.")
+
+
+def test_grasp_cycles_follow_the_goals():
+    regrasp = PHASE_SEQS["regrasp"]
+    text = compose_text("open the top drawer and put the bowl inside", regrasp, "plain")  # one cycle per goal
+    assert "closes on the top drawer, so that" in text and "so that the hand is free for the bowl" in text
+    assert "moves along -x to the bowl, because it must reach the bowl" in text
+    assert text.endswith("because the bowl is inside and the goal is reached.")
+    one_cycle = compose_text("open the top drawer and put the bowl inside", PHASE_SEQS["grip"], "plain")
+    assert one_cycle.endswith("because the top drawer is open.")  # the bowl is not in yet
+    tool = compose_text("pick up the hammer and hammer the nail into the wall", regrasp, "plain")
+    assert "closes on the nail" not in tool and "closes on the hammer a second time" in tool
+    assert "moves the hammer along +y while holding it, so as to hammer the nail into the wall." in tool
+    short = compose_text("put the cube in the bowl", regrasp, "short")
+    assert "close the gripper a second time, so the cube moves with the hand" in short
 
 
 def test_fit_text_uses_the_richest_style_that_fits():
