@@ -214,8 +214,56 @@ def check_simulator(settings: Settings) -> list[Check]:
     return [Check(f"sim {sim}", "ok", detail)]
 
 
+# Decoder layers of the backbones the aliases name (the loss-path check needs them without loading a config).
+KNOWN_LAYERS = {"Qwen/Qwen3-VL-2B-Instruct": 28, "Qwen/Qwen3-VL-4B-Instruct": 36, "Qwen/Qwen3-VL-8B-Instruct": 36,
+                "Qwen/Qwen2.5-VL-3B-Instruct": 36, "random-qwen3-vl-2b": 28, "random-qwen3-vl-4b": 36, "tiny": 2}
+
+
+def backbone_layers(name: str) -> int | None:
+    """Decoder layers of a backbone from the table above or its config (local directory, or the hub cache);
+    None when unknown (offline)."""
+    from fplus.model.backbone import resolve_name
+
+    source = resolve_name(name)
+    if source in KNOWN_LAYERS:
+        return KNOWN_LAYERS[source]
+    try:
+        from transformers import AutoConfig
+
+        return int(AutoConfig.from_pretrained(source).get_text_config().num_hidden_layers)
+    except Exception:  # noqa: BLE001 -- offline or not a model: the check says it could not tell
+        return None
+
+
+def check_loss_paths(settings: Settings) -> list[Check]:
+    """Every matrix experiment's active losses can reach a trainable weight (DESIGN 5): e.g. FLARE's ALIGN_LAYER
+    must sit at or above the first LoRA layer. The same check the policy runs when it is built."""
+    from fplus.experiments import EXPERIMENTS
+    from fplus.model.policy import PolicyConfig
+    from fplus.settings import load_settings, settings_to_flat
+
+    layers = backbone_layers(settings.model.backbone)
+    if layers is None:
+        return [Check("loss paths", "warn", f"not checked: the depth of {settings.model.backbone} is unknown here")]
+    flat = {k: v for k, v in settings_to_flat(settings).items()
+            if v is not None and k not in ("PROPHET", "INJECTION", "COC", "FLARE_ALIGN", "EXPERIMENT")}
+    problems = []
+    for experiment in settings.run.experiments:
+        if experiment not in EXPERIMENTS:
+            continue
+        exp = load_settings(None, {**flat, "EXPERIMENT": experiment}, environ={}, dotenv=None)
+        try:
+            PolicyConfig.from_settings(exp, action_dim=1, state_dim=None, world_dim=1).check_loss_paths(layers)
+        except FplusError as err:
+            problems.append(f"{experiment}: {err}")
+    if problems:
+        return [Check("loss paths", "fail", "; ".join(problems))]
+    return [Check("loss paths", "ok", f"every active loss of {', '.join(settings.run.experiments)} reaches a "
+                                      f"trainable weight ({settings.model.finetune}, {layers} layers)")]
+
+
 def run_checks(settings: Settings, needs_world: bool, needs_coc: bool) -> list[Check]:
-    checks = check_versions() + check_device()
+    checks = check_versions() + check_device() + check_loss_paths(settings)
     data_checks, ds = check_dataset(settings)
     checks += data_checks + check_latents(settings, ds, needs_world) + check_coc(settings, ds, needs_coc)
     checks += check_disk(settings) + check_simulator(settings)

@@ -92,3 +92,15 @@ def test_spread_latents_are_ok_with_the_ratio(tmp_path, monkeypatch):
     assert check.status == "ok" and ratio > 1
     assert check.detail == (f"{tmp_path / 'entry'}: 11 x 8, spread ratio {ratio:.3g} (between-frame std / mean norm; "
                             "degenerate below 0.05)")
+
+
+def test_loss_paths_check_passes_the_shipped_profiles_and_names_a_bad_align_layer():
+    from fplus.doctor import check_loss_paths
+    from fplus.settings import load_settings
+
+    for profile in ("demo", "l40s", "h100"):
+        [check] = check_loss_paths(load_settings(profile, environ={}, dotenv=None))
+        assert check.status == "ok", check.detail
+    [bad] = check_loss_paths(load_settings("l40s", {"LORA_LAYERS": 8}, environ={}, dotenv=None))
+    assert bad.status == "fail"
+    assert "E4: ALIGN_LAYER=14 is below the first LoRA layer 21 (LORA_LAYERS=8 of 28)" in bad.detail

@@ -75,12 +75,13 @@ class Goal:
         """True when the goal moves the hand itself ("reach the goal position"), not an object."""
         return not self.obj
 
-    def verb_it(self, third: bool = False) -> str:
-        """The verb with "it" and the result: "pull it open", "pick it up", "open it"; `third`: "pulls it open"."""
+    def verb_phrase(self, what: str = "it", third: bool = False) -> str:
+        """The verb with `what` and the result: "pull it open", "pick it up", "open it", "turn the dial"; `third`:
+        "pulls it open"."""
         head, *particle = self.verb.split()
         implied = (IMPLIED_RESULTS.get(self.verb), *particle)  # "open it", not "open it open"
         result = [self.result] if self.result and self.result not in implied else []
-        return " ".join([_third(head) if third else head, "it", *particle, *result])
+        return " ".join([_third(head) if third else head, what, *particle, *result])
 
     @property
     def place(self) -> str:
@@ -305,7 +306,7 @@ class _Step:
     contact: bool        # the episode pushes rather than grasps (it has a contact phase)
     grasp_next: bool     # a grasp follows in this cycle
     moves_next: bool     # a contact or move phase follows: this approach is not the last leg
-    held: bool           # a move with no grasp before it in its cycle: holding from the episode start
+    held: bool           # a move with no grasp before it in its cycle: the gripper closed from the episode start
     next_goal: Goal | None  # for a release before another cycle: that cycle's goal
     done: bool           # this goal is the task's last one
     later: tuple[Goal, ...]  # goals no cycle of their own serves ("hammer the nail" after "pick up the hammer")
@@ -400,11 +401,11 @@ def _sentence(s: _Step, with_steps: bool) -> str:
         text = f"{hand} moves{d} back to {obj}{steps}, because the goal is not reached yet."
     elif p.name == "approach":
         to = _join(obj, g.where)
-        text = (f"{hand} moves{d} to {to}{steps}, because it must touch {obj} before it can {g.verb_it()}."
+        text = (f"{hand} moves{d} to {to}{steps}, because it must touch {obj} before it can {g.verb_phrase()}."
                 if s.contact else
                 f"{hand} moves{d} to {to}{steps}, because it must reach {obj} before the gripper can close on it."
                 if s.grasp_next else
-                f"{hand} moves{d} to {to} and {g.verb_it(third=True)}{steps}, {_why(s)}.")
+                f"{hand} moves{d} to {to} and {g.verb_phrase(third=True)}{steps}, {_why(s)}.")
     elif p.name == "grasp" and g.hand_only:
         text = f"{op}the gripper closes{drift}{steps}, so that the fingers stay together on the way {_hand_way(s)}."
     elif p.name == "grasp":
@@ -413,12 +414,16 @@ def _sentence(s: _Step, with_steps: bool) -> str:
         text = (f"{hand} moves{d} {_hand_way(s)} with the gripper closed{steps}, "
                 "because the task is done once the hand is there.")
     elif p.name == "move":
-        who, what = (f"{hand}, already holding {obj},", "it") if s.held else (hand, obj)
-        holding = "" if s.held else " while holding it"
         why = f"so as to {s.later[0].text}" if s.later and not g.state else _why(s)
-        text = (f"{who} carries {_carry(what + d, g.dest)}{steps}, {why}." if g.dest else
-                f"{who} moves {what}{d}{holding}{steps} until {g.outcome}, because the goal needs it {g.result}."
-                if g.result else f"{who} moves {what}{d}{holding}{steps}, {why}.")
+        until = f" until {g.outcome}" if g.outcome else ""
+        if s.held:  # closed from the first frame: holding the object, or pressing with a closed gripper
+            text = f"{hand}, its gripper closed from the start, moves{d}{steps}{until}, {why}."
+        elif g.dest:
+            text = f"{hand} carries {_carry(obj + d, g.dest)}{steps}, {why}."
+        elif g.result:
+            text = f"{hand} moves {obj}{d} while holding it{steps}{until}, because the goal needs it {g.result}."
+        else:
+            text = f"{hand} moves {obj}{d} while holding it{steps}, {why}."
     elif p.name == "release":
         lets_go = "" if g.hand_only else f" and lets go of {obj}"
         text = f"{op}the gripper opens{lets_go}{drift}{steps}, {_release_why(s, short=False)}."
@@ -454,7 +459,6 @@ def _clause(s: _Step) -> str:
     g, p = s.goal, s.phase
     obj, d = g.obj, _dir(p)
     drift = f" while drifting {p.direction}" if p.direction else ""
-    it = obj if s.first else "it"
     if p.name == "approach" and g.hand_only:
         return f"move{d} {_hand_way(s)}, as reaching it is the goal"
     if p.name == "approach" and s.again:
@@ -462,23 +466,24 @@ def _clause(s: _Step) -> str:
     if p.name == "approach":
         return (f"move{d} to {obj}, as it must be touched first" if s.contact else
                 f"move{d} to {obj}, as it must be reached first" if s.grasp_next else
-                f"move{d} to {obj} and {g.verb_it()}, as that does the task")
+                f"move{d} to {obj} and {g.verb_phrase()}, as that does the task")
     if p.name == "grasp" and g.hand_only:
         return f"close the gripper{drift}, to keep the fingers together"
     if p.name == "grasp":
         return f"close the gripper{_nth(s.nth)}{drift}, so {obj} moves with the hand"
     if p.name == "move" and g.hand_only:
         return f"move{d} {_hand_way(s)} with the gripper closed"
+    if p.name == "move" and s.held:
+        return f"move{d} with the gripper closed " + (f"until {g.outcome}" if g.outcome else f"to {g.verb_phrase(obj)}")
     if p.name == "move":
-        return (f"carry {_carry(it + d, g.dest)}" if g.dest else
-                f"move {it}{d} until it is {g.result}" if g.result else
-                f"move {it}{d}, so as to {s.later[0].text}" if s.later else f"move {it}{d}, as that does the task")
+        return (f"carry {_carry('it' + d, g.dest)}" if g.dest else f"move it{d} until it is {g.result}" if g.result
+                else f"move it{d}, so as to {s.later[0].text}" if s.later else f"move it{d}, as that does the task")
     if p.name == "release":
         return f"open the gripper{drift}, {_release_why(s, short=True)}"
     if p.name == "contact" and g.hand_only:
         return f"turn and move{d}, as {g.target} lies that way"
     if p.name == "contact":
-        return f"move {it}{d}, as that does the task"
+        return f"move it{d}, as that does the task"
     if p.name == "settle":
         return f"stay still{drift}, since the goal is reached"
     raise ValueError(f"unknown phase {p.name!r}")

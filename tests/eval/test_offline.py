@@ -50,7 +50,7 @@ def test_all_modes_equal_with_a_closed_gate_and_oracle_differs_once_open(e2_run)
         assert opened[mode]["mse_norm"] != opened["none"]["mse_norm"], mode
     assert opened["none"]["cos_world"] == pytest.approx(closed["none"]["cos_world"])
     assert opened["none"]["samples"] == len(recipe.val_set)
-    assert opened["shuffle"]["samples"] > 0.5 * len(recipe.val_set)  # two val episodes: most batches mix them
+    assert opened["shuffle"]["samples"] > 0.3 * len(recipe.val_set)  # 2 val episodes: a 3-1 batch keeps only 2
     world = evaluated["world"]
     assert world["mean"] == 0.0 and world["prophet"] == opened["none"]["cos_world"]
     # the world cosines are the Prophet's and the baselines' over every valid future step of the val samples
