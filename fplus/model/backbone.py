@@ -248,7 +248,8 @@ class Backbone:
         b = batch.input_ids.shape[0]
         if state_embeds is not None:
             if batch.state_positions is None:
-                raise ValueError("state_embeds given but the prompt has no <STATE> token (build it with use_state=True)")
+                raise ValueError("state_embeds given but the prompt has no <STATE> token "
+                                 "(build it with use_state=True)")
             if state_embeds.shape[0] != b or state_embeds.dim() != 2:
                 raise ValueError(f"state_embeds must be (B={b}, d), got {tuple(state_embeds.shape)}")
         rows = torch.arange(b, device=batch.input_ids.device)

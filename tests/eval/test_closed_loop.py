@@ -35,7 +35,7 @@ def test_online_latents_match_the_offline_causal_clips():
 
 def test_a_frame_gets_the_same_standardised_latent_offline_and_online(tmp_path):
     """The cache (fplus latents) and the closed loop's online encoder, through the same policy's standardisation."""
-    from fplus.data.lerobot import LeRobotDataset, keys_from_settings
+    from fplus.data.lerobot import keys_from_settings
     from fplus.model.policy import FPlusPolicy, PolicyConfig
     from fplus.train.data import PolicySamples
     from fplus.world.cache import find_latents
