@@ -60,7 +60,8 @@ def test_all_modes_equal_with_a_closed_gate_and_oracle_differs_once_open(e2_run)
     for i in range(len(recipe.val_set)):
         sample = recipe.val_set[i]
         batch = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in sample.items()}
-        enc = policy.encode(batch, with_coc=False)
+        with torch.no_grad():
+            enc = policy.encode(batch, with_coc=False)
         copy = enc.z_hist[:, -1:].expand_as(enc.z_future)
         raw = policy.latent_norm.inverse
         for key, (pred, target) in {"prophet": (enc.z_pred, enc.z_future), "copy": (copy, enc.z_future),
