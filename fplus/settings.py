@@ -154,6 +154,8 @@ class TrainSettings(Section):
                                 "the last step is always validated", ge=1)
     logger: Literal["none", "tensorboard", "trackio"] = env("LOGGER", "none", "extra metrics logger")
     frame_cache_gb: float = env("FRAME_CACHE_GB", 4.0, "decode all frames into RAM when they fit in this", ge=0)
+    nonfinite: Literal["error", "skip"] = env("NONFINITE", "error", "a non-finite loss or gradient: stop training "
+                                              "(error) or skip that batch, counting it (skip)")
     lambda_world: float = env("LAMBDA_WORLD", 1.0, "weight of L_world = 1 - cos(z_pred, z_future)", ge=0)
     lambda_text: float = env("LAMBDA_TEXT", 0.1, "weight of the CoC text loss", ge=0)
     lambda_align: float = env("LAMBDA_ALIGN", 0.5, "weight of the FLARE alignment loss", ge=0)
