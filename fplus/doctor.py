@@ -78,11 +78,15 @@ def check_dataset(settings: Settings) -> tuple[list[Check], object | None]:
     try:
         ds = LeRobotDataset.open(d.dataset, revision=d.revision)
     except FplusError as err:
-        status = "warn" if settings.run.make_demo_data else "fail"
-        hint = " (fplus matrix records it)" if settings.run.make_demo_data else ""
+        missing = not Path(d.dataset).exists()
+        status = "warn" if settings.run.make_demo_data and missing else "fail"
+        hint = " (fplus matrix records it)" if status == "warn" else ""
         return [Check("dataset", status, f"{err}{hint}")], None
-    checks = [Check("dataset", "ok", f"{ds.root}: {ds.num_episodes} episodes, {ds.num_frames} frames, "
-                                     f"{len(ds.tasks)} tasks, {ds.fps} fps")]
+    try:
+        checks = [Check("dataset", "ok", f"{ds.root}: {ds.num_episodes} episodes, {ds.num_frames} frames, "
+                                         f"{len(ds.tasks)} tasks, {ds.fps} fps")]
+    except FplusError as err:  # a damaged episodes or tasks table
+        return [Check("dataset", "fail", str(err))], None
     keys = DataKeys(image=d.image_key, wrist_image=d.wrist_image_key, state=d.state_key, action=d.action_key,
                     instruction=d.instruction_key)
     problems = ds.key_problems(keys)
@@ -97,7 +101,14 @@ def check_dataset(settings: Settings) -> tuple[list[Check], object | None]:
             checks.append(Check("dataset keys", "ok", ", ".join(f"{k}={v}" for k, v in keys.named().items())))
         except FplusError as err:
             checks.append(Check("dataset keys", "fail", str(err)))
-    return checks, ds
+    try:
+        values = ds.value_problems()
+    except FplusError as err:  # a data file that cannot be read
+        return checks + [Check("dataset values", "fail", str(err))], None
+    floats = [k for k, f in ds.features.items() if f["dtype"].startswith("float")]
+    if values:  # the later checks read the frame table, which refuses these values
+        return checks + [Check("dataset values", "fail", "; ".join(values))], None
+    return checks + [Check("dataset values", "ok", f"no NaN/inf in {', '.join(floats) or 'the float features'}")], ds
 
 
 def check_latents(settings: Settings, ds, needs_world: bool) -> list[Check]:
@@ -105,14 +116,16 @@ def check_latents(settings: Settings, ds, needs_world: bool) -> list[Check]:
         return [Check("latents", "ok", "no experiment of this profile uses world latents")]
     if ds is None or settings.data.image_key is None:
         return [Check("latents", "warn", "not checked (no dataset)")]
-    from fplus.world.cache import find_latents
+    from fplus.world.cache import LatentsCorrupt, find_latents
 
     w = settings.world
     encoder = w.dino_model if w.source == "dino" else w.vjepa_model
     try:
         entry, latents = find_latents(w.cache_dir, ds, settings.data.image_key, w.source, encoder, w.pooling,
                                       w.temporal_window)
-    except FplusError as err:
+    except LatentsCorrupt as err:  # damaged, changed since written, NaN/inf, or unverifiable: recompute
+        return [Check("latents", "fail", f"{err}")]
+    except FplusError as err:  # not computed yet, unfinished, or made for another dataset version
         return [Check("latents", "warn", f"{err}")]
     return [latent_spread_check(f"{entry}: {latents.shape[0]} x {latents.shape[1]}", latents,
                                 ds.episode_of_frames())]
@@ -146,7 +159,7 @@ def check_coc(settings: Settings, ds, needs_coc: bool) -> list[Check]:
                                      f"(MATRIX_MISSING_COC={settings.run.missing_coc})")]
     from fplus.data.coc import read_coc
 
-    coc = read_coc(Path(path))
+    coc = read_coc(Path(path), max_tokens=settings.coc.max_tokens)
     if coc.problems:
         return [Check("CoC", "fail", f"{len(coc.problems)} problems, e.g. {coc.problems[0]}")]
     if ds is None:

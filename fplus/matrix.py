@@ -9,7 +9,9 @@ Every stage checks what already exists, so a second invocation only reports that
 
 from __future__ import annotations
 
-import json
+import os
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,7 +103,7 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
     """Run the matrix of a profile (see the module docstring)."""
     from fplus.eval.offline import evaluate_run, results_table
     from fplus.model.corruption import MODES
-    from fplus.train.checkpoint import latest_valid
+    from fplus.train.checkpoint import latest_valid, manifest_step
     from fplus.train.run import run_dir_for, run_state, train_run
 
     console = console or Console()
@@ -132,11 +134,14 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
             outcome.runs[experiment] = "complete"
         else:
             console.rule(f"{experiment}: {'resume' if state == 'partial' else 'train'} -> {run_dir}")
-            train_run(settings, run_dir, resume=state == "partial", console=console)
+            train_run(settings, run_dir, resume=state == "partial", console=console, resume_hint=_resume_hint())
             outcome.runs[experiment] = "resumed" if state == "partial" else "trained"
             outcome.did_work = True
         last = latest_valid(run_dir)
-        step = json.loads((last / "checkpoint.json").read_text())["step"]
+        if last is None:
+            raise FplusError(f"{run_dir} is complete but has no usable checkpoint to evaluate; delete "
+                             f"{run_dir / 'COMPLETE'} and run the matrix again to train it again")
+        step = manifest_step(last)
         if not (run_dir / "eval" / f"offline-step-{step:06d}.json").is_file():
             result, _ = evaluate_run(run_dir, MODES, device=settings.eval.device)
             console.print(results_table(result))
@@ -159,6 +164,13 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
         outcome.report = _write_report(runs, report_dir, console)
         outcome.did_work = True
     return outcome
+
+
+def _resume_hint() -> str:
+    """How to resume after a signal stopped a run: the same `fplus matrix` command again."""
+    if os.path.basename(sys.argv[0]) in ("fplus", "main.py") and sys.argv[1:2] == ["matrix"]:
+        return f"run `fplus {shlex.join(sys.argv[1:])}` again to resume it"
+    return "run the same `fplus matrix` again to resume it (it resumes partial runs)"
 
 
 def _write_report(runs: list[Path], out: Path, console: Console) -> Path:

@@ -38,9 +38,10 @@ def validate(
 ) -> None:
     """Check a CoC JSONL file; exits 1 when it has errors.
 
-    Line-numbered errors: invalid JSON, schema (fields, types, both or neither id key), duplicate episodes, empty
-    text, text longer than COC_MAX_TOKENS tokens of BACKBONE's tokenizer; with a dataset (--dataset or DATASET):
-    episodes the dataset lacks, and coverage (a warning unless --require-full-coverage).
+    Line-numbered errors: a line over the size cap (from COC_MAX_TOKENS; skipped unread), not UTF-8 or invalid
+    JSON, schema (fields, types, both or neither id key), duplicate episodes, empty text, text longer than
+    COC_MAX_TOKENS tokens of BACKBONE's tokenizer; with a dataset (--dataset or DATASET): episodes the dataset
+    lacks, and coverage (a warning unless --require-full-coverage).
     """
     import json
 
@@ -63,7 +64,7 @@ def validate(
     if json_output:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        console = Console()
+        console = Console(emoji=False)  # render_report escapes user text; no :emoji: codes either
         for renderable in render_report(report):
             console.print(renderable)
     if not report.ok:
@@ -116,7 +117,7 @@ def generate(
         raise FplusError(f"--position-dims must be comma-separated integers, got {position_dims!r}") from err
     spec = MotionSpec(gripper_dim=None if no_gripper else gripper_dim, grip_threshold=grip_threshold,
                       position_dims=dims)
-    generate_labels(settings, Path(settings.coc.jsonl), Console(), spec=spec, overwrite=overwrite, vlm=vlm,
+    generate_labels(settings, Path(settings.coc.jsonl), Console(emoji=False), spec=spec, overwrite=overwrite, vlm=vlm,
                     vlm_frames=vlm_frames, device=device)
 
 

@@ -34,7 +34,8 @@ def info(
     """Describe a LeRobot v3.0 dataset: features, episodes, tasks, fps, and problems of the configured keys.
 
     Keys configured through options, the profile, .env or the environment (IMAGE_KEY, INSTRUCTION_KEY, ...)
-    are checked; a missing one makes the command fail after the summary, listing the keys that exist.
+    are checked; a missing one makes the command fail after the summary, listing the keys that exist. So does a
+    NaN/inf in a float feature (naming the key, episode and frame).
     """
     from rich.console import Console
 
@@ -51,11 +52,19 @@ def info(
                     instruction=d.instruction_key)
     ds = LeRobotDataset.open(d.dataset, revision=d.revision)
     summary = summarize(ds, keys)
+    try:
+        stats = ds.stats
+    except FplusError:  # non-finite statistics: listed among the value problems
+        stats = {}
     console = Console()
-    for renderable in render(summary, ds.stats):
+    for renderable in render(summary, stats):
         console.print(renderable)
+    problems = summary.value_problems
     if summary.key_problems:
-        raise FplusError("; ".join(summary.key_problems) + f". Keys in the dataset: {', '.join(summary.user_keys)}")
+        problems = ["; ".join(summary.key_problems) + f". Keys in the dataset: {', '.join(summary.user_keys)}",
+                    *problems]
+    if problems:
+        raise FplusError("; ".join(problems))
 
 
 @app.command()
@@ -71,7 +80,8 @@ def demo(
 ) -> None:
     """Record the demo dataset: Meta-World scripted experts -> LeRobot v3.0 (needs the `sim` extra).
 
-    The output is --out, else DATASET. An existing finished dataset is kept unless --overwrite.
+    The output is --out, else DATASET. An existing finished dataset is kept unless --overwrite. An interrupt
+    (SIGINT: exit 130, SIGTERM: 143) removes the partial recording and leaves an existing dataset as it was.
     """
     from rich.console import Console
 
@@ -86,13 +96,26 @@ def demo(
     target = Path(d.dataset)
     console = Console()
     if (target / "meta" / "info.json").is_file() and not overwrite:
-        console.print(f"{target} already holds a dataset; keeping it (--overwrite to record it again)")
+        console.print(f"{target} already holds a dataset; keeping it (--overwrite to record it again)",
+                      markup=False)
         return
-    try:
-        from fplus.data.demo import make_demo_dataset
-    except ImportError as err:
-        raise FplusError(f"the demo needs the `sim` extra (pip install -e '.[sim]'): {err}") from err
-    report = make_demo_dataset(target, tasks=d.demo_tasks, episodes_per_task=d.demo_episodes,
-                               image_size=d.demo_image_size, seed=d.demo_seed, max_steps=d.demo_max_steps,
-                               overwrite=overwrite)
+    from fplus.cli.latents import same_command, say_interrupted, signal_name, sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
+        try:
+            try:
+                from fplus.data.demo import make_demo_dataset
+            except ImportError as err:
+                raise FplusError(f"the demo needs the `sim` extra (pip install -e '.[sim]'): {err}") from err
+            report = make_demo_dataset(target, tasks=d.demo_tasks, episodes_per_task=d.demo_episodes,
+                                       image_size=d.demo_image_size, seed=d.demo_seed, max_steps=d.demo_max_steps,
+                                       overwrite=overwrite)
+        except KeyboardInterrupt as err:  # DemoInterrupted says how far it got
+            name, code = signal_name(err)
+            done = f" after {err.episodes_done} of {err.episodes_total} episodes" \
+                if hasattr(err, "episodes_done") else ""
+            kept = f"{target} still holds the dataset it held before" if (target / "meta" / "info.json").is_file() \
+                else f"nothing was written to {target}"
+            raise say_interrupted(f"{name}{done}: the partial recording was removed and {kept}; record it with "
+                                  f"`{same_command()}`", code) from None
     report.print(console)

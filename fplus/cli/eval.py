@@ -70,11 +70,11 @@ def eval_command(
             video_dir=video, console=console, suite=suite, device=device,
             corrupted_episodes=corrupted_episodes or settings_from_run(run).eval.corrupted_episodes)
         console.print(results_table(result))
-        console.print(f"wrote {path}")
+        console.print(f"wrote {path}", markup=False)
         return
     from fplus.eval.offline import evaluate_run, results_table
 
     result, path = evaluate_run(run, modes, step=checkpoint, batch_size=batch_size, max_batches=max_batches,
                                 device=device)
     console.print(results_table(result))
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", markup=False)

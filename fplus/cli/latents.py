@@ -1,7 +1,17 @@
-"""`fplus latents`: precompute world latents for every frame of a dataset; `fplus latents info PATH`."""
+"""`fplus latents`: precompute world latents for every frame of a dataset; `fplus latents info PATH`.
+
+SIGINT and SIGTERM stop a computation between writes: the batches done stay in the (resumable) cache, one line
+says how far it got and how to resume, and the exit status is 130 (SIGINT) or 143 (SIGTERM).
+"""
 
 from __future__ import annotations
 
+import shlex
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +22,50 @@ from fplus.cli.options import ImageKey, Overwrite, Profile, settings_from_cli
 app = typer.Typer(help="World latents (DINOv2/DINOv3, V-JEPA 2): precompute with a manifest, inspect.")
 
 Source = Annotated[str | None, typer.Option("--source", help="dino | vjepa (WORLD_SOURCE)")]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same cleanup runs."""
+
+    signum = signal.SIGTERM
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """For the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) instead of killing the process unwound."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def signal_name(err: BaseException) -> tuple[str, int]:
+    """("SIGINT", 130) or ("SIGTERM", 143): the signal behind a KeyboardInterrupt and the exit status it gets."""
+    signum = int(getattr(err, "signum", signal.SIGINT))
+    return signal.Signals(signum).name, 128 + signum
+
+
+def same_command() -> str:
+    """The command line of this process, as `fplus ...`, to repeat it."""
+    return shlex.join(["fplus", *sys.argv[1:]])
+
+
+def say_interrupted(message: str, code: int) -> typer.Exit:
+    """Print one line on stderr; the typer.Exit to raise with the signal's exit status."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True, soft_wrap=True, emoji=False, highlight=False).print(
+        f"[bold yellow]interrupted:[/] {escape(message)}")
+    return typer.Exit(code)
 
 
 @app.callback(invoke_without_command=True)
@@ -37,7 +91,7 @@ def compute(
 
     from fplus.data.lerobot import LeRobotDataset, keys_from_settings
     from fplus.errors import FplusError
-    from fplus.world.cache import compute_latents
+    from fplus.world.cache import LatentsInterrupted, compute_latents
     from fplus.world.encoders import build_encoder
 
     world_source = source or None
@@ -52,17 +106,30 @@ def compute(
     if d.dataset is None:
         raise FplusError("no dataset: pass --dataset or set DATASET")
     keys = keys_from_settings(d, require=("image",))
-    ds = LeRobotDataset.open(d.dataset, keys, revision=d.revision)
-    enc = build_encoder(w.source, dino_model=w.dino_model, vjepa_model=w.vjepa_model, pooling=w.pooling,
-                        temporal_window=w.temporal_window, device=device)
     console = Console()
-    result = compute_latents(ds, keys.image, enc, w.cache_dir, w.batch_size, overwrite=overwrite, console=console)
+    with sigterm_as_interrupt():
+        try:
+            ds = LeRobotDataset.open(d.dataset, keys, revision=d.revision)
+            enc = build_encoder(w.source, dino_model=w.dino_model, vjepa_model=w.vjepa_model, pooling=w.pooling,
+                                temporal_window=w.temporal_window, device=device)
+            result = compute_latents(ds, keys.image, enc, w.cache_dir, w.batch_size, overwrite=overwrite,
+                                     console=console)
+        except LatentsInterrupted as err:
+            name, code = signal_name(err)
+            raise say_interrupted(
+                f"{name} after {err.frames_done} of {err.num_frames} frames; the {err.frames_done} frames done are "
+                f"kept in {err.entry}: resume with `{same_command()}`", code) from None
+        except KeyboardInterrupt as err:
+            name, code = signal_name(err)
+            raise say_interrupted(f"{name} before any latents were computed: run `{same_command()}` again",
+                                  code) from None
     if result.status == "complete":
-        console.print(f"latents already complete at {result.entry} (nothing to do; --overwrite to recompute)")
+        console.print(f"latents already complete at {result.entry} (nothing to do; --overwrite to recompute)",
+                      markup=False)
     else:
         rate = result.frames_computed / max(result.seconds, 1e-9)
         console.print(f"{result.status}: {result.frames_computed} frames in {result.seconds:.1f} s "
-                      f"({rate:.1f} frames/s) -> {result.entry}")
+                      f"({rate:.1f} frames/s) -> {result.entry}", markup=False)
 
 
 @app.command()
@@ -71,6 +138,7 @@ def info(
 ) -> None:
     """Print the manifest of a latents cache (or list every entry under a cache directory)."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from fplus.errors import FplusError
@@ -81,20 +149,20 @@ def info(
         manifests = sorted(path.rglob(MANIFEST))
         if not manifests:
             raise FplusError(f"no latents caches under {path}")
-        table = Table(title=f"latents caches under {path}", title_justify="left")
+        table = Table(title=escape(f"latents caches under {path}"), title_justify="left")
         table.add_column("entry", overflow="fold")
         for col in ("frames", "dim", "encoder", "complete"):
             table.add_column(col)
         for m in manifests:
             man = read_manifest(m)
-            table.add_row(str(m.parent.relative_to(path)), str(man["num_frames"]), str(man["dim"]),
-                          man["encoder_id"], "yes" if man.get("complete") else "[yellow]no (resumable)")
+            table.add_row(escape(str(m.parent.relative_to(path))), str(man["num_frames"]), str(man["dim"]),
+                          escape(str(man["encoder_id"])), "yes" if man.get("complete") else "[yellow]no (resumable)")
         console.print(table)
         return
     manifest = read_manifest(path)
-    table = Table(title=str(path), title_justify="left", show_header=False)
+    table = Table(title=escape(str(path)), title_justify="left", show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
     for key, value in manifest.items():
-        table.add_row(key, str(value))
+        table.add_row(escape(key), escape(str(value)))
     console.print(table)

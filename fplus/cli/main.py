@@ -44,7 +44,7 @@ def main() -> None:
         from fplus.errors import FplusError
 
         kind = "error" if isinstance(err, FplusError) else f"error ({type(err).__name__})"
-        Console(stderr=True, soft_wrap=True).print(
+        Console(stderr=True, soft_wrap=True, emoji=False, highlight=False).print(
             f"[bold red]{kind}:[/] {escape(str(err))}  [dim](FPLUS_DEBUG=1 for the traceback)[/]"
         )
         sys.exit(1)

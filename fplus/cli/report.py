@@ -33,4 +33,4 @@ def report(
     for note in files.notes:
         console.print(f"[yellow]n/a[/] {escape(note)}")
     console.print(f"wrote {files.markdown}, {files.html}, {files.json} and {len(files.plots)} plot(s) in "
-                  f"{files.out / 'plots'}")
+                  f"{files.out / 'plots'}", markup=False)

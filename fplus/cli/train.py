@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from typing import Annotated
 
 import typer
@@ -26,7 +28,8 @@ def train(
     -m fplus.cli.main train ... (fsdp.yaml, deepspeed.yaml, multinode.yaml likewise).
 
     The run directory is OUTPUT_DIR/RUN_NAME (default: the experiment id). It holds config.json, split.json,
-    metrics.jsonl and checkpoints/; --resume continues exactly where a killed run stopped.
+    metrics.jsonl and checkpoints/; --resume continues exactly where a killed run stopped. Ctrl-C or SIGTERM
+    finishes the step in progress, saves a checkpoint and exits (130 / 143); a second Ctrl-C aborts at once.
     """
     from rich.console import Console
 
@@ -36,6 +39,14 @@ def train(
                                  MAX_EPOCHS=max_epochs, BATCH_SIZE=batch_size)
     console = Console()
     run_dir = run_dir_for(settings)
-    progress = train_run(settings, run_dir, resume=resume, console=console)
+    progress = train_run(settings, run_dir, resume=resume, console=console, resume_hint=_resume_hint())
     if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun/accelerate
-        console.print(f"finished {run_dir}: {progress.step} steps, {progress.epoch} epochs")
+        console.print(f"finished {run_dir}: {progress.step} steps, {progress.epoch} epochs", markup=False)
+
+
+def _resume_hint() -> str:
+    """ "resume with `fplus train -e E2 --resume`": this invocation's arguments, with --resume."""
+    args = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train"]
+    if "--resume" not in args:
+        args = [*args, "--resume"]
+    return f"resume with `fplus {shlex.join(args)}`"

@@ -1,7 +1,11 @@
 """`validate_coc`: check a CoC JSONL file line by line and, with a dataset, its coverage.
 
+The file is streamed line by line with a line-size cap (`fplus.data.coc.line_cap_bytes`, from COC_MAX_TOKENS), so a
+huge or binary file is rejected in bounded memory and time.
+
 Errors (each with the line it is on; line 0 = the whole file):
-    json             a line is not UTF-8 or not valid JSON
+    line_too_long    a line longer than the cap (its size is reported; the line is skipped unread)
+    json             a line is not UTF-8 (or binary, UTF-16) or not valid JSON
     schema           not an object; both or neither of episode_index / episode_id; an unknown field; a wrong-typed
                      id or coc_text; a missing coc_text
     duplicate        an episode labelled again (the message names the line of the first label)
@@ -9,6 +13,7 @@ Errors (each with the line it is on; line 0 = the whole file):
     too_long         a text longer than COC_MAX_TOKENS tokens of the backbone's tokenizer
     unknown_episode  (with a dataset) an episode index the dataset does not have
     no_labels        the file holds no valid label at all
+    truncated        more than MAX_PROBLEMS (1000) problems: the rest are only counted
 Warnings:
     coverage         (with a dataset) episodes without a label; an error with `require_full_coverage`
 """
@@ -25,7 +30,8 @@ from fplus.data.coc import CocProblem, read_coc
 if TYPE_CHECKING:
     from fplus.data.lerobot import LeRobotDataset
 
-ERROR_KINDS = ("json", "schema", "duplicate", "empty", "too_long", "unknown_episode", "no_labels")
+ERROR_KINDS = ("line_too_long", "json", "schema", "duplicate", "empty", "too_long", "unknown_episode", "no_labels",
+               "truncated")
 
 
 def compact_ranges(values: list[int], max_ranges: int = 12) -> str:
@@ -115,13 +121,13 @@ def validate_coc(
     """Check a CoC file (see the module docstring for the checks).
 
     Args:
-        max_tokens: COC_MAX_TOKENS; a longer text is a `too_long` error.
+        max_tokens: COC_MAX_TOKENS; a longer text is a `too_long` error (and it sets the line-size cap).
         counter: counts tokens (None skips the length check).
         dataset: when given, label episodes must exist in it and its coverage is reported.
         require_full_coverage: episodes without a label are an error instead of a warning.
-    Raises FplusError only when the file does not exist.
+    Raises FplusError only when the file does not exist or cannot be read.
     """
-    coc = read_coc(Path(path))
+    coc = read_coc(Path(path), max_tokens=max_tokens)
     report = CocReport(path=Path(path), labels=len(coc.texts), errors=list(coc.problems))
 
     if counter is not None:

@@ -11,6 +11,7 @@ the task string of an episode is our sentence from `TASK_DESCRIPTIONS`.
 
 from __future__ import annotations
 
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,18 @@ ROBOT_TYPE = "sawyer"
 
 MAX_ATTEMPTS_FACTOR = 3
 """A task gets at most `MAX_ATTEMPTS_FACTOR * episodes_per_task` expert attempts before it is an error."""
+
+
+class DemoInterrupted(KeyboardInterrupt):
+    """SIGINT (or SIGTERM, raised as a KeyboardInterrupt by the CLI) while recording: the partial dataset was removed.
+
+    Attributes: out, partial (the removed `<out>.partial`), episodes_done, episodes_total, signum.
+    """
+
+    def __init__(self, out: Path, partial: Path, episodes_done: int, episodes_total: int, signum: int):
+        super().__init__(f"interrupted after {episodes_done} of {episodes_total} episodes ({out})")
+        self.out, self.partial, self.signum = out, partial, signum
+        self.episodes_done, self.episodes_total = episodes_done, episodes_total
 
 
 @dataclass
@@ -142,6 +155,8 @@ def make_demo_dataset(out: Path, *, tasks: list[str], episodes_per_task: int, im
         max_steps: step limit of an episode.
         overwrite: replace an existing `out`.
         progress: show a Rich progress bar over episodes.
+    Raises:
+        DemoInterrupted: a KeyboardInterrupt while recording; the partial dataset was removed.
     """
     if not tasks:
         raise FplusError("no demo tasks given")
@@ -166,8 +181,11 @@ def make_demo_dataset(out: Path, *, tasks: list[str], episodes_per_task: int, im
                 _record_task(writer, report, episodes_per_task=episodes_per_task, image_size=image_size,
                              first_seed=seed, max_steps=max_steps, bar=bar, job=job)
         path = writer.finalize()
-    except BaseException:
-        writer.abort()
+    except BaseException as err:
+        writer.abort()  # an interrupted or failed recording leaves nothing behind (`out` is untouched)
+        if isinstance(err, KeyboardInterrupt):
+            raise DemoInterrupted(Path(out), writer.tmp, len(writer.episodes), len(tasks) * episodes_per_task,
+                                  getattr(err, "signum", signal.SIGINT)) from err
         raise
     return DemoReport(path=path, tasks=reports, image_size=image_size, fps=DEMO_FPS, max_steps=max_steps,
                       seconds=time.perf_counter() - start)

@@ -11,7 +11,12 @@ Layout (all paths relative to the dataset root):
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
+from pathlib import Path
+
+from fplus.errors import FplusError
 
 CODEBASE_VERSION = "v3.0"
 INFO_PATH = "meta/info.json"
@@ -83,3 +88,58 @@ def tasks_pandas_metadata(pyarrow_version: str) -> bytes:
         "pandas_version": "2.2.3",
     }
     return json.dumps(meta).encode()
+
+
+# ----- reading and writing files with errors that name the file -----------------------------------------------------
+
+
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object from `path`; unreadable, non-UTF-8, invalid or truncated JSON is an FplusError naming the file,
+    the line and column, and `fix` (what to do)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise FplusError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise FplusError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at line {line} column {column}); "
+                         f"{fix}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        ends_early = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
+        kind = "truncated JSON (the file ends early)" if ends_early else f"invalid JSON ({err.msg})"
+        raise FplusError(f"{path}: {kind} at line {err.lineno} column {err.colno}; {fix}") from None
+    if not isinstance(data, dict):
+        raise FplusError(f"{path}: expected a JSON object, got a {type(data).__name__}; {fix}")
+    return data
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """Whether an exception (OSError, or a pyarrow / PyAV error carrying one) means "no space left on device"."""
+    return getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(err)
+
+
+def free_space(path: Path) -> str:
+    """ "1.2 GiB left on that disk" for the file system holding `path` (or its nearest existing parent)."""
+    probe = Path(path).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    return f"{human_bytes(free)} left on that disk"
+
+
+def human_bytes(n: float) -> str:
+    """ "512 B", "3.4 MiB", "1.2 GiB"."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"

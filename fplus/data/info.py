@@ -24,6 +24,7 @@ class DatasetSummary:
     episode_lengths: np.ndarray  # (E,)
     key_problems: list[str]
     configured_keys: dict[str, str]
+    value_problems: list[str]  # NaN/inf in float columns or their statistics (LeRobotDataset.value_problems)
 
     @property
     def user_keys(self) -> list[str]:
@@ -33,18 +34,20 @@ class DatasetSummary:
 
 
 def summarize(ds: LeRobotDataset, keys: DataKeys | None = None) -> DatasetSummary:
-    """Collect the summary; key problems are listed, not raised, so the rest can still be shown."""
+    """Collect the summary; key and value problems are listed, not raised, so the rest can still be shown.
+    Reads the data files (vectorised NaN/inf check of the float columns)."""
     keys = keys or DataKeys()
     return DatasetSummary(
         root=str(ds.root), repo_id=ds.repo_id, fps=ds.fps, robot_type=ds.info.get("robot_type"),
         num_episodes=ds.num_episodes, num_frames=ds.num_frames, tasks=ds.tasks, features=ds.features,
         episode_lengths=np.array([e.length for e in ds.episodes]), key_problems=ds.key_problems(keys),
-        configured_keys=keys.named(),
+        configured_keys=keys.named(), value_problems=ds.value_problems(),
     )
 
 
 def render(summary: DatasetSummary, stats: dict[str, dict[str, np.ndarray]]):
     """Rich renderables for a summary (a header panel, the features table, the tasks table)."""
+    from rich.markup import escape
     from rich.panel import Panel
     from rich.table import Table
 
@@ -80,6 +83,10 @@ def render(summary: DatasetSummary, stats: dict[str, dict[str, np.ndarray]]):
     if len(summary.tasks) > 20:
         tasks.add_row("...", f"{len(summary.tasks) - 20} more")
     out = [Panel(header, title="LeRobot v3.0 dataset", expand=False), features, tasks]
+    floats = [k for k, f in summary.features.items() if f["dtype"].startswith("float")]
+    values = "\n".join(f"[red]x[/] {escape(p)}" for p in summary.value_problems) or \
+        f"[green]no NaN/inf in {', '.join(floats) or 'the float features'}[/]"
+    out.append(Panel(values, title="values", expand=False))
     if summary.configured_keys:
         status = "\n".join(
             f"{name}={key}" for name, key in summary.configured_keys.items()

@@ -6,13 +6,17 @@
     ds.episode_frames("observation.images.image", 0)    # (T, H, W, 3) uint8
     ds.instructions()                                   # (N,) instruction string of every frame
 
-Opening reads `meta/` only; a configured key that does not exist fails at once with the keys that do.
+Opening reads `meta/` only; a configured key that does not exist fails at once with the keys that do. The frame
+table is checked when it is first read: a NaN or inf in a float feature (action, state, any float column) is an
+error naming the key, the first bad episode and frame, and the data file (`value_problems` lists them without
+raising, for `fplus data info` and `fplus doctor`). Unreadable JSON, parquet or video files are errors naming
+the file.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -23,6 +27,62 @@ import numpy as np
 from fplus.data import format as fmt
 from fplus.data.stats import from_jsonable
 from fplus.errors import FplusError
+
+FLOAT_DTYPES = ("float16", "float32", "float64")
+RESTORE = "restore it from the dataset's source (download or export the dataset again)"
+# Columns the reader needs in every data file and in the episodes table.
+DATA_INDEX_COLUMNS = ("index", "episode_index", "frame_index", "timestamp", "task_index")
+EPISODE_COLUMNS = ("episode_index", "length", "dataset_from_index", "dataset_to_index", "tasks", "data/chunk_index",
+                   "data/file_index")
+
+
+def _read_parquet(path: Path, columns: list[str] | None = None):
+    """pq.read_table, with an unreadable file (truncated, not parquet, bad columns) an error naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise FplusError(f"{path}: cannot be read as parquet ({_first_line(err)}); {RESTORE}") from None
+
+
+def _read_schema(path: Path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowException, OSError) as err:
+        raise FplusError(f"{path}: cannot be read as parquet ({_first_line(err)}); {RESTORE}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, without pyarrow's "Could not open Parquet input source '<path>': "."""
+    text = str(err).strip()
+    text = re.sub(r"^Could not open Parquet input source '[^']*': ", "", text.splitlines()[0] if text else "")
+    return text or type(err).__name__
+
+
+def _float_rows(col) -> np.ndarray:
+    """A float column (pyarrow Array: scalars or lists) as (N,) or (N, D) float; nulls become NaN."""
+    import pyarrow as pa
+
+    if not (pa.types.is_fixed_size_list(col.type) or pa.types.is_list(col.type)):
+        return col.to_numpy(zero_copy_only=False).astype(np.float64, copy=False)
+    values = col.flatten().to_numpy(zero_copy_only=False)
+    if not col.null_count:
+        return values.reshape(len(col), -1)
+    valid = ~col.is_null().to_numpy(zero_copy_only=False)
+    rows = values.reshape(int(valid.sum()), -1)
+    out = np.full((len(col), rows.shape[1]), np.nan)
+    out[valid] = rows
+    return out
+
+
+def _episode_list(episodes: np.ndarray, limit: int = 10) -> str:
+    listed = ", ".join(map(str, episodes[:limit].tolist()))
+    return listed + (f" and {len(episodes) - limit} more" if len(episodes) > limit else "")
 
 
 @dataclass(frozen=True)
@@ -106,13 +166,21 @@ class LeRobotDataset:
         info_path = root / fmt.INFO_PATH
         if not info_path.is_file():
             raise FplusError(f"{root} is not a LeRobot dataset: {fmt.INFO_PATH} is missing")
-        self.info: dict = json.loads(info_path.read_text())
+        self.info: dict = fmt.read_json(info_path, RESTORE)
         version = self.info.get("codebase_version")
         if version != fmt.CODEBASE_VERSION:
             raise FplusError(f"{root}: codebase_version {version!r}; fplus reads LeRobot {fmt.CODEBASE_VERSION} only")
         for required in ("fps", "features", "data_path", "total_frames", "total_episodes"):
             if required not in self.info:
-                raise FplusError(f"{info_path}: required field {required!r} is missing")
+                raise FplusError(f"{info_path}: required field {required!r} is missing; {RESTORE}")
+        features = self.info["features"]
+        bad = [k for k, f in features.items() if not isinstance(f, dict) or "dtype" not in f or "shape" not in f] \
+            if isinstance(features, dict) else None
+        if bad is None or bad:
+            what = "`features` is not an object" if bad is None else f"feature {bad[0]!r} has no dtype or shape"
+            raise FplusError(f"{info_path}: {what}; {RESTORE}")
+        if not isinstance(self.info["fps"], int | float) or self.info["fps"] <= 0:
+            raise FplusError(f"{info_path}: fps is {self.info['fps']!r}, expected a positive number; {RESTORE}")
         self.fps: int = self.info["fps"]
         self.features: dict[str, dict] = self.info["features"]
         self._video_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -174,12 +242,10 @@ class LeRobotDataset:
     @cached_property
     def tasks(self) -> list[str]:
         """Task strings by task_index. An empty task string is an error, never a silent empty instruction."""
-        import pyarrow.parquet as pq
-
         path = self.root / fmt.TASKS_PATH
         if not path.is_file():
             raise FplusError(f"{path} is missing")
-        table = pq.read_table(path)
+        table = _read_parquet(path)
         names = [c for c in table.column_names if c != "task_index"]
         if "task_index" not in table.column_names or len(names) != 1:
             raise FplusError(f"{path}: expected columns task_index and the task string, got {table.column_names}")
@@ -197,16 +263,22 @@ class LeRobotDataset:
     @cached_property
     def episodes(self) -> list[Episode]:
         """Episodes in episode_index order, with their frame rows and video spans."""
-        import pyarrow.parquet as pq
-
         paths = sorted((self.root / fmt.EPISODES_DIR).glob("chunk-*/file-*.parquet"))
         if not paths:
             raise FplusError(f"{self.root / fmt.EPISODES_DIR} holds no episode parquet files")
         rows = []
         for p in paths:
-            schema = pq.read_schema(p)
-            columns = [c for c in schema.names if not c.startswith("stats/")]
-            rows += pq.read_table(p, columns=columns).to_pylist()
+            columns = [c for c in _read_schema(p).names if not c.startswith("stats/")]
+            needed = [*EPISODE_COLUMNS] + [f"videos/{key}/{name}" for key in self.video_keys
+                                           for name in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")]
+            missing = [c for c in needed if c not in columns]
+            if missing:
+                raise FplusError(f"{p}: column {missing[0]!r} is missing ({len(missing)} missing in all); {RESTORE}")
+            table = _read_parquet(p, columns=columns)
+            if any(table.column(c).null_count for c in needed):
+                column = next(c for c in needed if table.column(c).null_count)
+                raise FplusError(f"{p}: column {column!r} has empty (null) cells; {RESTORE}")
+            rows += table.to_pylist()
         rows.sort(key=lambda r: r["episode_index"])
         episodes = []
         for r in rows:
@@ -237,10 +309,42 @@ class LeRobotDataset:
         return {e.index: e for e in self.episodes}
 
     @cached_property
-    def stats(self) -> dict[str, dict[str, np.ndarray]]:
-        """Per-feature statistics from meta/stats.json ({} when the file is absent)."""
+    def _raw_stats(self) -> dict[str, dict[str, np.ndarray]]:
         path = self.root / fmt.STATS_PATH
-        return from_jsonable(json.loads(path.read_text())) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        raw = fmt.read_json(path, RESTORE)
+        bad = [k for k, v in raw.items() if not isinstance(v, dict)]
+        if bad:
+            raise FplusError(f"{path}: the statistics of {bad[0]!r} are not an object; {RESTORE}")
+        return from_jsonable(raw)
+
+    @property
+    def stats(self) -> dict[str, dict[str, np.ndarray]]:
+        """Per-feature statistics from meta/stats.json ({} when the file is absent); a NaN/inf in the statistics
+        of a float feature is an error (it would normalise every action or state to NaN)."""
+        problems = self._stats_problems
+        if problems:
+            raise FplusError("; ".join(problems))
+        return self._raw_stats
+
+    @cached_property
+    def _stats_problems(self) -> list[str]:
+        path = self.root / fmt.STATS_PATH
+        problems = []
+        for key, stats in self._raw_stats.items():
+            if key not in self.features or self.features[key]["dtype"] not in FLOAT_DTYPES:
+                continue
+            for name, value in stats.items():
+                try:
+                    finite = np.isfinite(np.asarray(value, dtype=np.float64)).all()
+                except (TypeError, ValueError):
+                    problems.append(f"{path}: {key}/{name} is not an array of numbers; {RESTORE}")
+                    continue
+                if not finite:
+                    problems.append(f"{path}: {key}/{name} holds non-finite values (NaN/inf); fix the {key} values "
+                                    "of the dataset, then compute its statistics again")
+        return problems
 
     @cached_property
     def fingerprint(self) -> str:
@@ -255,24 +359,81 @@ class LeRobotDataset:
 
     # ----- frame table ------------------------------------------------------------------------------------------
 
-    @cached_property
+    @property
     def table(self):
-        """The frame table (pyarrow.Table) of the non-video columns, sorted by global `index`."""
+        """The frame table (pyarrow.Table) of the non-video columns, sorted by global `index`.
+
+        Raises:
+            FplusError: a float column holds NaN or inf (see `value_problems`).
+        """
+        problems = self._data_problems
+        if problems:
+            raise FplusError("; ".join(problems))
+        return self._frame_table
+
+    def value_problems(self) -> list[str]:
+        """Non-finite values in the float columns of the frame table and in the statistics of float features,
+        one message per key (empty when all is well). Reads the data files; raises only when they cannot be read."""
+        return self._data_problems + self._stats_problems
+
+    @cached_property
+    def _data_problems(self) -> list[str]:
+        """One message per float column holding NaN/inf: count, first episode / frame / global index, data file."""
+        table = self._frame_table
+        problems = []
+        episode_of = frame_of = None
+        for key, ft in self.features.items():
+            if ft["dtype"] not in FLOAT_DTYPES or key not in table.column_names:
+                continue
+            try:
+                values = _float_rows(table.column(key).combine_chunks())
+            except ValueError:
+                problems.append(f"{self.root}: rows of {key} have different lengths; {RESTORE}")
+                continue
+            bad = ~np.isfinite(values)
+            count = int(bad.sum())
+            if not count:
+                continue
+            rows = bad.reshape(len(bad), -1).any(axis=1)
+            if episode_of is None:
+                episode_of = table.column("episode_index").to_numpy()
+                frame_of = table.column("frame_index").to_numpy()
+            first = int(np.argmax(rows))
+            episodes = np.unique(episode_of[rows])
+            ep = self.episode(int(episode_of[first]))
+            data_file = self.info["data_path"].format(chunk_index=ep.data_file[0], file_index=ep.data_file[1])
+            which = "that episode" if len(episodes) == 1 else f"episodes {_episode_list(episodes)}"
+            problems.append(
+                f"{self.root}: {key} has {count} non-finite value{'s' if count > 1 else ''} (NaN/inf) in "
+                f"{len(episodes)} episode{'s' if len(episodes) > 1 else ''}, first at episode {ep.index} frame "
+                f"{int(frame_of[first])} (global index {first}, {data_file}); fix or drop {which}")
+        return problems
+
+    @cached_property
+    def _frame_table(self):
+        """The frame table as read, sorted by `index`, with its index column checked (values not checked)."""
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         files = sorted({e.data_file for e in self.episodes})
         tables = []
         for chunk, file in files:
             path = self.root / self.info["data_path"].format(chunk_index=chunk, file_index=file)
             if not path.is_file():
-                raise FplusError(f"data file missing: {path}")
-            tables.append(pq.read_table(path))
-        table = pa.concat_tables(tables, promote_options="default")
+                raise FplusError(f"data file missing: {path}; {RESTORE}")
+            table = _read_parquet(path)
+            missing = [c for c in DATA_INDEX_COLUMNS if c not in table.column_names]
+            if missing:
+                raise FplusError(f"{path}: column {missing[0]!r} is missing; {RESTORE}")
+            tables.append(table)
+        try:
+            table = pa.concat_tables(tables, promote_options="default")
+        except pa.ArrowException as err:
+            raise FplusError(f"{self.root}: the data files do not share one schema ({_first_line(err)}); "
+                             f"{RESTORE}") from None
         table = table.sort_by("index")
         if table.num_rows != self.num_frames:
             raise FplusError(f"{self.root}: data files hold {table.num_rows} rows but info.json says {self.num_frames}")
-        index = table.column("index").to_numpy()
+        index = table.column("index").to_numpy(zero_copy_only=False)
         if not np.array_equal(index, np.arange(self.num_frames)):
             raise FplusError(f"{self.root}: the `index` column is not 0..{self.num_frames - 1}")
         return table
@@ -329,9 +490,9 @@ class LeRobotDataset:
             span = ep.videos[key]
             path = self.root / self.info["video_path"].format(
                 video_key=key, chunk_index=span.chunk_index, file_index=span.file_index)
-            decoded, times = decode_span(path, span.from_ts, span.to_ts, self.fps)
-            frames = align_frames(decoded, times, span.from_ts + timestamps, self.fps,
-                                  where=f"{key} episode {episode_index}")
+            where = f"camera {key}, episode {episode_index}"
+            decoded, times = decode_span(path, span.from_ts, span.to_ts, self.fps, where=where)
+            frames = align_frames(decoded, times, span.from_ts + timestamps, self.fps, where=f"{path} ({where})")
         self._video_cache[cache_key] = frames
         if len(self._video_cache) > 8:
             self._video_cache.popitem(last=False)
@@ -343,7 +504,15 @@ class LeRobotDataset:
         from PIL import Image
 
         cells = self.table.column(key).slice(ep.start, ep.length).to_pylist()
-        return np.stack([np.asarray(Image.open(io.BytesIO(c["bytes"])).convert("RGB")) for c in cells])
+        frames = []
+        for i, cell in enumerate(cells):
+            try:
+                frames.append(np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")))
+            except (OSError, TypeError, ValueError) as err:
+                data_file = self.info["data_path"].format(chunk_index=ep.data_file[0], file_index=ep.data_file[1])
+                raise FplusError(f"{self.root / data_file}: the image of {key} at episode {ep.index} frame {i} "
+                                 f"cannot be decoded ({_first_line(err)}); {RESTORE}") from None
+        return np.stack(frames)
 
     def frame_at(self, key: str, index: int) -> np.ndarray:
         """One frame (H, W, 3) uint8 at a global index, decoded alone (seek + a few frames): for random access
@@ -359,7 +528,7 @@ class LeRobotDataset:
         path = self.root / self.info["video_path"].format(video_key=key, chunk_index=span.chunk_index,
                                                           file_index=span.file_index)
         t = span.from_ts + float(self.column("timestamp")[index])
-        return self._reader.frame_at(path, t, self.fps)
+        return self._reader.frame_at(path, t, self.fps, where=f"camera {key}, episode {ep.index}")
 
     def frames(self, key: str, indices: np.ndarray) -> np.ndarray:
         """Frames at global indices (n,) -> (n, H, W, 3) uint8, decoding each touched episode once."""

@@ -7,12 +7,15 @@ LeRobot v3.0 concatenates many episodes into one MP4 per camera; an episode is t
 from __future__ import annotations
 
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
 from fplus.errors import FplusError
+
+RESTORE_VIDEO = "restore the file from the dataset's source (download or export the dataset again)"
 
 # libx264 with a keyframe every 2 frames keeps random access cheap (seek + at most one extra decode).
 H264_OPTIONS = {"crf": "18", "g": "2", "preset": "veryfast", "tune": "zerolatency"}
@@ -61,35 +64,73 @@ class VideoEncoder:
         return self.path.stat().st_size if self.path.exists() else 0
 
 
-def decode_span(path: Path, from_ts: float, to_ts: float, fps: float) -> tuple[np.ndarray, np.ndarray]:
+def _error_text(err: Exception, path: Path) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[Errno -?\d+\] ", "", text)  # FFmpeg's error codes mean nothing to a reader
+    return text.replace(f": '{path}'", "").replace(f"'{path}'", "the file")
+
+
+def _undecodable(path: Path, where: str, t: float, err: Exception) -> FplusError:
+    place = f" ({where})" if where else ""
+    return FplusError(f"{path}{place}: video cannot be decoded near t={t:.3f}s of the file ({_error_text(err, path)}); "
+                      f"{RESTORE_VIDEO}")
+
+
+def _open_video(path: Path, where: str):
+    """av.open for reading, with a missing file or one that is not a video an error naming it."""
+    import av
+
+    place = f" ({where})" if where else ""
+    if not path.is_file():
+        raise FplusError(f"video file missing: {path}{place}; {RESTORE_VIDEO}")
+    try:
+        container = av.open(str(path))
+    except (av.error.FFmpegError, OSError) as err:
+        raise FplusError(f"{path}{place}: not a readable video ({_error_text(err, path)}); {RESTORE_VIDEO}") from None
+    if not container.streams.video:
+        container.close()
+        raise FplusError(f"{path}{place}: holds no video stream; {RESTORE_VIDEO}")
+    return container
+
+
+def decode_span(path: Path, from_ts: float, to_ts: float, fps: float, where: str = "") -> tuple[np.ndarray, np.ndarray]:
     """Decode every frame whose timestamp lies in [from_ts, to_ts) (half a frame of tolerance each side).
 
+    Args:
+        where: what the span is, for errors ("camera observation.images.image, episode 3").
     Returns:
         frames: (N, H, W, 3) uint8 RGB, in presentation order.
         times: (N,) float64 presentation times in seconds.
+    Raises:
+        FplusError: the file is missing or cannot be decoded (naming the file, `where` and the time).
     """
     import av
 
-    if not path.is_file():
-        raise FplusError(f"video file missing: {path}")
     half = 0.5 / fps
     frames: list[np.ndarray] = []
     times: list[float] = []
-    with av.open(str(path)) as container:
+    t = from_ts
+    with _open_video(path, where) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        if from_ts > half:
-            container.seek(int((from_ts - half) / stream.time_base), stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
-            t = float(frame.pts * stream.time_base) if frame.pts is not None else float(frame.time)
-            if t < from_ts - half:
-                continue
-            if t >= to_ts - half:
-                break
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(t)
+        try:
+            if from_ts > half:
+                container.seek(int((from_ts - half) / stream.time_base), stream=stream, backward=True,
+                               any_frame=False)
+            for frame in container.decode(stream):
+                t = float(frame.pts * stream.time_base) if frame.pts is not None else float(frame.time)
+                if t < from_ts - half:
+                    continue
+                if t >= to_ts - half:
+                    break
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(t)
+        except (av.error.FFmpegError, OSError) as err:
+            raise _undecodable(path, where, times[-1] + 1 / fps if times else from_ts, err) from None
     if not frames:
-        raise FplusError(f"no frames in [{from_ts:.3f}s, {to_ts:.3f}s) of {path}")
+        place = f" ({where})" if where else ""
+        raise FplusError(f"{path}{place}: no frames in [{from_ts:.3f}s, {to_ts:.3f}s); the video is shorter than "
+                         f"the episode table says: {RESTORE_VIDEO}")
     return np.stack(frames), np.asarray(times)
 
 
@@ -129,8 +170,8 @@ class VideoReader:
     def __getstate__(self) -> dict:
         return {"_open": {}, "_pid": -1}
 
-    def frame_at(self, path: Path, t: float, fps: float) -> np.ndarray:
-        """The frame (H, W, 3) uint8 whose time is closest to t (within half a frame)."""
+    def frame_at(self, path: Path, t: float, fps: float, where: str = "") -> np.ndarray:
+        """The frame (H, W, 3) uint8 whose time is closest to t (within half a frame); `where` names it in errors."""
         import av
 
         if self._pid != os.getpid():  # inherited through fork: start afresh in this process
@@ -138,16 +179,20 @@ class VideoReader:
         key = str(path)
         container = self._open.get(key)
         if container is None:
-            if not path.is_file():
-                raise FplusError(f"video file missing: {path}")
-            container = self._open[key] = av.open(key)
+            container = self._open[key] = _open_video(path, where)
         stream = container.streams.video[0]
         half = 0.5 / fps
-        container.seek(max(0, int((t - half) / stream.time_base)), stream=stream, backward=True, any_frame=False)
-        for frame in container.decode(stream):
-            ft = float(frame.pts * stream.time_base)
-            if ft >= t - half:
-                if ft > t + half:
-                    break
-                return frame.to_ndarray(format="rgb24")
-        raise FplusError(f"no video frame near t={t:.4f}s in {path}")
+        try:
+            container.seek(max(0, int((t - half) / stream.time_base)), stream=stream, backward=True,
+                           any_frame=False)
+            for frame in container.decode(stream):
+                ft = float(frame.pts * stream.time_base)
+                if ft >= t - half:
+                    if ft > t + half:
+                        break
+                    return frame.to_ndarray(format="rgb24")
+        except (av.error.FFmpegError, OSError) as err:
+            self._open.pop(key, None)
+            raise _undecodable(path, where, t, err) from None
+        place = f" ({where})" if where else ""
+        raise FplusError(f"{path}{place}: no video frame near t={t:.4f}s; {RESTORE_VIDEO}")

@@ -7,13 +7,17 @@
 
 Episodes are appended to the current data/video file until it exceeds its size limit, then a new file starts,
 as the lerobot recorder does. The dataset is written into `<root>.partial` and renamed to `root` by `finalize`,
-so an interrupted write never leaves something that looks like a finished dataset.
+so an interrupted write never leaves something that looks like a finished dataset; a full disk removes the
+partial dataset and says which file it was writing and how much space is left. Non-finite float values are
+refused when an episode is added.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +70,6 @@ class LeRobotWriter:
             }
         self.all_features = {**self.features, **fmt.INDEX_FEATURES}
 
-        self.tmp = self.root.with_name(self.root.name + ".partial")
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
         self.tasks: dict[str, int] = {}
         self.episodes: list[dict] = []
         self.total_frames = 0
@@ -81,6 +81,12 @@ class LeRobotWriter:
         self._pixels: dict[str, list[np.ndarray]] = {k: [] for k in self.video_keys}
         self._columns: dict[str, list[np.ndarray]] = {  # numeric columns, for the dataset statistics
             k: [] for k, f in self.all_features.items() if f["dtype"] not in ("video", "string")}
+        self.tmp = self.root.with_name(self.root.name + ".partial")
+        if self.tmp.exists():  # left by a killed writer
+            shutil.rmtree(self.tmp)
+        self._writing: Path = self.tmp
+        with self._disk_full_guard():
+            self.tmp.mkdir(parents=True)
 
     def _arrow_schema(self) -> pa.Schema:
         fields = []
@@ -93,8 +99,27 @@ class LeRobotWriter:
                 fields.append(pa.field(key, pa.list_(base, ft["shape"][0])))
         return pa.schema(fields, metadata={b"huggingface": fmt.hf_features_metadata(self.all_features)})
 
+    @contextmanager
+    def _disk_full_guard(self) -> Iterator[None]:
+        """A full disk while writing: drop the partial dataset and raise an FplusError naming the file."""
+        try:
+            yield
+        except Exception as err:
+            if not fmt.is_disk_full(err):
+                raise
+            where = self._writing
+            self.abort()
+            raise FplusError(f"disk full while writing {where} ({fmt.free_space(self.tmp.parent)}); the partial "
+                             f"dataset {self.tmp} was removed and {self.root} is unchanged: free space (or write "
+                             "elsewhere) and run again") from None
+
     def add_episode(self, task: str, frames: dict[str, np.ndarray]) -> int:
-        """Append one episode; returns its episode_index. `frames[key]` is (T, *shape) for every feature."""
+        """Append one episode; returns its episode_index. `frames[key]` is (T, *shape) for every feature.
+
+        Raises:
+            FplusError: keys, lengths or shapes do not match the features; a float value is NaN or inf; the disk
+                is full (the partial dataset is removed).
+        """
         if not isinstance(task, str) or not task.strip():
             raise FplusError("an episode needs a non-empty task (instruction) string")
         missing = set(self.features) - set(frames)
@@ -124,13 +149,21 @@ class LeRobotWriter:
         for key in self.table_keys:
             dtype = self.features[key]["dtype"]
             columns[key] = np.asarray(frames[key]) if dtype == "string" else np.asarray(frames[key], dtype=dtype)
+            if dtype.startswith("float"):
+                bad = ~np.isfinite(columns[key].reshape(length, -1))
+                if bad.any():
+                    raise FplusError(
+                        f"{key} of episode {episode_index} ({task!r}) has {int(bad.sum())} non-finite values "
+                        f"(NaN/inf), first at frame {int(np.argmax(bad.any(axis=1)))}; fix the recording (a dataset "
+                        "with NaN trains NaN weights)")
 
         episode: dict = {"episode_index": episode_index, "tasks": [task], "length": length}
-        episode.update(self._write_table(columns, length))
-        episode["dataset_from_index"] = start
-        episode["dataset_to_index"] = start + length
-        for key in self.video_keys:
-            episode.update(self._write_video(key, np.asarray(frames[key])))
+        with self._disk_full_guard():
+            episode.update(self._write_table(columns, length))
+            episode["dataset_from_index"] = start
+            episode["dataset_to_index"] = start + length
+            for key in self.video_keys:
+                episode.update(self._write_video(key, np.asarray(frames[key])))
         stats = {}
         for key in self.video_keys:
             pixels = image_pixel_sample(np.asarray(frames[key]))
@@ -163,6 +196,7 @@ class LeRobotWriter:
             self._data_writer = None
             self._data_file = fmt.next_file(*self._data_file)
             path = self.tmp / fmt.DATA_PATH.format(chunk_index=self._data_file[0], file_index=self._data_file[1])
+        self._writing = path
         if self._data_writer is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._data_writer = pq.ParquetWriter(str(path), self._schema, compression="snappy")
@@ -181,7 +215,9 @@ class LeRobotWriter:
         if encoder is None:
             chunk, file = self._video_file[key]
             path = self.tmp / fmt.VIDEO_PATH.format(video_key=key, chunk_index=chunk, file_index=file)
+            self._writing = path
             encoder = self._encoders[key] = VideoEncoder(path, self.fps, h, w)
+        self._writing = encoder.path
         from_ts = encoder.frames_written / self.fps
         encoder.write(frames)
         prefix = f"videos/{key}/"
@@ -193,18 +229,41 @@ class LeRobotWriter:
         }
 
     def finalize(self) -> Path:
-        """Close the files, write the metadata and move the dataset into place. Returns the dataset root."""
+        """Close the files, write the metadata and move the dataset into place. Returns the dataset root.
+
+        An existing `root` (overwrite) is replaced only once the new dataset is complete.
+        """
         if not self.episodes:
             raise FplusError("no episodes were added; refusing to write an empty dataset")
+        with self._disk_full_guard():
+            self._finish_files()
+        if self.root.exists():
+            old = self.root.with_name(self.root.name + ".replaced")
+            if old.exists():
+                shutil.rmtree(old)
+            self.root.rename(old)
+            self.tmp.rename(self.root)
+            shutil.rmtree(old)
+        else:
+            self.tmp.rename(self.root)
+        return self.root
+
+    def _finish_files(self) -> None:
         if self._data_writer is not None:
-            self._data_writer.close()
-        for encoder in self._encoders.values():
+            self._writing = Path(self._data_writer.where)
+            writer, self._data_writer = self._data_writer, None
+            writer.close()
+        while self._encoders:
+            key, encoder = next(iter(self._encoders.items()))
+            self._writing = encoder.path
+            del self._encoders[key]
             encoder.close()
         self._write_tasks()
         self._write_episodes()
         stats = {key: image_stats(np.concatenate(px), self.total_frames) for key, px in self._pixels.items()}
         stats.update({key: vector_stats(np.concatenate(v)) for key, v in self._columns.items()})
-        (self.tmp / fmt.STATS_PATH).write_text(json.dumps(to_jsonable(stats), indent=4))
+        self._writing = self.tmp / fmt.STATS_PATH
+        self._writing.write_text(json.dumps(to_jsonable(stats), indent=4))
         info = {
             "codebase_version": fmt.CODEBASE_VERSION,
             "robot_type": self.robot_type,
@@ -220,11 +279,8 @@ class LeRobotWriter:
             "video_path": fmt.VIDEO_PATH if self.video_keys else None,
             "features": self.all_features,
         }
-        (self.tmp / fmt.INFO_PATH).write_text(json.dumps(info, indent=4))
-        if self.root.exists():
-            shutil.rmtree(self.root)
-        self.tmp.rename(self.root)
-        return self.root
+        self._writing = self.tmp / fmt.INFO_PATH
+        self._writing.write_text(json.dumps(info, indent=4))  # last: a dataset without it is not a dataset
 
     def _write_tasks(self) -> None:
         table = pa.table({
@@ -232,21 +288,26 @@ class LeRobotWriter:
             "__index_level_0__": pa.array(list(self.tasks), pa.string()),
         })
         table = table.replace_schema_metadata({b"pandas": fmt.tasks_pandas_metadata(pa.__version__)})
-        path = self.tmp / fmt.TASKS_PATH
+        path = self._writing = self.tmp / fmt.TASKS_PATH
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
 
     def _write_episodes(self) -> None:
         rows = [dict(ep, **{"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0}) for ep in self.episodes]
         table = pa.Table.from_pylist(rows)
-        path = self.tmp / fmt.EPISODES_PATH.format(chunk_index=0, file_index=0)
+        path = self._writing = self.tmp / fmt.EPISODES_PATH.format(chunk_index=0, file_index=0)
         path.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, path)
 
     def abort(self) -> None:
-        """Drop a partial write (e.g. after an exception); the target `root` is left untouched."""
-        if self._data_writer is not None:
-            self._data_writer.close()
-        for encoder in self._encoders.values():
-            encoder.close()
+        """Drop a partial write (e.g. after an exception or an interrupt); the target `root` is left untouched.
+        Safe to call more than once, and after a failed write (closing errors are ignored: the files go anyway)."""
+        closers = [self._data_writer.close] if self._data_writer is not None else []
+        closers += [encoder.close for encoder in self._encoders.values()]
+        self._data_writer, self._encoders = None, {}
+        for close in closers:
+            try:
+                close()
+            except Exception:  # noqa: BLE001,S110 -- the partial files are deleted next
+                pass
         shutil.rmtree(self.tmp, ignore_errors=True)

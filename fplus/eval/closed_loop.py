@@ -150,19 +150,23 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     from fplus.progress import make_progress
     from fplus.sim.registry import default_max_steps, open_env, resolve_tasks, sim_spec
     from fplus.train import checkpoint as ckpt
-    from fplus.train.recipe import settings_from_run
+    from fplus.train.recipe import read_run_config, settings_from_run
     from fplus.world.encoders import build_encoder
 
     spec = sim_spec(sim)
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
+    run_dir = Path(run_dir)
     settings = settings_from_run(run_dir)
     if suite is not None:
         settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"suite": suite})})
     device = resolve_device(device or settings.eval.device)
     path = ckpt.checkpoint_for(run_dir, step)
-    step_done = json.loads((path / ckpt.MANIFEST).read_text())["step"]
+    ckpt.check_policy_config(path, read_run_config(run_dir), run_dir)  # a checkpoint copied from another run
+    step_done = ckpt.manifest_step(path)
+    out = run_dir / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
+    earlier = _earlier(out)  # read before the rollouts: a damaged file fails now, not after them
     policy = FPlusPolicy.load(path / "policy", device=device).eval()
     keys = [settings.data.image_key] + ([settings.data.wrist_image_key] if settings.data.wrist_image_key else [])
     if len(keys) > len(spec.cameras):
@@ -242,16 +246,28 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
               "tasks": results, "overall": {}}
     if sim == "libero":
         result["suite"] = settings.eval.suite
-    out = Path(run_dir) / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
-    if out.is_file():  # keep tasks and modes of an earlier evaluation of this checkpoint unless redone here
-        old = json.loads(out.read_text())
-        same = all(old.get(k) == result.get(k) for k in ("episodes_per_task", "n_action_steps", "max_steps", "suite"))
+    if earlier is not None:  # keep tasks and modes of an earlier evaluation of this checkpoint unless redone here
+        same = all(earlier.get(k) == result.get(k)
+                   for k in ("episodes_per_task", "n_action_steps", "max_steps", "suite"))
         if same:
-            for task, per_mode in old["tasks"].items():
+            for task, per_mode in earlier["tasks"].items():
                 result["tasks"][task] = {**per_mode, **result["tasks"].get(task, {})}
     result["overall"] = overall_rates(result["tasks"])
     write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
+
+
+def _earlier(path: Path) -> dict | None:
+    """An earlier closed-loop evaluation file of the same checkpoint and simulator (None when there is none)."""
+    if not path.is_file():
+        return None
+    from fplus.train.checkpoint import read_json
+
+    fix = "delete it (the evaluation writes it again) or restore it"
+    data = read_json(path, "the earlier closed-loop evaluation", fix)
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+        raise FplusError(f"{path} is not a closed-loop evaluation (no `tasks` object); {fix}")
+    return data
 
 
 def overall_rates(tasks: dict[str, dict]) -> dict[str, dict]:

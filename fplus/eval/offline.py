@@ -135,24 +135,30 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
                  max_batches: int | None = None, device: str | None = None) -> tuple[dict, Path]:
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
     settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json (merged with the modes an earlier
-    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path).
+    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path). A checkpoint whose
+    policy config is not the run's own (copied from another run) is refused, naming both files.
     `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
     from fplus.data.lerobot import LeRobotDataset, keys_from_settings
-    from fplus.data.split import Split
     from fplus.train import checkpoint as ckpt
-    from fplus.train.recipe import CONFIG, SPLIT, settings_from_run
+    from fplus.train.recipe import SPLIT, load_split, read_run_config, settings_from_run
 
     run_dir = Path(run_dir)
     settings = settings_from_run(run_dir)
-    config = json.loads((run_dir / CONFIG).read_text())
+    config = read_run_config(run_dir)
     path = ckpt.checkpoint_for(run_dir, step)
+    ckpt.check_policy_config(path, config, run_dir)  # an E0 checkpoint copied into an E2 run is not E2
+    step_done = ckpt.manifest_step(path)
+    out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
+    earlier = _earlier_modes(out)  # read before the evaluation: a damaged file fails now, not after it
     policy = FPlusPolicy.load(path / "policy", device=resolve_device(device or settings.eval.device))
     keys = keys_from_settings(settings.data)
     ds = LeRobotDataset.open(settings.data.dataset, keys, revision=settings.data.revision)
+    if "dataset_fingerprint" not in config:
+        raise FplusError(f"{run_dir / 'config.json'} records no `dataset_fingerprint`; restore it from a copy")
     if ds.fingerprint != config["dataset_fingerprint"]:
         raise FplusError(f"the dataset {settings.data.dataset} changed since {run_dir} was trained "
                          f"(fingerprint {ds.fingerprint} != {config['dataset_fingerprint']})")
-    split = Split.load(run_dir / SPLIT)
+    split = load_split(run_dir / SPLIT)
     latents = None
     if policy.config.world_dim:
         from fplus.world.cache import find_latents
@@ -164,17 +170,28 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
                             policy.config.future, latents=None if latents is None else np.asarray(latents))
     evaluated = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches)
     results = evaluated["modes"]
-    step_done = json.loads((path / ckpt.MANIFEST).read_text())["step"]
     result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
               "action_names": ds.features[keys.action].get("names"), "modes": results,
               "world": evaluated["world"], "skipped": evaluated["skipped"]}
-    out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
-    if out.is_file():  # an evaluation of other modes of this checkpoint: keep them, newest values win
-        merged = {**json.loads(out.read_text())["modes"], **results}
+    if earlier:  # an evaluation of other modes of this checkpoint: keep them, newest values win
+        merged = {**earlier, **results}
         result["modes"] = {m: merged[m] for m in memory_modes(policy, MODES) if m in merged}
     write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
+
+
+def _earlier_modes(path: Path) -> dict:
+    """The `modes` of an earlier evaluation file of the same checkpoint ({} when there is none)."""
+    if not path.is_file():
+        return {}
+    from fplus.train.checkpoint import read_json
+
+    fix = "delete it (the evaluation writes it again) or restore it"
+    data = read_json(path, "the earlier offline evaluation", fix)
+    if not isinstance(data, dict) or not isinstance(data.get("modes"), dict):
+        raise FplusError(f"{path} is not an offline evaluation (no `modes` object); {fix}")
+    return data["modes"]
 
 
 def results_table(result: dict):

@@ -9,6 +9,9 @@ A run directory (written by `fplus.train.recipe`, evaluated by `fplus eval`):
     RUN/COMPLETE                               training finished
     RUN/eval/offline-step-XXXXXX.json          offline action MSE per corruption mode, `world` cosines (optional)
     RUN/eval/sim-<simulator>-step-XXXXXX.json  closed-loop success per task and mode (optional)
+    RUN/checkpoints/step-XXXXXX/policy/config.json  the policy config of each checkpoint: one that is not the run's
+                                               own (copied from another run) is noted, and the evaluations of it
+                                               are not reported as the run's experiment
 
 A run without an injected memory (config.json `policy.injection` false: E0, E1, E3) has nothing for the corruption
 modes to act on: only `none` is kept of its results (a number under `zero` would only repeat `none` plus noise).
@@ -46,6 +49,8 @@ WORLD_KEYS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": 
 """World-cosine numbers of a val line (the offline eval's `world` object uses the keys): cos(z_pred, z_future) of
 the Prophet and of two baselines (predict the training mean; copy-last = z_t repeated), in the standardised latent
 space the loss uses and in the raw encoder space (`_raw`)."""
+CHECKPOINTS = "checkpoints"  # fplus.train.checkpoint: step-XXXXXX/policy/config.json
+CHECKPOINT_RE = re.compile(r"^step-(?P<step>\d+)$")
 OFFLINE_RE = re.compile(r"^offline-step-(?P<step>\d+)\.json$")
 SIM_RE = re.compile(r"^sim-(?P<sim>[A-Za-z0-9_.]+)-step-(?P<step>\d+)\.json$")
 
@@ -257,6 +262,33 @@ def collect_sim(path: Path, simulator: str, memory: bool = True) -> Record:
             "dropped": [] if memory else [m for m in _ordered_modes(present) if m in MEMORY_MODES]}
 
 
+def foreign_checkpoints(path: Path, config: Record) -> dict[int, str]:
+    """{step: what differs} of the checkpoints whose policy config (step-N/policy/config.json) is not the run's
+    (config.json `policy`), e.g. {6: "injection: checkpoint false, run true"}: a checkpoint copied from another
+    run. Plain JSON (the report never imports torch); unreadable configs are left to the evaluation to report."""
+    run_policy = config.get("policy")
+    root = Path(path) / CHECKPOINTS
+    if not isinstance(run_policy, dict) or not root.is_dir():
+        return {}
+    out: dict[int, str] = {}
+    for d in sorted(root.iterdir()):
+        m = CHECKPOINT_RE.match(d.name)
+        if not m or not (d / "policy" / CONFIG).is_file():
+            continue
+        try:
+            theirs = json.loads((d / "policy" / CONFIG).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            continue
+        if not isinstance(theirs, dict):
+            continue
+        diffs = [f"{k}: checkpoint {json.dumps(theirs[k])}, run {json.dumps(v)}"
+                 for k, v in run_policy.items() if k in theirs and theirs[k] != v]
+        if diffs:
+            out[int(m.group("step"))] = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4
+                                                                 else "")
+    return out
+
+
 def collect_run(path: Path) -> Record:
     """Everything the report shows about one run directory, as JSON-ready numbers (None = not available).
 
@@ -265,7 +297,8 @@ def collect_run(path: Path) -> Record:
     {term: value}, final_gate, val_latest {step, epoch, gate, modes {mode: {mse, delta}}}, val_history [{step,
     epoch, gate, modes {mode: mse}}], world {latest {step, prophet, mean, copy, prophet_raw, mean_raw, copy_raw} |
     None, history [the same per val line]}, offline (see `collect_offline`) | None, sim {simulator: ...} (see
-    `collect_sim`), notes [str]. Without an injected memory only `none` is kept of the corruption modes.
+    `collect_sim`), foreign_checkpoints [{step, differs}] (checkpoints whose policy is not the run's: their
+    evaluations are left out), notes [str]. Without an injected memory only `none` is kept of the corruption modes.
     """
     path = Path(path)
     config = check_run_dir(path)
@@ -309,6 +342,17 @@ def collect_run(path: Path) -> Record:
     elif steps is not None and offline["step"] is not None and offline["step"] != steps:
         notes.append(f"offline eval is of step {offline['step']}, training is at step {steps}")
     sim = {name: collect_sim(p, name, memory) for name, (_, p) in sorted(_newest(path / EVAL_DIR, SIM_RE).items())}
+    foreign = foreign_checkpoints(path, config)
+    label = experiment or "this run"
+    for step, diff in foreign.items():
+        notes.append(f"checkpoint step-{step:06d} is not this run's policy ({path / CHECKPOINTS}/step-{step:06d}/"
+                     f"policy/{CONFIG} differs from {path / CONFIG}: {diff}); it was copied from another run")
+    if offline is not None and offline["step"] in foreign:
+        notes.append(f"offline eval {offline['file']} is of that foreign checkpoint: not reported as {label}")
+        offline = None
+    for name in [n for n, s in sim.items() if s["step"] in foreign]:
+        notes.append(f"closed-loop eval {sim.pop(name)['file']} is of that foreign checkpoint: not reported as "
+                     f"{label}")
     if not sim:
         notes.append("no closed-loop eval yet")
 
@@ -332,7 +376,8 @@ def collect_run(path: Path) -> Record:
             "complete": complete, "steps": steps, "total_steps": total,
             "steps_per_epoch": config.get("steps_per_epoch"), "has_memory": has_memory, "has_prophet": has_prophet,
             "final_train": final_train, "final_gate": final_gate, "val_latest": val_latest, "val_history": history,
-            "world": world, "offline": offline, "sim": sim, "notes": notes}
+            "world": world, "offline": offline, "sim": sim,
+            "foreign_checkpoints": [{"step": k, "differs": v} for k, v in foreign.items()], "notes": notes}
 
 
 def collect(runs: list[Path]) -> Record:

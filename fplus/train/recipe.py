@@ -11,10 +11,18 @@ Every experiment (E0-E4) runs through it; the settings decide which parts of the
                          validation (action MSE under each corruption mode, gate)
     RUN/checkpoints/     atomic, verified checkpoints (fplus.train.checkpoint), the newest KEEP_LAST kept
     RUN/COMPLETE         written when the last step's checkpoint is committed
+    RUN/.lock            the OS lock of the one process training the run (fplus.lock; taken by train_run)
 
 Exact resume: a checkpoint holds weights, optimiser, scheduler, epoch, steps done, position in the epoch and all
 random states, and the data order of an epoch is a function of (seed, epoch), so a run killed at step k and
 resumed ends with the same weights as an uninterrupted one.
+
+Faults (DESIGN 12): a non-finite loss term or gradient stops training (NONFINITE=error: nothing of that step is
+applied, the last checkpoint stays the newest, the run is not complete) or skips the batch (NONFINITE=skip: no
+optimiser step, counted as `skipped_nonfinite`). SIGINT/SIGTERM finish the optimiser step in progress, save a
+checkpoint and raise `TrainingInterrupted` (exit status 130/143); a second signal aborts at once
+(`TrainingAborted`), the save in progress removing its temporary directory. A save that fails (disk full) removes
+its partial checkpoint and names the file and the free space.
 """
 
 from __future__ import annotations
@@ -22,7 +30,11 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +47,7 @@ from fplus.data.split import Split, split_episodes
 from fplus.errors import FplusError
 from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
-from fplus.model.policy import FPlusPolicy, PolicyConfig
+from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy, PolicyConfig
 from fplus.settings import Settings, load_settings, settings_to_flat
 from fplus.train import checkpoint as ckpt
 from fplus.train.data import EpochSampler, PolicySamples, collate
@@ -45,6 +57,21 @@ SPLIT = "split.json"
 METRICS = "metrics.jsonl"
 COMPLETE = "COMPLETE"
 LATENT_STATS = "latent_stats.json"
+LOSS_TERMS = ("loss", *LOSS_WEIGHTS)
+"""The loss terms of a train step's metrics (the total and each of FPlusPolicy.losses), checked for finiteness."""
+NONFINITE_HINT = "Check the data (fplus data info) and the latents (fplus doctor), or set NONFINITE=skip"
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGINT/SIGTERM stopped training after a step and its checkpoint: exit status 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(128 + signum)
+        self.signum, self.message = signum, message
+
+
+class TrainingAborted(TrainingInterrupted):
+    """A second signal (or one during setup) stopped training at once: the step in progress is lost."""
 
 
 def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,13 +92,37 @@ def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[tor
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
 
 
-def settings_from_run(run_dir: Path) -> Settings:
-    """The settings a run was started with (from its config.json)."""
-    path = run_dir / CONFIG
+def read_run_config(run_dir: Path) -> dict:
+    """A run's config.json (an FplusError naming the file when it is missing, damaged or not a run config)."""
+    path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FplusError(f"{run_dir} is not a run directory ({CONFIG} missing)")
-    flat = json.loads(path.read_text())["settings"]
-    return load_settings(None, {k: v for k, v in flat.items() if v is not None}, environ={}, dotenv=None)
+    config = ckpt.read_json(path, "the run configuration", "restore it (it is written once, when the run starts) "
+                            "or start the run again in a new directory")
+    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
+        raise FplusError(f"{path} is not a run configuration (no `settings` object); restore it or start the run "
+                         "again in a new directory")
+    return config
+
+
+def settings_from_run(run_dir: Path) -> Settings:
+    """The settings a run was started with (from its config.json)."""
+    flat = read_run_config(Path(run_dir))["settings"]
+    try:
+        return load_settings(None, {k: v for k, v in flat.items() if v is not None}, environ={}, dotenv=None)
+    except FplusError as err:
+        raise FplusError(f"{Path(run_dir) / CONFIG} `settings`: {err}") from None
+
+
+def load_split(path: Path) -> Split:
+    """A run's split.json (an FplusError naming the file when it is damaged)."""
+    raw = ckpt.read_json(path, "the run's train/validation split", "restore it, or start the run again")
+    try:
+        return Split(tuple(int(e) for e in raw["train"]), tuple(int(e) for e in raw["val"]), int(raw["seed"]),
+                     float(raw["val_fraction"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise FplusError(f"{path} is not a train/validation split ({type(err).__name__}: {err}); restore it, or "
+                         "start the run again") from None
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -85,6 +136,7 @@ class TrainProgress:
     step: int = 0
     epoch: int = 0
     position: int = 0
+    skipped_nonfinite: int = 0  # steps whose batch was skipped for a non-finite loss or gradient (NONFINITE=skip)
 
 
 def p_oracle_at(step: int, total: int, start: float, end: float) -> float:
@@ -118,21 +170,29 @@ class TrainRecipe:
         self.stop_after = stop_after
         self.console = console
         self.progress_bar = progress_bar
+        self._signal: int | None = None  # the first SIGINT/SIGTERM received while training
+        self._training = False  # signals only ask to stop once the steps have started
+        self._stop = False  # every process agreed to stop after this step (the signal, reduced over processes)
+        self._saved_step: int | None = None
+        self.logger = None
         if resume:
             stored = settings_from_run(self.run_dir)
             if settings_to_flat(stored) != settings_to_flat(settings):
                 changed = [k for k, v in settings_to_flat(settings).items() if settings_to_flat(stored)[k] != v]
-                self._print(f"[yellow]resuming with the run's own settings; ignoring current differences in "
-                            f"{', '.join(changed)}")
+                self._print(f"resuming with the run's own settings; ignoring current differences in "
+                            f"{', '.join(changed)}", "yellow")
             settings = stored
         elif (self.run_dir / CONFIG).is_file():
             raise FplusError(f"{self.run_dir} already holds a run; pass --resume to continue it, or use another "
                              "RUN_NAME / OUTPUT_DIR")
         self.settings = settings
 
-    def _print(self, text: str) -> None:
+    def _print(self, text: str, style: str | None = None) -> None:
+        """Print plain text (paths and messages are not Rich markup) on the console, if any."""
         if self.console is not None:
-            self.console.print(text)
+            from rich.markup import escape
+
+            self.console.print(escape(text), style=style)
 
     # ----- setup ------------------------------------------------------------------------------------------------
 
@@ -149,6 +209,11 @@ class TrainRecipe:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         acc = self.accelerator
+        if acc.is_main_process:  # under the run's lock (train_run): no other writer's save is in progress
+            stale = ckpt.remove_stale(self.run_dir)
+            if stale:
+                self._print(f"removed {len(stale)} partial checkpoint(s) left by an interrupted save in "
+                            f"{ckpt.checkpoint_dir(self.run_dir)}: {', '.join(stale)}", "yellow")
         if s.data.dataset is None:
             raise FplusError("no dataset: set DATASET (or use a profile that does)")
         self.keys = keys_from_settings(s.data)
@@ -206,12 +271,11 @@ class TrainRecipe:
     def _split(self, ds: LeRobotDataset) -> Split:
         path = self.run_dir / SPLIT
         if path.is_file():
-            return Split.load(path)
+            return load_split(path)
         split = split_episodes([e.index for e in ds.episodes], self.settings.data.val_fraction,
                                self.settings.data.split_seed)
         if self.accelerator.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            split.save(path)
+            write_text_atomic(path, json.dumps(asdict(split), indent=2))
         return split
 
     def _latents(self, ds: LeRobotDataset) -> np.ndarray | None:
@@ -233,7 +297,7 @@ class TrainRecipe:
         if path is None:
             raise FplusError(f"experiment {self.settings.train.experiment or 'custom'} trains a CoC loss but "
                              "COC_JSONL is not set; write labels with `fplus coc generate`")
-        return load_coc(path, [*self.split.train, *self.split.val])
+        return load_coc(path, [*self.split.train, *self.split.val], max_tokens=self.settings.coc.max_tokens)
 
     def _param_groups(self, policy: FPlusPolicy) -> list[dict]:
         t = self.settings.train
@@ -266,20 +330,37 @@ class TrainRecipe:
     # ----- train ------------------------------------------------------------------------------------------------
 
     def train_step(self, batches: list[dict]) -> dict[str, float]:
-        """One optimiser step over GRAD_ACCUM micro-batches; returns the mean of each metric."""
+        """One optimiser step over GRAD_ACCUM micro-batches; returns the mean of each metric.
+
+        A non-finite loss term (of any micro-batch) or gradient norm either raises an FplusError before anything
+        of the step is applied (NONFINITE=error) or skips the optimiser step (NONFINITE=skip: gradients zeroed,
+        counted in `skipped_nonfinite`); the checks read the floats the metrics take anyway (no extra host sync
+        on one process; with several, one all-reduce of two flags per step, which also carries the stop signal).
+        """
         acc, s = self.accelerator, self.settings.train
         p = p_oracle_at(self.progress.step, self.total_steps, s.p_oracle_start, s.p_oracle_end)
         sums: dict[str, float] = {}
+        bad: tuple[list[str], dict[str, float]] | None = None  # the first micro-batch with a non-finite term
+        skipped = False
         self.model.train()
         for batch in batches:
             with acc.accumulate(self.model):
                 with acc.autocast():
                     loss, metrics = self.model(batch, p_oracle=p, generator=self.generator)
+                nonfinite = [k for k in LOSS_TERMS if k in metrics and not math.isfinite(metrics[k])]
+                if nonfinite and bad is None:
+                    bad = (nonfinite, metrics)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    metrics["grad_norm"] = float(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    norm = float(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
+                    metrics["grad_norm"] = norm
+                    elsewhere = self._agree(bad is not None)
+                    if bad is not None or elsewhere or not math.isfinite(norm):
+                        self._nonfinite(bad, metrics, norm, elsewhere)  # raises under NONFINITE=error
+                        skipped = True
+                    else:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
@@ -287,7 +368,50 @@ class TrainRecipe:
         self.progress.position += len(batches)
         out = {k: v / len(batches) for k, v in sums.items()}
         out["p_oracle"] = p
+        out["skipped_nonfinite"] = self.progress.skipped_nonfinite
+        if skipped:
+            out["skipped_step"] = True
         return out
+
+    def _agree(self, bad_here: bool) -> bool:
+        """With several processes: reduce (this process's non-finite flag, its stop signal) over all of them, so
+        that every process skips, stops or raises at the same step; sets `_stop`. Returns whether a loss term was
+        non-finite on another process. One process: `_stop` is read from the signal flag, no communication."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            self._stop = self._signal is not None
+            return False
+        flags = torch.tensor([float(bad_here), float(self._signal == signal.SIGINT),
+                              float(self._signal == signal.SIGTERM)], device=acc.device)
+        bad, sigint, sigterm = acc.reduce(flags, reduction="sum").tolist()
+        if self._signal is None and (sigint or sigterm):
+            self._signal = signal.SIGINT if sigint else signal.SIGTERM
+        self._stop = bool(sigint or sigterm)
+        return bool(bad) and not bad_here
+
+    def _nonfinite(self, bad: tuple[list[str], dict[str, float]] | None, metrics: dict[str, float], norm: float,
+                   elsewhere: bool) -> None:
+        """Raise (NONFINITE=error) or count and report a skipped batch (NONFINITE=skip)."""
+        step = self.progress.step + 1  # the step being computed, as its metrics line will number it
+        names, values = bad if bad is not None else ([], metrics)
+        names = [k for k in names if k != "loss"] or names  # the total is non-finite because a term is
+        terms = ", ".join(f"{k} {values[k]:.4g}" for k in LOSS_WEIGHTS if k in values)
+        if names:
+            what = f"{names[0]} is {values[names[0]]}" if len(names) == 1 else \
+                f"{', '.join(names)} are non-finite"
+        elif elsewhere:
+            what = "a loss term is non-finite on another process"
+        else:
+            what = f"the gradient is non-finite (norm {norm})"
+        if self.settings.train.nonfinite == "skip":
+            self.progress.skipped_nonfinite += 1
+            self._print(f"step {step}: {what} ({terms}): batch skipped (NONFINITE=skip; "
+                        f"{self.progress.skipped_nonfinite} skipped so far)", "yellow")
+            return
+        kept = ckpt.list_checkpoints(self.run_dir)
+        last = f"its last good checkpoint is step {int(kept[-1].name[len(ckpt.PREFIX):])}" if kept \
+            else "it has no checkpoint yet"
+        raise FplusError(f"step {step}: {what} ({terms}); the run is not complete; {last}. {NONFINITE_HINT}")
 
     def _loader(self, dataset: PolicySamples, sampler) -> DataLoader:
         workers = self.settings.train.num_workers
@@ -295,13 +419,19 @@ class TrainRecipe:
                           num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
     def fit(self) -> TrainProgress:
-        """Train until the last step (or `stop_after` steps of this invocation); validate each epoch; checkpoint."""
+        """Train until the last step (or `stop_after` steps of this invocation); validate each epoch; checkpoint.
+
+        Raises:
+            TrainingInterrupted: SIGINT/SIGTERM (under `signals()`): the step in progress was finished and saved.
+            FplusError: a non-finite loss or gradient (NONFINITE=error), a checkpoint that cannot be written.
+        """
         from fplus.progress import make_progress
 
         acc, s = self.accelerator, self.settings.train
         accum = s.grad_accum
         done_here = 0
         bar = make_progress("steps", console=self.console, disable=not (self.progress_bar and acc.is_main_process))
+        self._training = True
         with bar:
             task = bar.add_task(f"train {s.experiment or 'custom'}", total=self.total_steps,
                                 completed=self.progress.step, info="")
@@ -312,7 +442,7 @@ class TrainRecipe:
                 micro_left = (self.steps_per_epoch * accum) - self.progress.position
                 pending: list[dict] = []
                 t0, samples = time.perf_counter(), 0
-                for batch in self._loader(self.train_set, sampler):
+                for batch in self._batches(self._loader(self.train_set, sampler)):
                     if micro_left <= 0:
                         break
                     pending.append(batch)
@@ -328,7 +458,8 @@ class TrainRecipe:
                     if s.val_every and self.progress.step % s.val_every == 0 and \
                             self.progress.step < self.total_steps:
                         self._log({"kind": "val", **self.validate()})
-                    if self.progress.step >= self.total_steps or (self.stop_after and done_here >= self.stop_after):
+                    if self.progress.step >= self.total_steps or (self.stop_after and done_here >= self.stop_after) \
+                            or self._stopping():
                         break
                 if self.stop_after and done_here >= self.stop_after and self.progress.step < self.total_steps:
                     return self.progress
@@ -339,14 +470,87 @@ class TrainRecipe:
                         self._log({"kind": "val", **self.validate()})
                     if s.save_every is None and self.progress.step < self.total_steps:
                         self.save()
+                if self._stopping() and self.progress.step < self.total_steps:
+                    self._interrupted()
         if not self.progress.position == 0:  # the last step ended mid-epoch (MAX_STEPS): validate once more
             self._log({"kind": "val", **self.validate()})
-        self.save()
+        if self._saved_step != self.progress.step:
+            self.save()
         if acc.is_main_process:
-            (self.run_dir / COMPLETE).write_text(json.dumps({"step": self.progress.step}))
-            if self.logger is not None:
-                self.logger.close()
+            write_text_atomic(self.run_dir / COMPLETE, json.dumps({"step": self.progress.step}))
+        self.close()
         return self.progress
+
+    def close(self) -> None:
+        """Close the extra metrics logger (idempotent)."""
+        if self.logger is not None:
+            self.logger.close()
+            self.logger = None
+
+    def _batches(self, loader: DataLoader):
+        """The loader's batches; once a stop is requested, a loader that fails (its workers got the terminal's
+        Ctrl-C too) just ends the epoch: the steps done so far are saved."""
+        it = iter(loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except Exception:
+                if self._signal is not None:
+                    self._stop = True
+                    return
+                raise
+            yield batch
+
+    # ----- signals ----------------------------------------------------------------------------------------------
+
+    def _stopping(self) -> bool:
+        """A signal asked to stop (one process: its flag; several: what all agreed on at the last step)."""
+        return self._stop or (self.accelerator.num_processes == 1 and self._signal is not None)
+
+    @contextmanager
+    def signals(self):
+        """SIGINT/SIGTERM handlers for the block (main thread only): during setup a signal aborts at once
+        (nothing trained yet); while training the first one stops after the optimiser step in progress (and saves),
+        a second one aborts at once. Both raise a TrainingInterrupted (exit 130 / 143)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if not self._training:
+            raise TrainingAborted(signum, f"{name} during setup: stopped {self.run_dir} before its first step "
+                                  "(nothing trained in this invocation)")
+        if self._signal is not None:
+            last = self._last_checkpoint()
+            raise TrainingAborted(signum, f"second {name}: aborted at once at step {self.progress.step}; the steps "
+                                  f"after the last checkpoint are lost ({last})")
+        self._signal = signum  # reported and acted on after the optimiser step in progress (not from here)
+
+    def _last_checkpoint(self) -> str:
+        kept = ckpt.list_checkpoints(self.run_dir)
+        return f"last checkpoint {kept[-1]}" if kept else "no checkpoint yet"
+
+    def _interrupted(self) -> None:
+        """Save the step just finished and raise TrainingInterrupted."""
+        name = signal.Signals(self._signal).name
+        self._print(f"{name}: saving a checkpoint of step {self.progress.step} (a second {name} aborts at once)",
+                    "yellow")
+        path = self.save() if self._saved_step != self.progress.step else None
+        path = path or ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.PREFIX}{self.progress.step:06d}"
+        self.close()
+        raise TrainingInterrupted(self._signal, f"{name}: stopped {self.run_dir} at step {self.progress.step} of "
+                                  f"{self.total_steps}, checkpoint saved ({path.name})")
 
     def _after_step(self, metrics: dict[str, float], bar, task) -> None:
         s = self.settings.train
@@ -388,31 +592,71 @@ class TrainRecipe:
     # ----- save / restore ---------------------------------------------------------------------------------------
 
     def save(self) -> Path | None:
-        """Commit a checkpoint of the current step (main process writes; every process saves its RNG state)."""
+        """Commit a checkpoint of the current step (main process writes; every process saves its RNG state).
+
+        A save that fails or is interrupted removes its temporary directory (the earlier checkpoints are not
+        touched); a write failure (disk full) becomes an FplusError naming the file and the free space."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        tmp = ckpt.checkpoint_dir(self.run_dir) / f".tmp-{ckpt.PREFIX}{self.progress.step:06d}"
-        if acc.is_main_process:
-            tmp = ckpt.begin(self.run_dir, self.progress.step)
-        acc.wait_for_everyone()
-        torch.save(_rng_state(self.generator), tmp / f"rng-{acc.process_index}.pt")
+        step = self.progress.step
+        tmp = ckpt.checkpoint_dir(self.run_dir) / f"{ckpt.TMP}{ckpt.PREFIX}{step:06d}"
+        writing: Path | None = None
         final = None
-        if acc.is_main_process:
-            acc.unwrap_model(self.model).save(tmp / "policy")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "progress": asdict(self.progress)}, tmp / "trainer.pt")
+        try:
+            if acc.is_main_process:
+                tmp = ckpt.begin(self.run_dir, step)
+            acc.wait_for_everyone()
+            writing = tmp / f"rng-{acc.process_index}.pt"
+            torch.save(_rng_state(self.generator), writing)
+            if acc.is_main_process:
+                writing = tmp / "policy"
+                acc.unwrap_model(self.model).save(writing)
+                writing = tmp / "trainer.pt"
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "progress": asdict(self.progress)}, writing)
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                writing = tmp / ckpt.MANIFEST
+                final = ckpt.commit(self.run_dir, tmp, step, self.settings.train.keep_last)
+        except BaseException as err:
+            file = writing
+            if writing is not None and writing.is_dir():
+                file = ckpt.newest_file(writing) or writing
+            if acc.is_main_process and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+            problem = ckpt.save_error(err, self.run_dir, step, file) if isinstance(err, Exception) else None
+            if problem is not None:
+                raise problem from err
+            raise
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            final = ckpt.commit(self.run_dir, tmp, self.progress.step, self.settings.train.keep_last)
-        acc.wait_for_everyone()
+        self._saved_step = step
         return final
 
     def _restore(self) -> None:
-        path = ckpt.latest_valid(self.run_dir, warn=lambda m: self._print(f"[yellow]{m}"))
-        if path is None:
-            self._print("no usable checkpoint: starting from step 0")
-            return
+        warn = lambda m: self._print(m, "yellow")  # noqa: E731
+        path, unusable = None, []
+        for candidate in reversed(ckpt.list_checkpoints(self.run_dir)):
+            problem = ckpt.verify(candidate)
+            if problem is None:
+                path = candidate
+                break
+            warn(f"checkpoint {candidate.name} is unusable ({problem}); trying the previous one")
+            unusable.append(candidate)
         acc = self.accelerator
+        acc.wait_for_everyone()  # every process has looked before the main one renames
+        if acc.is_main_process:
+            for bad in unusable:  # out of the way: pruning must never keep them in place of the new checkpoints
+                warn(f"moved the unusable checkpoint {bad.name} aside to {ckpt.set_aside(bad)} (delete it when "
+                     "you no longer need it)")
+        if path is None:
+            dropped = _truncate_metrics(self.run_dir / METRICS, -1) if acc.is_main_process else 0
+            self._print("no usable checkpoint: starting from step 0"
+                        + (f"; dropped the {dropped} metric line(s) of the earlier attempt from {METRICS}"
+                           if dropped else ""))
+            return
+        # the run's policy config as config.json holds it (JSON: tuples are lists): a checkpoint copied from
+        # another run (an E0 checkpoint into an E2 run) is refused, not trained on as this experiment
+        ckpt.check_policy_config(path, {"policy": json.loads(json.dumps(asdict(self.policy_config)))}, self.run_dir)
         acc.unwrap_model(self.model).load_weights(path / "policy")
         state = torch.load(path / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -422,18 +666,29 @@ class TrainRecipe:
         if not rng.is_file():
             raise FplusError(f"{path} was written by fewer processes; resume with the same number of processes")
         _set_rng_state(torch.load(rng, weights_only=False), self.generator)
+        self._saved_step = self.progress.step
         if acc.is_main_process:
-            _truncate_metrics(self.run_dir / METRICS, self.progress.step)
+            dropped = _truncate_metrics(self.run_dir / METRICS, self.progress.step)
+            if dropped:
+                self._print(f"dropped {dropped} metric line(s) after step {self.progress.step} from {METRICS} "
+                            "(they are written again)")
         self._print(f"resumed {self.run_dir} at step {self.progress.step} (epoch {self.progress.epoch})")
 
     def _log(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
         record = {"step": self.progress.step, "epoch": self.progress.epoch, **record}
-        with (self.run_dir / METRICS).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        # JSON has no NaN: a non-finite number (of a skipped step) is written as null
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        path = self.run_dir / METRICS
+        try:
+            with path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            raise FplusError(f"cannot append to {path}: {err.strerror or err}; free space or fix the permissions, "
+                             "then resume the run (--resume)") from err
         if self.logger is not None:
-            self.logger.log(record)
+            self.logger.log({k: v for k, v in record.items() if v is not None})
 
 
 def _fits(ds: LeRobotDataset, keys, budget_gb: float) -> bool:
@@ -461,9 +716,24 @@ def _set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines written after `step` (they will be written again by the resumed run)."""
+def _truncate_metrics(path: Path, step: int) -> int:
+    """Drop metric lines written after `step` (they will be written again by the resumed run; step -1: all of
+    them), and lines that are not JSON (a write cut off by a kill). Returns how many lines were dropped."""
     if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
+        except json.JSONDecodeError:
+            keep = False
+        if keep:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return dropped
