@@ -1,5 +1,7 @@
 import pytest
 
+from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
+
 
 @pytest.fixture(autouse=True)
 def _reset_accelerate():
@@ -11,3 +13,12 @@ def _reset_accelerate():
     yield
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy dataset (5 episodes, a moving square) with its tiny-DINO latents, shared by a test module."""
+    root = tmp_path_factory.mktemp("toy")
+    write_toy_dataset(root / "ds")
+    compute_toy_latents(toy_settings(root, root / "ds"))
+    return root

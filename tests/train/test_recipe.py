@@ -17,15 +17,7 @@ from fplus.model.corruption import MODES
 from fplus.train import checkpoint as ckpt
 from fplus.train.recipe import METRICS, TrainRecipe, lr_lambda, p_oracle_at, settings_from_run
 from fplus.train.run import run_dir_for, run_state, train_run
-from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_toy_dataset(root / "ds")
-    compute_toy_latents(toy_settings(root, root / "ds"))
-    return root
+from tests.helpers import toy_settings, write_toy_dataset
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

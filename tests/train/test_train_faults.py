@@ -25,7 +25,7 @@ from fplus.settings import settings_to_flat
 from fplus.train import checkpoint as ckpt
 from fplus.train.recipe import METRICS, TrainingInterrupted, TrainRecipe, settings_from_run
 from fplus.train.run import run_dir_for, run_state, train_run
-from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
+from tests.helpers import toy_settings
 
 COMMON = dict(EXPERIMENT="E2", MAX_STEPS=8, SAVE_EVERY=2, BATCH_SIZE=2, KEEP_LAST=5)
 REPO = str(Path(__file__).resolve().parents[2])
@@ -36,14 +36,6 @@ def _reset_accelerate():
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    write_toy_dataset(root / "ds")
-    compute_toy_latents(toy_settings(root, root / "ds"))
-    return root
 
 
 @pytest.fixture(scope="module")
