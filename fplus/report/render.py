@@ -87,6 +87,13 @@ def fmt(value: float | None, missing: str = NA) -> Cell:
     return Cell(f"{value:.4g}")
 
 
+def fmt_raw_cos(value: float | None, missing: str = NA) -> Cell:
+    """A cosine on raw latents, with five decimals (0.99986 vs 0.99995 must not both read 1)."""
+    if value is None:
+        return Cell(missing, "na")
+    return Cell(f"{value:.5f}")
+
+
 def fmt_delta(value: float | None, missing: str = NA) -> Cell:
     if value is None:
         return Cell(missing, "na")
@@ -185,10 +192,12 @@ def world_table(data: Record) -> list[Block]:
             for suffix in ("", "_raw"):
                 values = [None if w is None else w.get(k + suffix) for k in keys]
                 prophet, copy = values[0], values[2]
-                first = fmt(prophet)
+                # raw cosines of near-constant latents all sit near 1: five decimals keep them apart
+                f = fmt if suffix == "" else fmt_raw_cos
+                first = f(prophet)
                 if prophet is not None and copy is not None:
                     first.style = "better" if prophet > copy else "worse"
-                row += [first, fmt(values[1]), fmt(values[2])]
+                row += [first, f(values[1]), f(values[2])]
             rows.append(row)
     if not rows:
         return [Para(f"World cosine: {NOT_APPLICABLE} (no run has a Prophet).", note=True)]

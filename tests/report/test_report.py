@@ -542,12 +542,12 @@ def test_world_cosine_table_and_figure(reported, tmp_path, monkeypatch):
                       "raw Prophet", "raw training mean", "raw copy-last"]
     w2, w4 = _world("E2", 120), _world("E4", 80)
     assert rows == [  # E0 has no Prophet: no row; E4 has no offline eval yet
-        ["E2", "validation, step 120", f"{w2['prophet']:.4g}", "0.02", "0.61", f"{w2['prophet_raw']:.4g}", "0.9987",
-         "0.9991"],
-        ["E2", "offline eval, step 120", "0.8", "0.02", "0.61", f"{w2['prophet_raw']:.4g}", "0.9987", "0.9991"],
-        ["E4", "validation, step 80", f"{w4['prophet']:.4g}", "0.02", "0.61", f"{w4['prophet_raw']:.4g}", "0.9987",
-         "0.9991"]]
-    assert rows[0][2] == "0.8257" and rows[0][5] == "0.9983"
+        ["E2", "validation, step 120", f"{w2['prophet']:.4g}", "0.02", "0.61", f"{w2['prophet_raw']:.5f}",
+         "0.99870", "0.99910"],
+        ["E2", "offline eval, step 120", "0.8", "0.02", "0.61", f"{w2['prophet_raw']:.5f}", "0.99870", "0.99910"],
+        ["E4", "validation, step 80", f"{w4['prophet']:.4g}", "0.02", "0.61", f"{w4['prophet_raw']:.5f}",
+         "0.99870", "0.99910"]]
+    assert rows[0][2] == "0.8257" and rows[0][5].startswith("0.998")
     assert "A Prophet that does not beat copy-last has learnt nothing beyond the present." in md
     assert "](plots/world_cosine.png)" in md
     # the figure: per run, the three standardised curves over the val steps
