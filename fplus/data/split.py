@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from fplus.errors import FplusError
+from fplus.io import read_json, write_text_atomic
 
 
 @dataclass(frozen=True)
@@ -21,12 +22,19 @@ class Split:
     val_fraction: float
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2))
+        """Write the split as JSON, atomically."""
+        write_text_atomic(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> Split:
-        raw = json.loads(path.read_text())
-        return cls(tuple(raw["train"]), tuple(raw["val"]), raw["seed"], raw["val_fraction"])
+        """A saved split (an FplusError naming the file when it is missing or damaged)."""
+        raw = read_json(path, "the run's train/validation split", "restore it, or start the run again")
+        try:
+            return cls(tuple(int(e) for e in raw["train"]), tuple(int(e) for e in raw["val"]), int(raw["seed"]),
+                       float(raw["val_fraction"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise FplusError(f"{path} is not a train/validation split ({type(err).__name__}: {err}); restore it, "
+                             "or start the run again") from None
 
 
 def split_episodes(episode_indices: list[int], val_fraction: float, seed: int) -> Split:

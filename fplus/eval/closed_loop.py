@@ -261,7 +261,7 @@ def _earlier(path: Path) -> dict | None:
     """An earlier closed-loop evaluation file of the same checkpoint and simulator (None when there is none)."""
     if not path.is_file():
         return None
-    from fplus.train.checkpoint import read_json
+    from fplus.io import read_json
 
     fix = "delete it (the evaluation writes it again) or restore it"
     data = read_json(path, "the earlier closed-loop evaluation", fix)

@@ -48,9 +48,10 @@ def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
     copy = enc.z_hist[:, -1:].expand_as(z_future)
     mean = torch.zeros_like(z_future)
     raw = policy.latent_norm.inverse
+    raw_future = raw(z_future)
     candidates = {"prophet": (z_pred, z_future), "mean": (mean, z_future), "copy": (copy, z_future),
-                  "prophet_raw": (raw(z_pred), raw(z_future)), "mean_raw": (raw(mean), raw(z_future)),
-                  "copy_raw": (raw(copy), raw(z_future))}
+                  "prophet_raw": (raw(z_pred), raw_future), "mean_raw": (raw(mean), raw_future),
+                  "copy_raw": (raw(copy), raw_future)}
     if policy.align is not None:  # FLARE: the FUT states' projection against the future (standardised)
         fut_h = enc.prompt.gather(enc.out.layers[policy.align.layer], enc.prompt.fut_positions)
         m = fut_h.shape[1]
@@ -120,7 +121,7 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
         out[mode] = {"mse_norm": sq_norm[mode] / (count[mode] * len(per_dim)), "mse_raw": float(per_dim.mean()),
                      "mse_per_dim_raw": per_dim.tolist(),
                      "cos_world": None if world_cos is None else world_cos["prophet"],
-                     "samples": n_samples[mode], "action_steps": count[mode] // 1}
+                     "samples": n_samples[mode], "action_steps": count[mode]}
     return {"modes": out, "world": world_cos, "skipped": skipped}
 
 
@@ -139,8 +140,9 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     policy config is not the run's own (copied from another run) is refused, naming both files.
     `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
     from fplus.data.lerobot import LeRobotDataset, keys_from_settings
+    from fplus.data.split import Split
     from fplus.train import checkpoint as ckpt
-    from fplus.train.recipe import SPLIT, load_split, read_run_config, settings_from_run
+    from fplus.train.recipe import SPLIT, read_run_config, settings_from_run
 
     run_dir = Path(run_dir)
     settings = settings_from_run(run_dir)
@@ -158,7 +160,7 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     if ds.fingerprint != config["dataset_fingerprint"]:
         raise FplusError(f"the dataset {settings.data.dataset} changed since {run_dir} was trained "
                          f"(fingerprint {ds.fingerprint} != {config['dataset_fingerprint']})")
-    split = load_split(run_dir / SPLIT)
+    split = Split.load(run_dir / SPLIT)
     latents = None
     if policy.config.world_dim:
         from fplus.world.cache import find_latents
@@ -185,7 +187,7 @@ def _earlier_modes(path: Path) -> dict:
     """The `modes` of an earlier evaluation file of the same checkpoint ({} when there is none)."""
     if not path.is_file():
         return {}
-    from fplus.train.checkpoint import read_json
+    from fplus.io import read_json
 
     fix = "delete it (the evaluation writes it again) or restore it"
     data = read_json(path, "the earlier offline evaluation", fix)

@@ -195,7 +195,6 @@ class Encoded:
     prompt: PromptBatch
     out: BackboneOutput
     act_h: torch.Tensor
-    state_embeds: torch.Tensor | None = None
     z_hist: torch.Tensor | None = None
     z_future: torch.Tensor | None = None
     future_valid: torch.Tensor | None = None
@@ -262,7 +261,6 @@ class FPlusPolicy(nn.Module):
         """A fresh policy: loads the backbone, sets fine-tuning, and normalisation from dataset `stats`."""
         backbone = load_backbone(config.backbone, action_horizon=config.action_horizon,
                                  num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None)
-        config.check_loss_paths(backbone.num_layers)  # before peft wraps anything
         apply_finetune(backbone, config.finetune, config.lora_rank, config.lora_layers,
                        config.gradient_checkpointing, config.init_seed)
         action_norm = Normalizer.from_stats(stats[action_key], config.normalization, action_key)
@@ -308,7 +306,7 @@ class FPlusPolicy(nn.Module):
         want_text = self.config.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
         out = self.backbone.forward(prompt, layers=layers, state_embeds=state_embeds, text_loss=want_text,
                                     token_rows=self.token_rows)
-        enc = Encoded(prompt, out, prompt.gather(out.last_hidden, prompt.act_positions), state_embeds)
+        enc = Encoded(prompt, out, prompt.gather(out.last_hidden, prompt.act_positions))
         if self.latent_norm is not None:
             if K.Z_HIST in batch:
                 enc.z_hist = self.standardize(batch[K.Z_HIST])
@@ -447,8 +445,7 @@ class FPlusPolicy(nn.Module):
             if self.injection is None:
                 memory = None
             else:
-                given = donors if donors is not None or mode != "shuffle" else \
-                    self._donors(batch, mode, generators.get(mode))
+                given = donors if donors is not None else self._donors(batch, mode, generators.get(mode))
                 memory = self.memory(enc, mode, given, generators.get(mode))
             out[mode] = self.action_norm.inverse(self.act(enc.act_h, memory).float())
         return out, enc

@@ -23,9 +23,9 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from fplus.errors import FplusError
+from fplus.io import read_json
 
 MANIFEST = "checkpoint.json"
 PREFIX = "step-"
@@ -36,33 +36,6 @@ UNUSABLE = "unusable-"
 
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
-
-
-def read_json(path: Path, what: str, fix: str = "") -> Any:
-    """The JSON content of `path`, or an FplusError naming the file, the line and column, and `fix` (what to do).
-
-    `what` describes the file ("the run configuration"); `fix` is appended after a semicolon."""
-    path = Path(path)
-    tail = f"; {fix}" if fix else ""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FplusError(f"{what} {path} is missing{tail}") from None
-    except OSError as err:
-        raise FplusError(f"cannot read {what} {path}: {err.strerror or err}{tail}") from err
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise FplusError(f"{what} {path} is not UTF-8 text (byte {err.start} is {raw[err.start]:#04x}); it is "
-                         f"damaged{tail}") from None
-    if not text.strip():
-        raise FplusError(f"{what} {path} is empty (a write cut off?){tail}")
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        cut = " (cut off?)" if err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string") else ""
-        raise FplusError(f"{what} {path} is not valid JSON{cut}: line {err.lineno} column {err.colno}: {err.msg}"
-                         f"{tail}") from None
 
 
 def _sha256(path: Path) -> str:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from fplus.data.lerobot import LeRobotDataset, keys_from_settings
 from fplus.data.split import Split, split_episodes
 from fplus.errors import FplusError
-from fplus.io import write_text_atomic
+from fplus.io import read_json, write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy, PolicyConfig
 from fplus.settings import Settings, load_settings, settings_to_flat
@@ -97,7 +97,7 @@ def read_run_config(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise FplusError(f"{run_dir} is not a run directory ({CONFIG} missing)")
-    config = ckpt.read_json(path, "the run configuration", "restore it (it is written once, when the run starts) "
+    config = read_json(path, "the run configuration", "restore it (it is written once, when the run starts) "
                             "or start the run again in a new directory")
     if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
         raise FplusError(f"{path} is not a run configuration (no `settings` object); restore it or start the run "
@@ -112,17 +112,6 @@ def settings_from_run(run_dir: Path) -> Settings:
         return load_settings(None, {k: v for k, v in flat.items() if v is not None}, environ={}, dotenv=None)
     except FplusError as err:
         raise FplusError(f"{Path(run_dir) / CONFIG} `settings`: {err}") from None
-
-
-def load_split(path: Path) -> Split:
-    """A run's split.json (an FplusError naming the file when it is damaged)."""
-    raw = ckpt.read_json(path, "the run's train/validation split", "restore it, or start the run again")
-    try:
-        return Split(tuple(int(e) for e in raw["train"]), tuple(int(e) for e in raw["val"]), int(raw["seed"]),
-                     float(raw["val_fraction"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise FplusError(f"{path} is not a train/validation split ({type(err).__name__}: {err}); restore it, or "
-                         "start the run again") from None
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -271,11 +260,11 @@ class TrainRecipe:
     def _split(self, ds: LeRobotDataset) -> Split:
         path = self.run_dir / SPLIT
         if path.is_file():
-            return load_split(path)
+            return Split.load(path)
         split = split_episodes([e.index for e in ds.episodes], self.settings.data.val_fraction,
                                self.settings.data.split_seed)
         if self.accelerator.is_main_process:
-            write_text_atomic(path, json.dumps(asdict(split), indent=2))
+            split.save(path)
         return split
 
     def _latents(self, ds: LeRobotDataset) -> np.ndarray | None:

@@ -64,7 +64,7 @@ def _release(run_dir: Path) -> None:
 
 def _complete_progress(run_dir: Path) -> TrainProgress:
     """The progress of a finished run, from COMPLETE and config.json (no setup needed)."""
-    from fplus.train.checkpoint import read_json
+    from fplus.io import read_json
 
     done = read_json(run_dir / COMPLETE, "the run's completion marker",
                      "delete it and resume the run (--resume) to finish it again")
