@@ -55,10 +55,13 @@ def main() -> None:
             policy.action_norm.float()
         obs = {k: v[:1] if torch.is_tensor(v) else v[:1] for k, v in make_batch(1, size, "cpu").items()
                if k in (K.IMAGES, K.INSTRUCTIONS, K.STATE, K.Z_HIST)}
-        prompt = policy.builder(obs[K.IMAGES], obs[K.INSTRUCTIONS]).to(device)
-        tokens = int(prompt.attention_mask.sum())
-        full = partial(policy.predict_action_chunk, obs)  # prompt building included
-        model_only = partial(policy.predict_action_chunk, {**obs, "prompt": prompt})
+        prepared = policy.processor(obs)
+        tokens = int(prepared[K.PROMPT].attention_mask.sum())
+
+        def full(obs=obs, policy=policy):  # prompt building included
+            return policy.predict_action_chunk(policy.processor(obs))
+
+        model_only = partial(policy.predict_action_chunk, prepared)
         for name, fn in (("eager, incl. prompt building", full), ("eager, model only", model_only)):
             p50, p95 = latency(fn, args.iters, cuda)
             rows.append({"backbone": backbone, "exp": exp, "mode": name, "tokens": tokens, "p50_ms": p50,

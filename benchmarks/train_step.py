@@ -22,7 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, write_results  # noqa: E402
 
 from fplus import batch as K  # noqa: E402
-from fplus.model.policy import FPlusPolicy, PolicyConfig  # noqa: E402
+from fplus.model.config import PolicyConfig  # noqa: E402
+from fplus.model.policy import FPlusPolicy  # noqa: E402
+from fplus.settings import ModelSettings  # noqa: E402
 
 EXPERIMENTS = {
     "E0": {},
@@ -52,9 +54,10 @@ def make_batch(b: int, size: int, device: str) -> dict:
 def build(backbone: str, flags: dict, size: int, finetune: str, checkpointing: bool, device: str) -> FPlusPolicy:
     stats = {"action": {"mean": np.zeros(ACTION_DIM), "std": np.ones(ACTION_DIM)},
              "state": {"mean": np.zeros(STATE_DIM), "std": np.ones(STATE_DIM)}}
-    config = PolicyConfig(backbone=backbone, action_dim=ACTION_DIM, action_horizon=HORIZON, image_size=size,
-                          state_dim=STATE_DIM, world_dim=WORLD_DIM, history=HISTORY, future=FUTURE,
-                          finetune=finetune, gradient_checkpointing=checkpointing, **flags)
+    model = ModelSettings(backbone=backbone, action_horizon=HORIZON, image_size=size, finetune=finetune,
+                          gradient_checkpointing=checkpointing, **flags)
+    config = PolicyConfig(model=model, action_dim=ACTION_DIM, state_dim=STATE_DIM, world_dim=WORLD_DIM,
+                          history=HISTORY, future=FUTURE, coc_mode="joint_after_act", init_seed=0)
     torch.manual_seed(0)
     return FPlusPolicy.build(config, stats, "action", "state", device=device)
 
@@ -62,9 +65,8 @@ def build(backbone: str, flags: dict, size: int, finetune: str, checkpointing: b
 def time_steps(policy: FPlusPolicy, batch: dict, steps: int, device: str, bf16: bool) -> tuple[float, float, int]:
     """(median seconds per step, peak memory GiB, tokens per sample)."""
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-5)
-    prompt = policy.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS],
-                            batch[K.COC_TEXT] if policy.config.coc else None).to(device)
-    batch = {**batch, "prompt": prompt}
+    batch = policy.processor(batch, with_coc=True)  # built once, outside the timed loop (the data workers' job)
+    prompt = batch[K.PROMPT]
     def ctx():
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else torch.autocast("cpu", enabled=False)
 

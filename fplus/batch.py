@@ -10,6 +10,8 @@ A batch is a dict; B samples, H action steps, T history latents, K future latent
     Z_FUTURE      (B, K, D) world latents z[t+1..t+K] (training, oracle corruption)
     FUTURE_VALID  (B, K) bool, False past the episode end
     COC_TEXT      list[str] of B chain-of-causation texts (CoC experiments, training only)
+    PROMPT        PromptBatch: the backbone's tensor inputs, added by the policy's processor (data workers in
+                  training; every inference path before the policy) from IMAGES, INSTRUCTIONS [and COC_TEXT]
 """
 
 IMAGES = "images"
@@ -21,3 +23,4 @@ Z_HIST = "z_hist"
 Z_FUTURE = "z_future"
 FUTURE_VALID = "future_valid"
 COC_TEXT = "coc_text"
+PROMPT = "prompt"

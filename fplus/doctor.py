@@ -216,10 +216,10 @@ def check_simulator(settings: Settings) -> list[Check]:
     sim = settings.eval.sim
     if sim == "none":
         return []
-    from fplus.sim.registry import check_available
+    from fplus.sim.registry import get_simulator
 
     try:
-        check_available(sim)
+        get_simulator(sim).check_available()
     except FplusError as err:
         return [Check(f"sim {sim}", "fail", str(err))]
     detail = f"suite {settings.eval.suite}, {settings.eval.episodes} episodes per task" if sim == "libero" else \
@@ -248,35 +248,35 @@ def backbone_layers(name: str) -> int | None:
         return None
 
 
-def check_loss_paths(settings: Settings) -> list[Check]:
+def check_loss_paths(settings: Settings, per_experiment: dict[str, Settings]) -> list[Check]:
     """Every matrix experiment's active losses can reach a trainable weight (DESIGN 5): e.g. FLARE's ALIGN_LAYER
     must sit at or above the first LoRA layer. The same check the policy runs when it is built."""
-    from fplus.experiments import EXPERIMENTS
-    from fplus.model.policy import PolicyConfig
-    from fplus.settings import load_settings, settings_to_flat
+    from fplus.model.config import PolicyConfig
 
     layers = backbone_layers(settings.model.backbone)
     if layers is None:
         return [Check("loss paths", "warn", f"not checked: the depth of {settings.model.backbone} is unknown here")]
-    flat = {k: v for k, v in settings_to_flat(settings).items()
-            if v is not None and k not in ("PROPHET", "INJECTION", "COC", "FLARE_ALIGN", "EXPERIMENT")}
     problems = []
-    for experiment in settings.run.experiments:
-        if experiment not in EXPERIMENTS:
-            continue
-        exp = load_settings(None, {**flat, "EXPERIMENT": experiment}, environ={}, dotenv=None)
+    for experiment, exp in per_experiment.items():
         try:
             PolicyConfig.from_settings(exp, action_dim=1, state_dim=None, world_dim=1).check_loss_paths(layers)
         except FplusError as err:
             problems.append(f"{experiment}: {err}")
     if problems:
         return [Check("loss paths", "fail", "; ".join(problems))]
-    return [Check("loss paths", "ok", f"every active loss of {', '.join(settings.run.experiments)} reaches a "
+    return [Check("loss paths", "ok", f"every active loss of {', '.join(per_experiment)} reaches a "
                                       f"trainable weight ({settings.model.finetune}, {layers} layers)")]
 
 
-def run_checks(settings: Settings, needs_world: bool, needs_coc: bool) -> list[Check]:
-    checks = check_versions() + check_device() + check_loss_paths(settings)
+def run_checks(settings: Settings, per_experiment: dict[str, Settings]) -> list[Check]:
+    """Every check of a profile: `settings` its base settings, `per_experiment` what each matrix experiment runs
+    with (`fplus.settings.matrix_settings`); which data the experiments need is asked of their specs."""
+    from fplus.experiments import Experiment
+
+    specs = [Experiment.of(s) for s in per_experiment.values()]
+    needs_world = any(e.needs_world for e in specs)
+    needs_coc = any(e.needs_coc for e in specs)
+    checks = check_versions() + check_device() + check_loss_paths(settings, per_experiment)
     data_checks, ds = check_dataset(settings)
     checks += data_checks + check_latents(settings, ds, needs_world) + check_coc(settings, ds, needs_coc)
     checks += check_disk(settings) + check_simulator(settings)

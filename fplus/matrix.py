@@ -17,9 +17,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fplus.errors import FplusError
-from fplus.experiments import EXPERIMENTS
-from fplus.settings import Settings, load_settings_with_origins
+from fplus.errors import CheckpointError, ConfigError, DataError
+from fplus.experiments import Experiment
+from fplus.rundir import offline_result, run_dir_for, run_state, sim_result
+from fplus.settings import Settings, matrix_settings
 
 
 @dataclass
@@ -31,14 +32,10 @@ class MatrixOutcome:
     report: Path | None = None
 
 
-def experiment_settings(profile: str | None, experiment: str, overrides: dict) -> Settings:
-    return load_settings_with_origins(profile, {**overrides, "EXPERIMENT": experiment, "RUN_NAME": None}).settings
-
-
 def _ensure_dataset(settings: Settings, console: Console) -> bool:
     d = settings.data
     if d.dataset is None:
-        raise FplusError("the profile sets no DATASET")
+        raise ConfigError("the profile sets no DATASET")
     if Path(d.dataset).exists():
         return False
     if not settings.run.make_demo_data:
@@ -64,7 +61,7 @@ def _ensure_latents(settings: Settings, console: Console) -> bool:
     try:  # a finished, matching cache: no need to load the encoder at all
         find_latents(w.cache_dir, ds, keys.image, w.source, encoder_id, w.pooling, w.temporal_window)
         return False
-    except FplusError:
+    except DataError:  # no cache, or one that compute_latents resumes or reports
         pass
     encoder = build_encoder(w.source, dino_model=w.dino_model, vjepa_model=w.vjepa_model, pooling=w.pooling,
                             temporal_window=w.temporal_window)
@@ -77,7 +74,7 @@ def _ensure_latents(settings: Settings, console: Console) -> bool:
 
 def _ensure_coc(settings: Settings, experiment: str, console: Console) -> str | None:
     """None when the CoC labels are ready (or not needed), else a reason to skip the experiment."""
-    if not settings.model.coc:
+    if not Experiment.of(settings).needs_coc:
         return None
     path = settings.coc.jsonl
     if path is not None and Path(path).is_file():
@@ -85,13 +82,13 @@ def _ensure_coc(settings: Settings, experiment: str, console: Console) -> str | 
     mode = settings.run.missing_coc
     state = "unset" if path is None else f"{path} (missing)"
     if mode == "error":
-        raise FplusError(f"{experiment} needs CoC labels: COC_JSONL is {state}. Write them with "
+        raise ConfigError(f"{experiment} needs CoC labels: COC_JSONL is {state}. Write them with "
                          "`fplus coc generate`, or set MATRIX_MISSING_COC=skip|generate")
     if mode == "skip":
         return f"no CoC labels (COC_JSONL {state})"
     if path is None:
-        raise FplusError("MATRIX_MISSING_COC=generate needs COC_JSONL to name the file to write")
-    from fplus.cli.coc import generate_labels
+        raise ConfigError("MATRIX_MISSING_COC=generate needs COC_JSONL to name the file to write")
+    from fplus.coc.generate import generate_labels
 
     console.rule("CoC labels")
     generate_labels(settings, Path(path), console)
@@ -101,26 +98,21 @@ def _ensure_coc(settings: Settings, experiment: str, console: Console) -> str | 
 def run_matrix(profile: str | None, experiments: list[str] | None = None, overrides: dict | None = None,
                console: Console | None = None) -> MatrixOutcome:
     """Run the matrix of a profile (see the module docstring)."""
+    from fplus.checkpoint import latest_valid, manifest_step
     from fplus.eval.offline import evaluate_run, results_table
     from fplus.model.corruption import MODES
-    from fplus.train.checkpoint import latest_valid, manifest_step
-    from fplus.train.run import run_dir_for, run_state, train_run
+    from fplus.train.run import train_run
 
     console = console or Console()
     overrides = overrides or {}
-    base = load_settings_with_origins(profile, overrides).settings
-    experiments = experiments or base.run.experiments
-    unknown = [e for e in experiments if e not in EXPERIMENTS]
-    if unknown:
-        raise FplusError(f"unknown experiments {unknown}; valid: {', '.join(EXPERIMENTS)}")
+    base, per_exp = matrix_settings(profile, overrides, experiments)
     if base.eval.sim != "none":  # fail now, not after hours of training
-        from fplus.sim.registry import check_available
+        from fplus.sim.registry import get_simulator
 
-        check_available(base.eval.sim)
+        get_simulator(base.eval.sim).check_available()
     outcome = MatrixOutcome()
     outcome.did_work |= _ensure_dataset(base, console)
-    per_exp = {e: experiment_settings(profile, e, overrides) for e in experiments}
-    if any(s.model.prophet or s.model.flare_align for s in per_exp.values()):
+    if any(Experiment.of(s).needs_world for s in per_exp.values()):
         outcome.did_work |= _ensure_latents(base, console)
     for experiment, settings in per_exp.items():
         skip = _ensure_coc(settings, experiment, console)
@@ -139,15 +131,15 @@ def run_matrix(profile: str | None, experiments: list[str] | None = None, overri
             outcome.did_work = True
         last = latest_valid(run_dir)
         if last is None:
-            raise FplusError(f"{run_dir} is complete but has no usable checkpoint to evaluate; delete "
+            raise CheckpointError(f"{run_dir} is complete but has no usable checkpoint to evaluate; delete "
                              f"{run_dir / 'COMPLETE'} and run the matrix again to train it again")
         step = manifest_step(last)
-        if not (run_dir / "eval" / f"offline-step-{step:06d}.json").is_file():
+        if not offline_result(run_dir, step).is_file():
             result, _ = evaluate_run(run_dir, MODES, device=settings.eval.device)
             console.print(results_table(result))
             outcome.did_work = True
         sim = settings.eval.sim
-        if sim != "none" and not (run_dir / "eval" / f"sim-{sim}-step-{step:06d}.json").is_file():
+        if sim != "none" and not sim_result(run_dir, sim, step).is_file():
             from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop
             from fplus.eval.closed_loop import results_table as sim_table
 

@@ -57,3 +57,15 @@ def compute_toy_latents(settings: Settings) -> None:
     enc = build_encoder(w.source, dino_model=w.dino_model, vjepa_model=w.vjepa_model, pooling=w.pooling,
                         temporal_window=w.temporal_window)
     compute_latents(ds, settings.data.image_key, enc, w.cache_dir, w.batch_size, progress=False)
+
+
+def policy_config(*, action_dim: int, state_dim: int | None = None, world_dim: int | None = None, history: int = 4,
+                  future: int = 4, coc_mode: str = "joint_after_act", init_seed: int = 0, **model):
+    """A PolicyConfig for unit tests: `model` are ModelSettings fields (backbone="tiny", prophet=True, ...);
+    FINETUNE defaults to `full` here (the tests' backbone is tiny), the rest to the settings' defaults."""
+    from fplus.model.config import PolicyConfig
+    from fplus.settings import ModelSettings
+
+    return PolicyConfig(model=ModelSettings(**{"finetune": "full", **model}), action_dim=action_dim,
+                        state_dim=state_dim, world_dim=world_dim, history=history, future=future, coc_mode=coc_mode,
+                        init_seed=init_seed)

@@ -5,16 +5,26 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fplus.doctor import estimate_memory_gib, run_checks
-from fplus.settings import load_settings
+from fplus.settings import load_settings, settings_to_flat
 from tests.helpers import toy_settings, write_toy_dataset
+
+
+def checks_of(settings, *experiments):
+    """`run_checks` of `settings` as the matrix of `experiments` (each: the settings with its EXPERIMENT)."""
+    flags = ("PROPHET", "INJECTION", "COC", "FLARE_ALIGN")  # set by each experiment (CLI values would win)
+    flat = {k: v for k, v in settings_to_flat(settings).items() if v is not None and k not in flags}
+    per_experiment = {e: load_settings(None, {**flat, "EXPERIMENT": e}, environ={}, dotenv=None)
+                      for e in experiments}
+    return run_checks(settings, per_experiment)
 
 
 def test_checks_of_a_good_toy_profile(tmp_path):
     write_toy_dataset(tmp_path / "ds", lengths=(5, 6))
     s = toy_settings(tmp_path, tmp_path / "ds")
-    checks = {c.name: c for c in run_checks(s, needs_world=True, needs_coc=False)}
+    checks = {c.name: c for c in checks_of(s, "E2")}
     assert checks["dataset"].status == "ok" and "2 episodes, 11 frames" in checks["dataset"].detail
     assert checks["dataset keys"].status == "ok"
     assert checks["latents"].status == "warn" and "fplus latents" in checks["latents"].detail
@@ -24,7 +34,7 @@ def test_checks_of_a_good_toy_profile(tmp_path):
 def test_wrong_key_and_missing_coc_fail(tmp_path):
     write_toy_dataset(tmp_path / "ds", lengths=(5,))
     s = toy_settings(tmp_path, tmp_path / "ds", IMAGE_KEY="observation.images.top")
-    checks = {c.name: c for c in run_checks(s, needs_world=False, needs_coc=True)}
+    checks = {c.name: c for c in checks_of(s, "E3")}
     keys = checks["dataset keys"]
     assert keys.status == "fail" and "IMAGE_KEY='observation.images.top'" in keys.detail
     assert checks["CoC"].status == "fail" and "COC_JSONL unset" in checks["CoC"].detail
@@ -38,25 +48,51 @@ def test_memory_estimate_grows_with_batch_and_full_finetuning():
     assert 3 < a < b and "2.1B params" in how
 
 
+def test_memory_estimate_of_a_hand_computed_case():
+    """Qwen3-VL-2B (2.13e9 parameters, hidden 2048, 28 layers) in bf16, 224 px (49 visual tokens) + ~40 text tokens
+    + 8 ACT tokens = 97 tokens a sample; x 1.2 for the allocator and the rest."""
+    common = {"BACKBONE": "qwen3-vl-2b", "PRECISION": "bf16", "IMAGE_SIZE": 224, "ACTION_HORIZON": 8}
+    lora = load_settings(None, {**common, "FINETUNE": "lora", "BATCH_SIZE": 16, "GRADIENT_CHECKPOINTING": True},
+                         environ={}, dotenv=None)
+    weights = 2.13e9 * 2  # bf16
+    adam = 0.01 * 2.13e9 * 12  # LoRA trains ~1%: fp32 gradient + two moments
+    activations = 16 * 97 * 2048 * 28 * 34 / 8  # batch x tokens x hidden x layers x 34 bytes, / 8 checkpointed
+    gib, how = estimate_memory_gib(lora)
+    assert gib == pytest.approx((weights + adam + activations) / 2**30 * 1.2, rel=1e-12)
+    assert gib == pytest.approx(5.469, abs=1e-3)  # (4.26e9 + 2.556e8 + 3.782e8) B = 4.558 GiB, x 1.2
+    assert how == "2.1B params, lora, batch 16, ~97 tokens/sample"
+    full = load_settings(None, {**common, "FINETUNE": "full", "BATCH_SIZE": 32, "GRADIENT_CHECKPOINTING": False},
+                         environ={}, dotenv=None)
+    expected = (weights + 2.13e9 * 12 + 32 * 97 * 2048 * 28 * 34) / 2**30 * 1.2
+    assert estimate_memory_gib(full)[0] == pytest.approx(expected, rel=1e-12)
+    tiny = load_settings(None, {"BACKBONE": "tiny"}, environ={}, dotenv=None)
+    assert estimate_memory_gib(tiny) == (0.1, "tiny backbone")
+
+
 def test_cli_exit_code(tmp_path):
     fplus = str(Path(sys.executable).with_name("fplus"))
     out = subprocess.run([fplus, "doctor", "--profile", "l40s"], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, timeout=120)
     assert out.returncode == 1 and "check(s) failed" in out.stdout and "dataset" in out.stdout
+    # offline, the hub dataset cannot be opened, and l40s has no COC_JSONL with MATRIX_MISSING_COC=error
+    summary = re.search(r"^(\d+) check\(s\) failed: (.+)$", out.stdout, re.MULTILINE)
+    assert summary, out.stdout
+    failed = summary.group(2).split(", ")
+    assert int(summary.group(1)) == len(failed) and {"dataset", "CoC"} <= set(failed)
+    assert "~5.5 GiB per training process (2.1B params, lora, batch 16, ~97 tokens/sample)" in out.stdout
 
 
 def test_simulator_check_names_the_install_command(tmp_path, monkeypatch):
     from fplus.sim import libero
 
     write_toy_dataset(tmp_path / "ds", lengths=(5,))
-    checks = {c.name: c for c in run_checks(toy_settings(tmp_path, tmp_path / "ds", EVAL_SIM="metaworld"),
-                                            needs_world=False, needs_coc=False)}
+    checks = {c.name: c for c in checks_of(toy_settings(tmp_path, tmp_path / "ds", EVAL_SIM="metaworld"), "E0")}
     assert checks["sim metaworld"].status == "ok"
     monkeypatch.setattr(libero, "installed_distribution", lambda: None)
     s = toy_settings(tmp_path, tmp_path / "ds", EVAL_SIM="libero", EVAL_SUITE="libero_goal")
-    check = {c.name: c for c in run_checks(s, needs_world=False, needs_coc=False)}["sim libero"]
+    check = {c.name: c for c in checks_of(s, "E0")}["sim libero"]
     assert check.status == "fail" and 'pip install -e ".[libero]"' in check.detail
-    assert "sim none" not in {c.name for c in run_checks(toy_settings(tmp_path, tmp_path / "ds"), False, False)}
+    assert "sim none" not in {c.name for c in checks_of(toy_settings(tmp_path, tmp_path / "ds"))}
 
 
 def _latents_check(tmp_path, monkeypatch, latents):
@@ -96,11 +132,11 @@ def test_spread_latents_are_ok_with_the_ratio(tmp_path, monkeypatch):
 
 def test_loss_paths_check_passes_the_shipped_profiles_and_names_a_bad_align_layer():
     from fplus.doctor import check_loss_paths
-    from fplus.settings import load_settings
+    from fplus.settings import matrix_settings
 
     for profile in ("demo", "l40s", "h100"):
-        [check] = check_loss_paths(load_settings(profile, environ={}, dotenv=None))
+        [check] = check_loss_paths(*matrix_settings(profile, environ={}, dotenv=None))
         assert check.status == "ok", check.detail
-    [bad] = check_loss_paths(load_settings("l40s", {"LORA_LAYERS": 8}, environ={}, dotenv=None))
+    [bad] = check_loss_paths(*matrix_settings("l40s", {"LORA_LAYERS": 8}, environ={}, dotenv=None))
     assert bad.status == "fail"
     assert "E4: ALIGN_LAYER=14 is below the first LoRA layer 21 (LORA_LAYERS=8 of 28)" in bad.detail

@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-import fplus.settings as settings_module
+import fplus.envfile as settings_module
+from fplus.envfile import NO_ENV_CHECK_ENV, edit_distance, env_near_misses, parse_env_text, read_env_file
 from fplus.errors import FplusError
-from fplus.settings import (
-    NO_ENV_CHECK_ENV,
-    edit_distance,
-    env_near_misses,
-    env_vars,
-    load_settings,
-    load_settings_with_origins,
-    parse_env_text,
-    read_env_file,
-)
+from fplus.settings import env_vars, load_settings, load_settings_with_origins
 
 
 @pytest.fixture(autouse=True)
@@ -244,7 +236,7 @@ TRITON_CACHE_DIR HTTP_PROXY HTTPS_PROXY NO_PROXY http_proxy https_proxy no_proxy
 
 def test_a_realistic_environment_never_warns(capsys):
     environ = {**{name: "x" for name in REALISTIC_ENVIRONMENT}, **os.environ}
-    assert env_near_misses(environ) == {}
+    assert env_near_misses(environ, env_vars()) == {}
     load_settings(environ={k: v for k, v in environ.items() if k not in env_vars()})
     assert warnings_of(capsys) == []
 

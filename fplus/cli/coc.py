@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
-from fplus.cli.options import ActionKey, ImageKey, Overwrite, Profile, StateKey, settings_from_cli
-
-if TYPE_CHECKING:
-    from rich.console import Console
-
-    from fplus.coc.generate import GenerateResult
-    from fplus.settings import Settings
+from fplus.cli.options import (
+    ActionKey,
+    Backbone,
+    Dataset,
+    Device,
+    ImageKey,
+    InstructionKey,
+    MaxTokens,
+    Overwrite,
+    Profile,
+    StateKey,
+    settings_from_cli,
+)
 
 app = typer.Typer(help="Chain-of-causation labels: validate a JSONL file, generate labels for a dataset.",
                   no_args_is_help=True)
-
-Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="dataset path or hub id (DATASET)")]
-MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="longest text in tokens (COC_MAX_TOKENS)")]
-Backbone = Annotated[str | None, typer.Option("--backbone", help="whose tokenizer counts tokens (BACKBONE)")]
 
 
 @app.command()
@@ -50,12 +52,12 @@ def validate(
     from fplus.coc.tokens import load_token_counter
     from fplus.coc.validate import render_report, validate_coc
     from fplus.data.lerobot import LeRobotDataset
-    from fplus.errors import FplusError
+    from fplus.errors import ConfigError
 
     settings = settings_from_cli(profile, COC_JSONL=str(file) if file else None, DATASET=dataset,
                                  COC_MAX_TOKENS=max_tokens, BACKBONE=backbone)
     if settings.coc.jsonl is None:
-        raise FplusError("no CoC file given: pass FILE or set COC_JSONL")
+        raise ConfigError("no CoC file given: pass FILE or set COC_JSONL")
     d = settings.data
     ds = None if no_dataset or d.dataset is None else LeRobotDataset.open(d.dataset, revision=d.revision)
     report = validate_coc(settings.coc.jsonl, max_tokens=settings.coc.max_tokens,
@@ -78,8 +80,7 @@ def generate(
     profile: Profile = None,
     action_key: ActionKey = None,
     state_key: StateKey = None,
-    instruction_key: Annotated[str | None, typer.Option(
-        "--instruction-key", help="instruction key (INSTRUCTION_KEY; unset: the dataset's task strings)")] = None,
+    instruction_key: InstructionKey = None,
     gripper_dim: Annotated[int, typer.Option(help="action dim of the gripper command (-1 = last)")] = -1,
     no_gripper: Annotated[bool, typer.Option("--no-gripper", help="the actions have no gripper dim")] = False,
     grip_threshold: Annotated[float, typer.Option(help="a gripper command above this closes")] = 0.0,
@@ -91,44 +92,33 @@ def generate(
         "--vlm", help="write labels with this Qwen-VL model (alias, hub id or local dir); needs its weights")] = None,
     vlm_frames: Annotated[int, typer.Option(help="frames shown to the VLM per episode")] = 4,
     image_key: ImageKey = None,
-    device: Annotated[str | None, typer.Option(help="VLM device: cpu, cuda, ... (default: cuda if available)")]
-    = None,
+    device: Device = None,
     overwrite: Overwrite = False,
 ) -> None:
     """Write one CoC label per episode of a dataset, from its task and recorded motion.
 
     Each episode is segmented into phases (approach, grasp, move, release at gripper events; approach, contact,
     settle without them) and each phase's sentence says why it follows from the goal. Templated and deterministic;
-    --vlm lets a Qwen-VL model write the labels. The file passes `fplus coc validate` with full coverage.
+    --vlm lets a Qwen-VL model write the labels (on --device). The instruction is INSTRUCTION_KEY, unset: the
+    dataset's task strings. The file passes `fplus coc validate` with full coverage.
     """
     from rich.console import Console
 
+    from fplus.coc.generate import generate_labels
     from fplus.coc.phases import MotionSpec
-    from fplus.errors import FplusError
+    from fplus.errors import ConfigError
 
     settings = settings_from_cli(profile, DATASET=dataset, COC_JSONL=str(out) if out else None,
                                  ACTION_KEY=action_key, STATE_KEY=state_key, INSTRUCTION_KEY=instruction_key,
                                  IMAGE_KEY=image_key, COC_MAX_TOKENS=max_tokens, BACKBONE=backbone)
     if settings.coc.jsonl is None:
-        raise FplusError("no output file: pass --out or set COC_JSONL")
+        raise ConfigError("no output file: pass --out or set COC_JSONL")
     try:
         dims = tuple(int(x) for x in position_dims.split(",")) if position_dims else None
     except ValueError as err:
-        raise FplusError(f"--position-dims must be comma-separated integers, got {position_dims!r}") from err
+        raise ConfigError(f"--position-dims must be comma-separated integers, got {position_dims!r}") from err
     spec = MotionSpec(gripper_dim=None if no_gripper else gripper_dim, grip_threshold=grip_threshold,
                       position_dims=dims)
     generate_labels(settings, Path(settings.coc.jsonl), Console(emoji=False), spec=spec, overwrite=overwrite, vlm=vlm,
                     vlm_frames=vlm_frames, device=device)
 
-
-def generate_labels(settings: Settings, out: Path, console: Console, *, spec=None, overwrite: bool = False,
-                    vlm: str | None = None, vlm_frames: int = 4, device: str | None = None) -> GenerateResult:
-    """Generate, write and summarise labels for resolved settings (also what `fplus matrix` calls)."""
-    from fplus.coc.generate import generate_from_settings, render_result
-    from fplus.coc.phases import MotionSpec
-
-    result = generate_from_settings(settings, out, spec=spec or MotionSpec(), overwrite=overwrite, vlm_name=vlm,
-                                    vlm_frames=vlm_frames, device=device, console=console)
-    for renderable in render_result(result):
-        console.print(renderable)
-    return result

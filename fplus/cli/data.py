@@ -41,20 +41,20 @@ def info(
 
     from fplus.data.info import render, summarize
     from fplus.data.lerobot import DataKeys, LeRobotDataset
-    from fplus.errors import FplusError
+    from fplus.errors import ConfigError, DataError
 
     settings = settings_from_cli(profile, DATASET=dataset, IMAGE_KEY=image_key, INSTRUCTION_KEY=instruction_key,
                                  STATE_KEY=state_key, ACTION_KEY=action_key)
     d = settings.data
     if d.dataset is None:
-        raise FplusError("no dataset given: pass a PATH or set DATASET")
+        raise ConfigError("no dataset given: pass a PATH or set DATASET")
     keys = DataKeys(image=d.image_key, wrist_image=d.wrist_image_key, state=d.state_key, action=d.action_key,
                     instruction=d.instruction_key)
     ds = LeRobotDataset.open(d.dataset, revision=d.revision)
     summary = summarize(ds, keys)
     try:
         stats = ds.stats
-    except FplusError:  # non-finite statistics: listed among the value problems
+    except DataError:  # non-finite statistics: listed among the value problems
         stats = {}
     console = Console()
     for renderable in render(summary, stats):
@@ -64,7 +64,7 @@ def info(
         problems = ["; ".join(summary.key_problems) + f". Keys in the dataset: {', '.join(summary.user_keys)}",
                     *problems]
     if problems:
-        raise FplusError("; ".join(problems))
+        raise DataError("; ".join(problems))
 
 
 @app.command()
@@ -85,33 +85,33 @@ def demo(
     """
     from rich.console import Console
 
-    from fplus.errors import FplusError
+    from fplus.cli.output import same_command, say_interrupted
+    from fplus.errors import ConfigError, SimulatorError
+    from fplus.signals import signal_exit, sigterm_as_interrupt
 
     settings = settings_from_cli(profile, DATASET=str(out) if out else None, DEMO_TASKS=tasks,
                                  DEMO_EPISODES=episodes, DEMO_IMAGE_SIZE=image_size, DEMO_MAX_STEPS=max_steps,
                                  DEMO_SEED=seed)
     d = settings.data
     if d.dataset is None:
-        raise FplusError("no output directory: pass --out or set DATASET (the demo profile sets it)")
+        raise ConfigError("no output directory: pass --out or set DATASET (the demo profile sets it)")
     target = Path(d.dataset)
     console = Console()
     if (target / "meta" / "info.json").is_file() and not overwrite:
         console.print(f"{target} already holds a dataset; keeping it (--overwrite to record it again)",
                       markup=False)
         return
-    from fplus.cli.latents import same_command, say_interrupted, signal_name, sigterm_as_interrupt
-
     with sigterm_as_interrupt():
         try:
             try:
                 from fplus.data.demo import make_demo_dataset
             except ImportError as err:
-                raise FplusError(f"the demo needs the `sim` extra (pip install -e '.[sim]'): {err}") from err
+                raise SimulatorError(f"the demo needs the `sim` extra (pip install -e '.[sim]'): {err}") from err
             report = make_demo_dataset(target, tasks=d.demo_tasks, episodes_per_task=d.demo_episodes,
                                        image_size=d.demo_image_size, seed=d.demo_seed, max_steps=d.demo_max_steps,
                                        overwrite=overwrite)
         except KeyboardInterrupt as err:  # DemoInterrupted says how far it got
-            name, code = signal_name(err)
+            name, code = signal_exit(err)
             done = f" after {err.episodes_done} of {err.episodes_total} episodes" \
                 if hasattr(err, "episodes_done") else ""
             kept = f"{target} still holds the dataset it held before" if (target / "meta" / "info.json").is_file() \

@@ -13,15 +13,11 @@ def doctor(profile: Profile = None) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from fplus.cli.options import settings_from_cli
     from fplus.doctor import run_checks
-    from fplus.experiments import EXPERIMENTS
+    from fplus.settings import matrix_settings
 
-    settings = settings_from_cli(profile)
-    flags = [EXPERIMENTS[e] for e in settings.run.experiments if e in EXPERIMENTS]
-    needs_world = any(f["PROPHET"] == "true" or f["FLARE_ALIGN"] == "true" for f in flags)
-    needs_coc = any(f["COC"] == "true" for f in flags)
-    checks = run_checks(settings, needs_world, needs_coc)
+    settings, per_experiment = matrix_settings(profile)
+    checks = run_checks(settings, per_experiment)
     # Check names and details hold user text and hints such as `pip install -e ".[libero]"`: escaped, so Rich
     # markup never eats a `[...]`; only the status marks below are markup.
     title = f"fplus doctor ({profile or 'no profile'}; experiments {', '.join(settings.run.experiments)})"

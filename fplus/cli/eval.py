@@ -7,21 +7,20 @@ from typing import Annotated
 
 import typer
 
-from fplus.cli.options import Profile, settings_from_cli
-from fplus.errors import FplusError
+from fplus.cli.options import Device, Experiment, Profile, settings_from_cli
 
 
 def eval_command(
     run: Annotated[Path | None, typer.Argument(help="run directory (default: OUTPUT_DIR/<EXPERIMENT or RUN_NAME>)")]
     = None,
     profile: Profile = None,
-    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="E0-E4, to find the run")] = None,
-    corruption: Annotated[str, typer.Option(help="none|zero|random|shuffle|oracle|history|all, or a comma list")] \
-    = "all",
+    experiment: Experiment = None,
+    corruption: Annotated[str, typer.Option(help="none|zero|random|shuffle|oracle|history|all, or a comma list "
+                                                 "(all: every mode)")] = "all",
     checkpoint: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest valid)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="evaluation batch size (default: the run's)")] = None,
     max_batches: Annotated[int | None, typer.Option(help="evaluate at most this many batches per mode")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, ... (default: EVAL_DEVICE, auto)")] = None,
+    device: Device = None,
     sim: Annotated[str | None, typer.Option(help="closed loop in a simulator: metaworld, libero (extra)")] = None,
     suite: Annotated[str | None, typer.Option(help="closed loop in LIBERO: libero_spatial|object|goal|10 "
                                                    "(default: EVAL_SUITE)")] = None,
@@ -41,6 +40,7 @@ def eval_command(
 ) -> None:
     """Evaluate a trained run with its own settings (config.json).
 
+    Without RUN, --profile / --experiment name it. The device is --device, else the run's EVAL_DEVICE.
     Offline (default): the run's validation episodes; one table, a row per corruption mode (normalised and raw
     action MSE, per-dimension MSE, world cosine); writes RUN/eval/offline-step-XXXXXX.json.
     Closed loop (--sim metaworld, or --sim libero --suite libero_spatial with the `libero` extra): success rate per
@@ -48,20 +48,21 @@ def eval_command(
     """
     from rich.console import Console
 
+    from fplus.errors import CheckpointError
     from fplus.model.corruption import MODES
 
     modes = MODES if corruption == "all" else tuple(m.strip() for m in corruption.split(",") if m.strip())
     console = Console()
     if run is None:
-        from fplus.train.run import run_dir_for
+        from fplus.rundir import run_dir_for
 
         run = run_dir_for(settings_from_cli(profile, EXPERIMENT=experiment))
         if not (run / "config.json").is_file():
-            raise FplusError(f"no run at {run}: pass RUN, or --profile/--experiment of a trained run "
-                             "(fplus train / fplus matrix make them)")
+            raise CheckpointError(f"no run at {run}: pass RUN, or --profile/--experiment of a trained run "
+                                  "(fplus train / fplus matrix make them)")
     if sim is not None:
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, results_table
-        from fplus.train.recipe import settings_from_run
+        from fplus.rundir import settings_from_run
 
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
         result, path = evaluate_closed_loop(

@@ -6,72 +6,22 @@ says how far it got and how to resume, and the exit status is 130 (SIGINT) or 14
 
 from __future__ import annotations
 
-import shlex
-import signal
-import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fplus.cli.options import ImageKey, Overwrite, Profile, settings_from_cli
+from fplus.cli.options import Dataset, Device, ImageKey, Overwrite, Profile, settings_from_cli
 
 app = typer.Typer(help="World latents (DINOv2/DINOv3, V-JEPA 2): precompute with a manifest, inspect.")
 
 Source = Annotated[str | None, typer.Option("--source", help="dino | vjepa (WORLD_SOURCE)")]
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that the same cleanup runs."""
-
-    signum = signal.SIGTERM
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """For the block, SIGTERM raises `Terminated` (a KeyboardInterrupt) instead of killing the process unwound."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_terminated(signum, frame):
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def signal_name(err: BaseException) -> tuple[str, int]:
-    """("SIGINT", 130) or ("SIGTERM", 143): the signal behind a KeyboardInterrupt and the exit status it gets."""
-    signum = int(getattr(err, "signum", signal.SIGINT))
-    return signal.Signals(signum).name, 128 + signum
-
-
-def same_command() -> str:
-    """The command line of this process, as `fplus ...`, to repeat it."""
-    return shlex.join(["fplus", *sys.argv[1:]])
-
-
-def say_interrupted(message: str, code: int) -> typer.Exit:
-    """Print one line on stderr; the typer.Exit to raise with the signal's exit status."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True, soft_wrap=True, emoji=False, highlight=False).print(
-        f"[bold yellow]interrupted:[/] {escape(message)}")
-    return typer.Exit(code)
-
-
 @app.callback(invoke_without_command=True)
 def compute(
     ctx: typer.Context,
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="dataset path or hub id (DATASET)")] = None,
+    dataset: Dataset = None,
     image_key: ImageKey = None,
     source: Source = None,
     encoder: Annotated[str | None, typer.Option(help="encoder hub id, local dir or `tiny` (DINO_MODEL/VJEPA_MODEL)")]
@@ -80,7 +30,7 @@ def compute(
     temporal_window: Annotated[int | None, typer.Option(help="vjepa clip length m (WORLD_TEMPORAL_WINDOW)")] = None,
     cache_dir: Annotated[Path | None, typer.Option(help="cache root (CACHE_DIR)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="frames per encoder batch (LATENTS_BATCH_SIZE)")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    device: Device = None,
     profile: Profile = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -89,8 +39,11 @@ def compute(
         return
     from rich.console import Console
 
+    from fplus.cli.output import same_command, say_interrupted
     from fplus.data.lerobot import LeRobotDataset, keys_from_settings
-    from fplus.errors import FplusError
+    from fplus.device import resolve_device
+    from fplus.errors import ConfigError
+    from fplus.signals import signal_exit, sigterm_as_interrupt
     from fplus.world.cache import LatentsInterrupted, compute_latents
     from fplus.world.encoders import build_encoder
 
@@ -104,23 +57,23 @@ def compute(
                                      **{"DINO_MODEL" if settings.world.source == "dino" else "VJEPA_MODEL": encoder})
     d, w = settings.data, settings.world
     if d.dataset is None:
-        raise FplusError("no dataset: pass --dataset or set DATASET")
+        raise ConfigError("no dataset: pass --dataset or set DATASET")
     keys = keys_from_settings(d, require=("image",))
     console = Console()
     with sigterm_as_interrupt():
         try:
             ds = LeRobotDataset.open(d.dataset, keys, revision=d.revision)
             enc = build_encoder(w.source, dino_model=w.dino_model, vjepa_model=w.vjepa_model, pooling=w.pooling,
-                                temporal_window=w.temporal_window, device=device)
+                                temporal_window=w.temporal_window, device=resolve_device(device))
             result = compute_latents(ds, keys.image, enc, w.cache_dir, w.batch_size, overwrite=overwrite,
                                      console=console)
         except LatentsInterrupted as err:
-            name, code = signal_name(err)
+            name, code = signal_exit(err)
             raise say_interrupted(
                 f"{name} after {err.frames_done} of {err.num_frames} frames; the {err.frames_done} frames done are "
                 f"kept in {err.entry}: resume with `{same_command()}`", code) from None
         except KeyboardInterrupt as err:
-            name, code = signal_name(err)
+            name, code = signal_exit(err)
             raise say_interrupted(f"{name} before any latents were computed: run `{same_command()}` again",
                                   code) from None
     if result.status == "complete":
@@ -141,14 +94,14 @@ def info(
     from rich.markup import escape
     from rich.table import Table
 
-    from fplus.errors import FplusError
+    from fplus.errors import DataError
     from fplus.world.cache import MANIFEST, read_manifest
 
     console = Console()
     if path.is_dir() and not (path / MANIFEST).is_file():
         manifests = sorted(path.rglob(MANIFEST))
         if not manifests:
-            raise FplusError(f"no latents caches under {path}")
+            raise DataError(f"no latents caches under {path}")
         table = Table(title=escape(f"latents caches under {path}"), title_justify="left")
         table.add_column("entry", overflow="fold")
         for col in ("frames", "dim", "encoder", "complete"):

@@ -6,14 +6,14 @@ from typing import Annotated
 
 import typer
 
-from fplus.cli.options import Profile
+from fplus.cli.options import MaxSteps, Profile
 
 
 def matrix(
     profile: Profile = None,
     experiments: Annotated[str | None, typer.Option(help="comma-separated, e.g. E0,E2,E4 (MATRIX_EXPERIMENTS)")]
     = None,
-    max_steps: Annotated[int | None, typer.Option(help="cap every run's optimiser steps (MAX_STEPS)")] = None,
+    max_steps: MaxSteps = None,
 ) -> None:
     """Run the experiment matrix of a profile: skips finished runs, resumes interrupted ones, then reports.
 

@@ -1,4 +1,10 @@
-"""Option types shared by the commands (one definition each, reused through `Annotated`)."""
+"""Option types shared by the commands: one definition (name, help, meaning of the default) each, reused through
+`Annotated`. A default of None means "not given": the setting named in the help applies (profile, .env,
+environment, then the setting's own default), see `settings_from_cli`.
+
+    Device   --device: cpu, cuda, cuda:1, ... or auto. Not given: the command's device setting where it has one
+             (`fplus eval`: EVAL_DEVICE), else auto: cuda when available, else cpu.
+"""
 
 from __future__ import annotations
 
@@ -15,12 +21,23 @@ Profile = Annotated[
 DatasetArg = Annotated[
     str | None, typer.Argument(help="LeRobot v3.0 dataset: local directory or hub repo id (default: DATASET)")
 ]
+Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="dataset path or hub id (DATASET)")]
 ImageKey = Annotated[str | None, typer.Option("--image-key", help="camera feature (IMAGE_KEY)")]
 InstructionKey = Annotated[str | None, typer.Option("--instruction-key", help="instruction key (INSTRUCTION_KEY)")]
 StateKey = Annotated[str | None, typer.Option("--state-key", help="proprio state feature (STATE_KEY)")]
 ActionKey = Annotated[str | None, typer.Option("--action-key", help="action feature (ACTION_KEY)")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="replace an existing output")]
 OutDir = Annotated[Path | None, typer.Option("--out", "-o", help="output directory")]
+Experiment = Annotated[str | None, typer.Option("--experiment", "-e", help="E0-E4 (EXPERIMENT)")]
+MaxSteps = Annotated[int | None, typer.Option("--max-steps", help="stop training after this many optimiser steps "
+                                                                  "(MAX_STEPS)")]
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="longest CoC text in tokens (COC_MAX_TOKENS)")]
+Backbone = Annotated[str | None, typer.Option("--backbone", help="whose tokenizer counts tokens (BACKBONE)")]
+Device = Annotated[
+    str | None,
+    typer.Option("--device", help="torch device: auto, cpu, cuda, cuda:1, ... (default: the command's device "
+                 "setting, e.g. EVAL_DEVICE, else auto: cuda when available)"),
+]
 
 
 def settings_from_cli(profile: str | None, **overrides):

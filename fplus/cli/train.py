@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from typing import Annotated
 
 import typer
 
-from fplus.cli.options import Profile, settings_from_cli
-
-Experiment = Annotated[str | None, typer.Option("--experiment", "-e", help="E0-E4 (EXPERIMENT)")]
+from fplus.cli.options import Experiment, MaxSteps, Profile, settings_from_cli
 
 
 def train(
@@ -20,7 +17,7 @@ def train(
     run_name: Annotated[str | None, typer.Option(help="run directory name under OUTPUT_DIR (RUN_NAME)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue the run from its newest valid checkpoint")]
     = False,
-    max_steps: Annotated[int | None, typer.Option(help="stop after this many optimiser steps (MAX_STEPS)")] = None,
+    max_steps: MaxSteps = None,
     max_epochs: Annotated[int | None, typer.Option(help="epochs (MAX_EPOCHS)")] = None,
     batch_size: Annotated[int | None, typer.Option(help="samples per step per device (BATCH_SIZE)")] = None,
 ) -> None:
@@ -33,14 +30,16 @@ def train(
     """
     from rich.console import Console
 
-    from fplus.train.run import run_dir_for, train_run
+    from fplus.cli.output import rank_zero
+    from fplus.rundir import run_dir_for
+    from fplus.train.run import train_run
 
     settings = settings_from_cli(profile, EXPERIMENT=experiment, RUN_NAME=run_name, MAX_STEPS=max_steps,
                                  MAX_EPOCHS=max_epochs, BATCH_SIZE=batch_size)
     console = Console()
     run_dir = run_dir_for(settings)
     progress = train_run(settings, run_dir, resume=resume, console=console, resume_hint=_resume_hint())
-    if os.environ.get("RANK", "0") == "0":  # one line, not one per process under torchrun/accelerate
+    if rank_zero():  # one line, not one per process under torchrun/accelerate
         console.print(f"finished {run_dir}: {progress.step} steps, {progress.epoch} epochs", markup=False)
 
 

@@ -3,6 +3,7 @@
     job = LabelJob(action_key="action", state_key="observation.state", instruction_key="task", spec=MotionSpec(),
                    counter=load_token_counter("tiny"), max_tokens=128)
     result = generate_coc(ds, Path("coc.jsonl"), job)
+    result = generate_labels(settings, Path("coc.jsonl"), console)  # from settings, summary printed (the CLI's)
 
 Each episode is segmented into phases (`fplus.coc.phases`), its task text and phases become a text
 (`fplus.coc.template`, the richest style that fits COC_MAX_TOKENS) or, with a `VlmLabeler`, a VLM rewrites them.
@@ -28,13 +29,14 @@ from fplus.coc.validate import CocReport, validate_coc
 from fplus.data import format as fmt
 from fplus.data.coc import TEXT_KEY
 from fplus.data.lerobot import DataKeys, LeRobotDataset
-from fplus.errors import FplusError
+from fplus.errors import ConfigError, DataError
 from fplus.io import write_text_atomic
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from fplus.coc.vlm import VlmLabeler
+    from fplus.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def episode_tasks(ds: LeRobotDataset, instruction_key: str) -> dict[int, str]:
     tasks: dict[int, str] = {}
     for ep in ds.episodes:
         if not ep.tasks:
-            raise FplusError(f"episode {ep.index} has no task string in {ds.root}")
+            raise DataError(f"episode {ep.index} has no task string in {ds.root}")
         tasks[ep.index] = ep.tasks[0]
     return tasks
 
@@ -102,7 +104,7 @@ def _vectors(ds: LeRobotDataset, key: str, name: str) -> np.ndarray:
     if values.ndim == 1:
         values = values[:, None]
     if values.ndim != 2:
-        raise FplusError(f"{name}={key!r} must be a vector feature, got shape {values.shape[1:]}")
+        raise DataError(f"{name}={key!r} must be a vector feature, got shape {values.shape[1:]}")
     return values.astype(np.float64)
 
 
@@ -115,11 +117,11 @@ def label_episodes(ds: LeRobotDataset, job: LabelJob, *, console: Console | None
     ds.validate_keys(DataKeys(action=action_key, state=state_key, instruction=instruction_key,
                               image=image_key if vlm is not None else None))
     if vlm is not None and image_key is None:
-        raise FplusError("--vlm needs the camera to show the model: pass --image-key or set IMAGE_KEY")
+        raise ConfigError("--vlm needs the camera to show the model: pass --image-key or set IMAGE_KEY")
     actions = _vectors(ds, action_key, "ACTION_KEY")
     states = _vectors(ds, state_key, "STATE_KEY") if state_key is not None else None
     if spec.gripper_dim is not None and not -actions.shape[1] <= spec.gripper_dim < actions.shape[1]:
-        raise FplusError(f"--gripper-dim {spec.gripper_dim} is outside {action_key!r}'s {actions.shape[1]} dims "
+        raise ConfigError(f"--gripper-dim {spec.gripper_dim} is outside {action_key!r}'s {actions.shape[1]} dims "
                          "(-1 = the last dim)")
 
     tasks = episode_tasks(ds, instruction_key)
@@ -153,7 +155,7 @@ def write_jsonl_atomic(path: Path, records: list[dict], overwrite: bool) -> None
     """Write JSON lines to `path` through a temporary file and a rename; an existing file needs `overwrite`."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FplusError(f"{path} already exists; pass --overwrite to replace it")
+        raise DataError(f"{path} already exists; pass --overwrite to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
@@ -163,18 +165,18 @@ def generate_coc(ds: LeRobotDataset, out: Path, job: LabelJob, *, overwrite: boo
     """Label every episode and write the JSONL (see the module docstring); returns what was written."""
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FplusError(f"{out} already exists; pass --overwrite to replace it")
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
     labels, rejected = label_episodes(ds, job, console=console, progress=progress)
     write_jsonl_atomic(out, [{"episode_index": label.episode_index, TEXT_KEY: label.text} for label in labels],
                        overwrite=overwrite)
     report = validate_coc(out, max_tokens=job.max_tokens, counter=job.counter, dataset=ds, require_full_coverage=True)
     if not report.ok:  # a bug, never the user's fault: say so plainly
-        raise FplusError(f"the generated {out} fails validation: {'; '.join(map(str, report.errors[:3]))}")
+        raise DataError(f"the generated {out} fails validation: {'; '.join(map(str, report.errors[:3]))}")
     return GenerateResult(path=out, labels=labels, report=report, counter=job.counter, vlm_rejected=rejected)
 
 
 def generate_from_settings(
-    settings,
+    settings: Settings,
     out: Path,
     *,
     spec: MotionSpec,
@@ -191,16 +193,16 @@ def generate_from_settings(
 
     d = settings.data
     if d.dataset is None:
-        raise FplusError("no dataset: pass --dataset or set DATASET")
+        raise ConfigError("no dataset: pass --dataset or set DATASET")
     if d.action_key is None:
-        raise FplusError("ACTION_KEY not set: pass --action-key or name it in a profile, .env or the environment")
+        raise ConfigError("ACTION_KEY not set: pass --action-key or name it in a profile, .env or the environment")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FplusError(f"{out} already exists; pass --overwrite to replace it")
+        raise DataError(f"{out} already exists; pass --overwrite to replace it")
     instruction_key = d.instruction_key or fmt.TASK_KEY
     ds = LeRobotDataset.open(d.dataset, revision=d.revision)
     if vlm_name is not None and d.image_key is None:
-        raise FplusError("--vlm needs the camera to show the model: pass --image-key or set IMAGE_KEY")
+        raise ConfigError("--vlm needs the camera to show the model: pass --image-key or set IMAGE_KEY")
     # the keys first (instant), before the tokenizer or the VLM are loaded
     ds.validate_keys(DataKeys(action=d.action_key, state=d.state_key, instruction=instruction_key,
                               image=d.image_key if vlm_name is not None else None))
@@ -213,6 +215,21 @@ def generate_from_settings(
     job = LabelJob(action_key=d.action_key, state_key=d.state_key, instruction_key=instruction_key, spec=spec,
                    counter=counter, max_tokens=settings.coc.max_tokens, vlm=vlm, image_key=d.image_key)
     return generate_coc(ds, out, job, overwrite=overwrite, console=console, progress=progress)
+
+
+def generate_labels(settings: Settings, out: Path, console: Console, *, spec: MotionSpec | None = None,
+                    overwrite: bool = False, vlm: str | None = None, vlm_frames: int = 4,
+                    device: str | None = None) -> GenerateResult:
+    """`generate_from_settings` (spec None: the default `MotionSpec`), then its summary (`render_result`) printed
+    on `console`: what `fplus coc generate` and `fplus matrix` (MATRIX_MISSING_COC=generate) do.
+
+    device: the VLM's (None or "auto": cuda when available).
+    """
+    result = generate_from_settings(settings, out, spec=spec or MotionSpec(), overwrite=overwrite, vlm_name=vlm,
+                                    vlm_frames=vlm_frames, device=device, console=console)
+    for renderable in render_result(result):
+        console.print(renderable)
+    return result
 
 
 def render_result(result: GenerateResult) -> list:

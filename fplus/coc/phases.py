@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from fplus.errors import FplusError
+from fplus.errors import ConfigError, DataError
 
 PhaseName = Literal["approach", "grasp", "move", "release", "contact", "settle"]
 CONTACT_MIN_ANGLE_DEG = 45.0
@@ -113,7 +113,7 @@ def episode_velocity(action: np.ndarray, state: np.ndarray | None, spec: MotionS
     if state is not None:
         dims = list(spec.position_dims) if spec.position_dims is not None else list(range(min(3, state.shape[1])))
         if not dims or max(dims) >= state.shape[1] or min(dims) < -state.shape[1]:
-            raise FplusError(f"position dims {dims} do not fit a state of {state.shape[1]} dims")
+            raise ConfigError(f"position dims {dims} do not fit a state of {state.shape[1]} dims")
         pos = state[:, dims].astype(np.float64)
         velocity = np.zeros_like(pos)
         velocity[:-1] = np.diff(pos, axis=0)
@@ -147,14 +147,14 @@ def segment_episode(action: np.ndarray, state: np.ndarray | None, spec: MotionSp
     """
     action = np.asarray(action, dtype=np.float64)
     if action.ndim != 2 or len(action) == 0:
-        raise FplusError(f"an episode's actions must be (T, A) with T >= 1, got shape {action.shape}")
+        raise DataError(f"an episode's actions must be (T, A) with T >= 1, got shape {action.shape}")
     if state is not None:
         state = np.asarray(state, dtype=np.float64)
         if state.ndim != 2 or len(state) != len(action):
-            raise FplusError(f"state shape {state.shape} does not match actions {action.shape}")
+            raise DataError(f"state shape {state.shape} does not match actions {action.shape}")
     n = len(action)
     if spec.gripper_dim is not None and not -action.shape[1] <= spec.gripper_dim < action.shape[1]:
-        raise FplusError(f"gripper dim {spec.gripper_dim} is outside the action's {action.shape[1]} dims")
+        raise ConfigError(f"gripper dim {spec.gripper_dim} is outside the action's {action.shape[1]} dims")
     velocity = episode_velocity(action, state, spec)
     still = still_mask(velocity, spec.still_fraction)
     intervals = [] if spec.gripper_dim is None else closed_intervals(

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from fplus.coc.phases import Phase
-from fplus.errors import FplusError
+from fplus.errors import ConfigError, DataError
 
 STYLES = ("full", "plain", "short", "minimal")
 PARTICLES = {"up", "down", "on", "off", "out", "over"}
@@ -270,7 +270,7 @@ def parse_task(task: str) -> TaskParts:
         text = text[0].lower() + text[1:]
     words = text.replace(",", " , ").split()
     if not words:
-        raise FplusError("an episode has an empty task text; CoC labels need the instruction")
+        raise DataError("an episode has an empty task text; CoC labels need the instruction")
     goals: list[Goal] = []
     pending = [(clause, False) for clause in _split_clauses(words)]  # (words, is a purpose: "... to open it")
     while pending:
@@ -492,7 +492,7 @@ def _clause(s: _Step) -> str:
 def compose_text(task: str, phases: Sequence[Phase], style: str = "full") -> str:
     """The CoC text of an episode in one style (see the module docstring)."""
     if not phases:
-        raise FplusError("an episode has no phases (no frames)")
+        raise DataError("an episode has no phases (no frames)")
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; valid: {', '.join(STYLES)}")
     parts = parse_task(task)
@@ -507,10 +507,10 @@ def compose_text(task: str, phases: Sequence[Phase], style: str = "full") -> str
 
 
 def fit_text(task: str, phases: Sequence[Phase], fits: Callable[[str], bool]) -> tuple[str, str]:
-    """(text, style) of the richest style whose text `fits` (the token budget); FplusError when none does."""
+    """(text, style) of the richest style whose text `fits` (the token budget); ConfigError when none does."""
     for style in STYLES:
         text = compose_text(task, phases, style)
         if fits(text):
             return text, style
-    raise FplusError(f"even the shortest CoC text does not fit COC_MAX_TOKENS for task {task!r} "
-                     f"({text!r}); raise COC_MAX_TOKENS")
+    raise ConfigError(f"even the shortest CoC text does not fit COC_MAX_TOKENS for task {task!r} "
+                      f"({text!r}); raise COC_MAX_TOKENS")

@@ -57,23 +57,24 @@ def load_token_counter(backbone: str) -> TokenCounter:
     """The counter of a BACKBONE value (alias, hub id, directory or `tiny`).
 
     A name that is not a backbone at all raises FplusError (from `resolve_name`); a tokenizer that cannot be
-    loaded gives the approximate counter, whose `note` says why.
+    loaded (OSError: not cached while offline, no such repository, no access; ValueError: no or broken tokenizer
+    files) gives the approximate counter, whose `note` says why. Other exceptions are raised.
     """
-    from fplus.model.backbone import TINY, build_tiny_tokenizer, resolve_name
+    from fplus.model.backbone import TINY, resolve_name
+    from fplus.model.tiny import build_tiny_tokenizer
 
     source = resolve_name(backbone)
     if source == TINY:
         return tokenizer_counter(build_tiny_tokenizer(), TINY)
     from transformers import AutoTokenizer
 
-    try:  # the local copy (cache or directory) first: instant, and no network retries when it is there
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
-    except Exception:  # noqa: BLE001 -- not cached: try the hub (unless HF_HUB_OFFLINE=1)
-        tokenizer = None
     try:
-        if tokenizer is None:
+        try:  # the local copy (cache or directory) first: instant, and no network retries when it is there
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except OSError:  # not in the local cache: try the hub (unless HF_HUB_OFFLINE=1)
             tokenizer = AutoTokenizer.from_pretrained(source)
-    except Exception as err:  # noqa: BLE001 -- offline, not cached, no tokenizer files: all fall back the same way
+    except (OSError, ValueError) as err:  # offline and not cached, no such repo or no access (OSError), no or
+        # broken tokenizer files (ValueError): all fall back the same way; anything else is a bug and is raised
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return approximate_counter(f"tokenizer of {source!r} not available ({first[:160]}); "
                                    f"counts are approximate ({WORDS_TO_TOKENS} x words)")

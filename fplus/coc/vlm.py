@@ -8,7 +8,7 @@ The frames shown are the middle frame of each phase (evenly thinned to `num_fram
 model's chat template with one image placeholder per frame, each expanded to the frame's visual tokens, as the Qwen
 processor does (the processor class itself is not used: it insists on a torchvision video processor). Decoding is
 greedy, so labels are deterministic for a given model. Without the weights (offline, not cached) loading fails with
-an FplusError saying how to proceed.
+a ConfigError saying how to proceed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from fplus.coc.phases import Phase
-from fplus.errors import FplusError
+from fplus.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("qwen3_vl", "qwen2_5_vl")
 IMAGE_PAD = "<|image_pad|>"
@@ -30,7 +30,7 @@ IMAGE_PAD = "<|image_pad|>"
 def choose_frames(phases: Sequence[Phase], num_frames: int) -> list[int]:
     """Frame indices to show: the middle frame of each phase, evenly thinned to at most `num_frames`."""
     if num_frames < 1:
-        raise FplusError(f"the VLM needs at least one frame, got num_frames={num_frames}")
+        raise ConfigError(f"the VLM needs at least one frame, got num_frames={num_frames}")
     middles = [p.start + (p.length - 1) // 2 for p in phases]
     if len(middles) <= num_frames:
         return middles
@@ -72,7 +72,8 @@ def expand_image_tokens(ids: list[int], image_token_id: int, tokens_per_image: S
     """Repeat the i-th image placeholder `tokens_per_image[i]` times; the count of placeholders must match."""
     found = ids.count(image_token_id)
     if found != len(tokens_per_image):
-        raise FplusError(f"the chat template rendered {found} image placeholders for {len(tokens_per_image)} images")
+        raise ConfigError(f"the chat template rendered {found} image placeholders for {len(tokens_per_image)} "
+                          "images")
     out: list[int] = []
     images = iter(tokens_per_image)
     for token in ids:
@@ -89,6 +90,15 @@ def clean_generation(text: str, finished: bool) -> str:
     return text.strip()
 
 
+def _cannot_load(source: str, err: BaseException) -> ConfigError:
+    """The error of a VLM whose files cannot be found or read (OSError: not cached while offline, no such
+    repository, no access; ValueError: files transformers cannot use)."""
+    first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
+    return ConfigError(f"cannot load the VLM {source!r}: {first}. Without hub access (HF_HUB_OFFLINE=1 or no "
+                       "network) --vlm needs a local directory holding the model; leave out --vlm for templated "
+                       "labels.")
+
+
 @dataclass
 class VlmLabeler:
     """A loaded Qwen-VL model with its tokenizer and image processor (build it with `VlmLabeler.load`)."""
@@ -103,35 +113,34 @@ class VlmLabeler:
 
     @classmethod
     def load(cls, name: str, device: str | None = None, image_size: int = 224, num_frames: int = 4) -> VlmLabeler:
-        """Load a VLM by alias, hub id or local directory; FplusError when it cannot be loaded."""
+        """Load a VLM by alias, hub id or local directory on `device` (None or "auto": cuda when available);
+        ConfigError when it cannot be loaded (not a Qwen-VL model, no weights here, files that do not load)."""
         import torch
 
+        from fplus.device import resolve_device
         from fplus.model.backbone import TINY, resolve_name
 
         source = resolve_name(name)
         if source == TINY:
-            raise FplusError("--vlm tiny: the tiny backbone is a random model and cannot write labels; name a "
-                             "Qwen-VL model (qwen3-vl-2b, qwen3-vl-4b, qwen2.5-vl-3b, a hub id or a local directory)")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+            raise ConfigError("--vlm tiny: the tiny backbone is a random model and cannot write labels; name a "
+                              "Qwen-VL model (qwen3-vl-2b, qwen3-vl-4b, qwen2.5-vl-3b, a hub id or a local directory)")
+        device = resolve_device(device)
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        try:
-            from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
+        try:
             config = AutoConfig.from_pretrained(source)
-            if config.model_type not in SUPPORTED_MODEL_TYPES:
-                raise FplusError(f"--vlm {name!r} is a {config.model_type!r} model; supported: "
-                                 f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        except (OSError, ValueError) as err:
+            raise _cannot_load(source, err) from err
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"--vlm {name!r} is a {config.model_type!r} model; supported: "
+                              f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+        try:
             model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(source)
             image_processor = AutoImageProcessor.from_pretrained(source)
-        except FplusError:
-            raise
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-            raise FplusError(
-                f"cannot load the VLM {source!r}: {first}. Without hub access (HF_HUB_OFFLINE=1 or no network) "
-                "--vlm needs a local directory holding the model; leave out --vlm for templated labels."
-            ) from err
+            raise _cannot_load(source, err) from err
         model.to(device).eval()
         return cls(model=model, tokenizer=tokenizer, image_processor=image_processor, source=source, device=device,
                    image_size=image_size, num_frames=num_frames)

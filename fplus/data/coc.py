@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from fplus.errors import FplusError
+from fplus.errors import DataError
 
 TEXT_KEY = "coc_text"
 ID_KEYS = ("episode_index", "episode_id")
@@ -132,7 +132,7 @@ def read_coc(path: Path, *, max_tokens: int | None = None) -> CocFile:
     path = Path(path)
     if not path.is_file():
         what = "is not a file" if path.exists() else "not found"
-        raise FplusError(f"CoC file {path} {what}: pass a JSONL file (FILE or COC_JSONL)")
+        raise DataError(f"CoC file {path} {what}: pass a JSONL file (FILE or COC_JSONL)")
     cap = line_cap_bytes(max_tokens)
     out = CocFile(path)
     omitted = 0
@@ -153,7 +153,7 @@ def read_coc(path: Path, *, max_tokens: int | None = None) -> CocFile:
                     continue
                 _parse_line(n, raw_bytes, out, problem)
     except OSError as err:
-        raise FplusError(f"cannot read CoC file {path}: {err.strerror or err}") from None
+        raise DataError(f"cannot read CoC file {path}: {err.strerror or err}") from None
     if omitted:
         out.problems.append(CocProblem(0, "truncated", f"{omitted:,} more problem(s) not listed (only the first "
                                                        f"{MAX_PROBLEMS} are kept); is it the right file?"))
@@ -233,9 +233,9 @@ def load_coc(path: Path, needed_episodes: list[int], *, max_tokens: int | None =
     if coc.problems:
         shown = "; ".join(str(p) for p in coc.problems[:5])
         more = f" (+{len(coc.problems) - 5} more)" if len(coc.problems) > 5 else ""
-        raise FplusError(f"{path}: {shown}{more}. Run `fplus coc validate {path}` for the full report")
+        raise DataError(f"{path}: {shown}{more}. Run `fplus coc validate {path}` for the full report")
     missing = sorted(set(needed_episodes) - set(coc.texts))
     if missing:
-        raise FplusError(f"{path} has no CoC text for {len(missing)} of {len(needed_episodes)} training episodes "
+        raise DataError(f"{path} has no CoC text for {len(missing)} of {len(needed_episodes)} training episodes "
                          f"(e.g. {missing[:8]}); `fplus coc generate` writes templated labels")
     return {e: coc.texts[e] for e in needed_episodes}

@@ -1,12 +1,21 @@
 """The Meta-World demo dataset: scripted experts rolled out and written as LeRobot v3.0.
 
-    report = make_demo_dataset(Path("outputs/demo/data"), tasks=DEFAULT_DEMO_TASKS, episodes_per_task=20,
-                               image_size=96, seed=0, max_steps=120)
+    from fplus.settings import load_settings
+
+    d = load_settings("demo").data  # the defaults live in DataSettings (DEMO_TASKS, DEMO_EPISODES, ...)
+    report = make_demo_dataset(Path(d.dataset), tasks=d.demo_tasks, episodes_per_task=d.demo_episodes,
+                               image_size=d.demo_image_size, seed=d.demo_seed, max_steps=d.demo_max_steps)
     report.print()
 
 Features: `observation.images.image` (video, corner camera, upright, image_size x image_size),
 `observation.state` (4: hand_x, hand_y, hand_z, gripper), `action` (4: dx, dy, dz, grip, clipped to [-1, 1]);
 the task string of an episode is our sentence from `TASK_DESCRIPTIONS`.
+
+This module has no defaults of its own: the tasks, episode count, image size, step limit and seed are the
+settings DEMO_TASKS, DEMO_EPISODES, DEMO_IMAGE_SIZE, DEMO_MAX_STEPS and DEMO_SEED (`DataSettings` in
+`fplus/settings.py`), passed by the callers (`fplus data demo`, `fplus matrix`). The default DEMO_TASKS are four
+visually distinct tasks whose experts succeed in 20/20 episodes (seeds 0-19, 150 steps), ending after 57, 71, 100
+and 76 steps on average (10 steps after the first success).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fplus.data.writer import LeRobotWriter
-from fplus.errors import FplusError
+from fplus.errors import DataError
 from fplus.progress import make_progress
 from fplus.sim.metaworld import (
     ACTION_NAMES,
@@ -31,13 +40,6 @@ from fplus.sim.metaworld import (
     run_expert_episode,
     task_description,
 )
-
-DEFAULT_DEMO_TASKS = ["reach-v3", "push-v3", "drawer-open-v3", "button-press-topdown-v3"]
-"""Four visually distinct tasks whose experts succeed in 20/20 episodes (seeds 0-19, 150 steps), ending
-after 57, 71, 100 and 76 steps on average (10 steps after the first success)."""
-
-DEFAULT_EPISODES_PER_TASK = 20
-DEFAULT_IMAGE_SIZE = 96
 
 DEMO_FPS = 10
 """Frame rate written to the dataset. One Meta-World step is 12.5 ms of simulated time (80 Hz control); the
@@ -148,7 +150,7 @@ def make_demo_dataset(out: Path, *, tasks: list[str], episodes_per_task: int, im
 
     Args:
         out: dataset directory to create (written as `<out>.partial`, renamed when complete).
-        tasks: Meta-World v3 task names, e.g. DEFAULT_DEMO_TASKS.
+        tasks: Meta-World v3 task names (DEMO_TASKS).
         episodes_per_task: successful episodes to write per task.
         image_size: frame height = width in pixels (even, for H.264 yuv420p).
         seed: the first seed of every task.
@@ -159,16 +161,16 @@ def make_demo_dataset(out: Path, *, tasks: list[str], episodes_per_task: int, im
         DemoInterrupted: a KeyboardInterrupt while recording; the partial dataset was removed.
     """
     if not tasks:
-        raise FplusError("no demo tasks given")
+        raise DataError("no demo tasks given")
     duplicates = sorted({t for t in tasks if tasks.count(t) > 1})
     if duplicates:
-        raise FplusError(f"demo tasks listed twice: {', '.join(duplicates)}")
+        raise DataError(f"demo tasks listed twice: {', '.join(duplicates)}")
     for task in tasks:
         check_task(task)
     if episodes_per_task < 1:
-        raise FplusError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
+        raise DataError(f"episodes_per_task must be >= 1, got {episodes_per_task}")
     if image_size % 2:
-        raise FplusError(f"image_size must be even (H.264 yuv420p video), got {image_size}")
+        raise DataError(f"image_size must be even (H.264 yuv420p video), got {image_size}")
 
     start = time.perf_counter()
     writer = LeRobotWriter(Path(out), fps=DEMO_FPS, features=demo_features(image_size), robot_type=ROBOT_TYPE,
@@ -198,7 +200,7 @@ def _record_task(writer: LeRobotWriter, report: TaskDemoReport, *, episodes_per_
     with MetaWorldEnv(report.task, image_size=image_size, max_steps=max_steps) as env:
         while len(report.seeds) < episodes_per_task:
             if report.attempts >= max_attempts:
-                raise FplusError(
+                raise DataError(
                     f"{report.task}: the expert succeeded in only {report.successes} of {report.attempts} episodes "
                     f"(max_steps={max_steps}); raise max_steps or choose another task")
             episode_seed = first_seed + report.attempts

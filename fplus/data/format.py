@@ -16,7 +16,7 @@ import json
 import shutil
 from pathlib import Path
 
-from fplus.errors import FplusError
+from fplus.errors import DataError
 
 CODEBASE_VERSION = "v3.0"
 INFO_PATH = "meta/info.json"
@@ -100,22 +100,22 @@ def read_json(path: Path, fix: str) -> dict:
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise FplusError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
+        raise DataError(f"{path}: cannot be read ({err.strerror}); {fix}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[:err.start].count(b"\n") + 1
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
-        raise FplusError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at line {line} column {column}); "
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{raw[err.start]:02x} at line {line} column {column}); "
                          f"{fix}") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
         ends_early = err.pos >= len(text.rstrip()) or err.msg.startswith("Unterminated string")
         kind = "truncated JSON (the file ends early)" if ends_early else f"invalid JSON ({err.msg})"
-        raise FplusError(f"{path}: {kind} at line {err.lineno} column {err.colno}; {fix}") from None
+        raise DataError(f"{path}: {kind} at line {err.lineno} column {err.colno}; {fix}") from None
     if not isinstance(data, dict):
-        raise FplusError(f"{path}: expected a JSON object, got a {type(data).__name__}; {fix}")
+        raise DataError(f"{path}: expected a JSON object, got a {type(data).__name__}; {fix}")
     return data
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from fplus.data import format as fmt
 from fplus.data.stats import from_jsonable
-from fplus.errors import FplusError
+from fplus.errors import ConfigError, DataError
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
 RESTORE = "restore it from the dataset's source (download or export the dataset again)"
@@ -44,7 +44,7 @@ def _read_parquet(path: Path, columns: list[str] | None = None):
     try:
         return pq.read_table(path, columns=columns)
     except (pa.ArrowException, OSError) as err:
-        raise FplusError(f"{path}: cannot be read as parquet ({_first_line(err)}); {RESTORE}") from None
+        raise DataError(f"{path}: cannot be read as parquet ({_first_line(err)}); {RESTORE}") from None
 
 
 def _read_schema(path: Path):
@@ -54,7 +54,7 @@ def _read_schema(path: Path):
     try:
         return pq.read_schema(path)
     except (pa.ArrowException, OSError) as err:
-        raise FplusError(f"{path}: cannot be read as parquet ({_first_line(err)}); {RESTORE}") from None
+        raise DataError(f"{path}: cannot be read as parquet ({_first_line(err)}); {RESTORE}") from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -111,7 +111,7 @@ def keys_from_settings(data_settings, require: tuple[str, ...] = ("image", "acti
                  "action": "ACTION_KEY", "instruction": "INSTRUCTION_KEY"}
     unset = [env_names[r] for r in require if getattr(keys, r) is None]
     if unset:
-        raise FplusError(f"{', '.join(unset)} not set: name the dataset keys in a profile, .env or the environment")
+        raise ConfigError(f"{', '.join(unset)} not set: name the dataset keys in a profile, .env or the environment")
     return keys
 
 
@@ -145,16 +145,55 @@ def resolve_root(source: str | Path, revision: str | None = None) -> tuple[Path,
         return path, None
     text = str(source)
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
+        return Path(download_dataset(text, revision)), text
+    raise DataError(f"dataset {text!r} not found (neither a local directory nor a hub repo id like user/name)")
 
-        try:
-            root = snapshot_download(repo_id=text, repo_type="dataset", revision=revision)
-        except Exception as err:  # offline, missing repo, auth
-            raise FplusError(
-                f"{text!r} is not a local directory and could not be downloaded from the hub: {err}"
-            ) from err
-        return Path(root), text
-    raise FplusError(f"dataset {text!r} not found (neither a local directory nor a hub repo id like user/name)")
+
+def download_dataset(repo_id: str, revision: str | None = None) -> str:
+    """`snapshot_download` of a hub dataset repo (the local cache when it holds it). The failures a user can fix are
+    a DataError each, saying which and what to do: not cached while the hub cannot be reached (HF_HUB_OFFLINE=1 or
+    no network), an incomplete cached copy, no such repository, no such revision, a gated repository, no access
+    (HTTP 401/403). Anything else (a proxy error, the hub failing, a full disk) is raised as it is."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    login = "log in with `hf auth login` or set HF_TOKEN"
+    try:
+        return snapshot_download(repo_id=repo_id, repo_type="dataset", revision=revision)
+    except IncompleteSnapshotError as err:
+        raise DataError(f"{repo_id!r}: the hub cache holds an incomplete copy ({err.snapshot_path}) and the hub cannot "
+                        "be reached; download it again with network access, or pass a local directory") from err
+    except LocalEntryNotFoundError as err:  # offline or no connection, and not in the local cache
+        why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else f"no connection: {_first_line(err.__cause__ or err)}"
+        raise DataError(f"{repo_id!r} is not a local directory, and the hub dataset is not in the local cache while "
+                        f"the hub cannot be reached ({why}); download it with network access (`hf download "
+                        f"{repo_id} --repo-type dataset`) or pass a local directory") from err
+    except GatedRepoError as err:  # before RepositoryNotFoundError, its base class
+        raise DataError(f"hub dataset {repo_id!r} is gated: accept its conditions at "
+                        f"https://huggingface.co/datasets/{repo_id}, then {login}") from err
+    except RepositoryNotFoundError as err:
+        raise DataError(f"{repo_id!r} is neither a local directory nor a dataset on the hub (a private one needs a "
+                        f"token: {login}); check the path or repo id") from err
+    except RevisionNotFoundError as err:
+        raise DataError(f"hub dataset {repo_id!r} has no revision {revision!r}: set DATASET_REVISION to one of its "
+                        "branches, tags or commits (unset: main)") from err
+    except HFValidationError as err:
+        raise DataError(f"dataset {repo_id!r} not found: not a local directory, and not a valid hub repo id "
+                        f"({_first_line(err)})") from err
+    except HfHubHTTPError as err:
+        status = err.response.status_code if err.response is not None else None
+        if status in (401, 403):
+            raise DataError(f"no access to hub dataset {repo_id!r} (HTTP {status}): {login} with a token that can "
+                            "read it") from err
+        raise
 
 
 class LeRobotDataset:
@@ -165,22 +204,22 @@ class LeRobotDataset:
         self.repo_id = repo_id
         info_path = root / fmt.INFO_PATH
         if not info_path.is_file():
-            raise FplusError(f"{root} is not a LeRobot dataset: {fmt.INFO_PATH} is missing")
+            raise DataError(f"{root} is not a LeRobot dataset: {fmt.INFO_PATH} is missing")
         self.info: dict = fmt.read_json(info_path, RESTORE)
         version = self.info.get("codebase_version")
         if version != fmt.CODEBASE_VERSION:
-            raise FplusError(f"{root}: codebase_version {version!r}; fplus reads LeRobot {fmt.CODEBASE_VERSION} only")
+            raise DataError(f"{root}: codebase_version {version!r}; fplus reads LeRobot {fmt.CODEBASE_VERSION} only")
         for required in ("fps", "features", "data_path", "total_frames", "total_episodes"):
             if required not in self.info:
-                raise FplusError(f"{info_path}: required field {required!r} is missing; {RESTORE}")
+                raise DataError(f"{info_path}: required field {required!r} is missing; {RESTORE}")
         features = self.info["features"]
         bad = [k for k, f in features.items() if not isinstance(f, dict) or "dtype" not in f or "shape" not in f] \
             if isinstance(features, dict) else None
         if bad is None or bad:
             what = "`features` is not an object" if bad is None else f"feature {bad[0]!r} has no dtype or shape"
-            raise FplusError(f"{info_path}: {what}; {RESTORE}")
+            raise DataError(f"{info_path}: {what}; {RESTORE}")
         if not isinstance(self.info["fps"], int | float) or self.info["fps"] <= 0:
-            raise FplusError(f"{info_path}: fps is {self.info['fps']!r}, expected a positive number; {RESTORE}")
+            raise DataError(f"{info_path}: fps is {self.info['fps']!r}, expected a positive number; {RESTORE}")
         self.fps: int = self.info["fps"]
         self.features: dict[str, dict] = self.info["features"]
         self._video_cache: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
@@ -221,7 +260,7 @@ class LeRobotDataset:
         """Fail with the existing keys if a configured key is missing or of the wrong kind; check instructions."""
         problems = self.key_problems(keys)
         if problems:
-            raise FplusError("; ".join(problems) + f". Keys in {self.root}: {', '.join(self.keys)}")
+            raise DataError("; ".join(problems) + f". Keys in {self.root}: {', '.join(self.keys)}")
         if keys.instruction == fmt.TASK_KEY:
             self.tasks  # noqa: B018 -- reading validates that no task string is empty
 
@@ -244,11 +283,11 @@ class LeRobotDataset:
         """Task strings by task_index. An empty task string is an error, never a silent empty instruction."""
         path = self.root / fmt.TASKS_PATH
         if not path.is_file():
-            raise FplusError(f"{path} is missing")
+            raise DataError(f"{path} is missing")
         table = _read_parquet(path)
         names = [c for c in table.column_names if c != "task_index"]
         if "task_index" not in table.column_names or len(names) != 1:
-            raise FplusError(f"{path}: expected columns task_index and the task string, got {table.column_names}")
+            raise DataError(f"{path}: expected columns task_index and the task string, got {table.column_names}")
         index = table.column("task_index").to_pylist()
         text = table.column(names[0]).to_pylist()
         tasks: list[str | None] = [None] * (max(index) + 1 if index else 0)
@@ -256,7 +295,7 @@ class LeRobotDataset:
             tasks[i] = t
         empty = [i for i, t in enumerate(tasks) if t is None or not str(t).strip()]
         if empty:
-            raise FplusError(f"{path}: task_index {empty} has an empty instruction; fix the dataset (an empty "
+            raise DataError(f"{path}: task_index {empty} has an empty instruction; fix the dataset (an empty "
                              "instruction would silently train a task-blind policy)")
         return [str(t) for t in tasks]
 
@@ -265,7 +304,7 @@ class LeRobotDataset:
         """Episodes in episode_index order, with their frame rows and video spans."""
         paths = sorted((self.root / fmt.EPISODES_DIR).glob("chunk-*/file-*.parquet"))
         if not paths:
-            raise FplusError(f"{self.root / fmt.EPISODES_DIR} holds no episode parquet files")
+            raise DataError(f"{self.root / fmt.EPISODES_DIR} holds no episode parquet files")
         rows = []
         for p in paths:
             columns = [c for c in _read_schema(p).names if not c.startswith("stats/")]
@@ -273,11 +312,11 @@ class LeRobotDataset:
                                            for name in ("chunk_index", "file_index", "from_timestamp", "to_timestamp")]
             missing = [c for c in needed if c not in columns]
             if missing:
-                raise FplusError(f"{p}: column {missing[0]!r} is missing ({len(missing)} missing in all); {RESTORE}")
+                raise DataError(f"{p}: column {missing[0]!r} is missing ({len(missing)} missing in all); {RESTORE}")
             table = _read_parquet(p, columns=columns)
             if any(table.column(c).null_count for c in needed):
                 column = next(c for c in needed if table.column(c).null_count)
-                raise FplusError(f"{p}: column {column!r} has empty (null) cells; {RESTORE}")
+                raise DataError(f"{p}: column {column!r} has empty (null) cells; {RESTORE}")
             rows += table.to_pylist()
         rows.sort(key=lambda r: r["episode_index"])
         episodes = []
@@ -295,13 +334,13 @@ class LeRobotDataset:
             ))
         total = sum(e.length for e in episodes)
         if total != self.num_frames:
-            raise FplusError(f"{self.root}: episodes hold {total} frames but info.json says {self.num_frames}")
+            raise DataError(f"{self.root}: episodes hold {total} frames but info.json says {self.num_frames}")
         return episodes
 
     def episode(self, episode_index: int) -> Episode:
         ep = self._episode_by_index.get(episode_index)
         if ep is None:
-            raise FplusError(f"episode {episode_index} not in {self.root} ({self.num_episodes} episodes)")
+            raise DataError(f"episode {episode_index} not in {self.root} ({self.num_episodes} episodes)")
         return ep
 
     @cached_property
@@ -316,7 +355,7 @@ class LeRobotDataset:
         raw = fmt.read_json(path, RESTORE)
         bad = [k for k, v in raw.items() if not isinstance(v, dict)]
         if bad:
-            raise FplusError(f"{path}: the statistics of {bad[0]!r} are not an object; {RESTORE}")
+            raise DataError(f"{path}: the statistics of {bad[0]!r} are not an object; {RESTORE}")
         return from_jsonable(raw)
 
     @property
@@ -325,7 +364,7 @@ class LeRobotDataset:
         of a float feature is an error (it would normalise every action or state to NaN)."""
         problems = self._stats_problems
         if problems:
-            raise FplusError("; ".join(problems))
+            raise DataError("; ".join(problems))
         return self._raw_stats
 
     @cached_property
@@ -364,11 +403,11 @@ class LeRobotDataset:
         """The frame table (pyarrow.Table) of the non-video columns, sorted by global `index`.
 
         Raises:
-            FplusError: a float column holds NaN or inf (see `value_problems`).
+            DataError: a float column holds NaN or inf (see `value_problems`).
         """
         problems = self._data_problems
         if problems:
-            raise FplusError("; ".join(problems))
+            raise DataError("; ".join(problems))
         return self._frame_table
 
     def value_problems(self) -> list[str]:
@@ -419,29 +458,29 @@ class LeRobotDataset:
         for chunk, file in files:
             path = self.root / self.info["data_path"].format(chunk_index=chunk, file_index=file)
             if not path.is_file():
-                raise FplusError(f"data file missing: {path}; {RESTORE}")
+                raise DataError(f"data file missing: {path}; {RESTORE}")
             table = _read_parquet(path)
             missing = [c for c in DATA_INDEX_COLUMNS if c not in table.column_names]
             if missing:
-                raise FplusError(f"{path}: column {missing[0]!r} is missing; {RESTORE}")
+                raise DataError(f"{path}: column {missing[0]!r} is missing; {RESTORE}")
             tables.append(table)
         try:
             table = pa.concat_tables(tables, promote_options="default")
         except pa.ArrowException as err:
-            raise FplusError(f"{self.root}: the data files do not share one schema ({_first_line(err)}); "
+            raise DataError(f"{self.root}: the data files do not share one schema ({_first_line(err)}); "
                              f"{RESTORE}") from None
         table = table.sort_by("index")
         if table.num_rows != self.num_frames:
-            raise FplusError(f"{self.root}: data files hold {table.num_rows} rows but info.json says {self.num_frames}")
+            raise DataError(f"{self.root}: data files hold {table.num_rows} rows but info.json says {self.num_frames}")
         index = table.column("index").to_numpy(zero_copy_only=False)
         if not np.array_equal(index, np.arange(self.num_frames)):
-            raise FplusError(f"{self.root}: the `index` column is not 0..{self.num_frames - 1}")
+            raise DataError(f"{self.root}: the `index` column is not 0..{self.num_frames - 1}")
         return table
 
     def column(self, key: str) -> np.ndarray:
         """A tabular feature for every frame: (N,) for scalars, (N, D) for vectors, in `index` order."""
         if key not in self.features or self.features[key]["dtype"] in ("video", "image"):
-            raise FplusError(f"{key!r} is not a tabular feature; tabular keys: "
+            raise DataError(f"{key!r} is not a tabular feature; tabular keys: "
                              f"{', '.join(k for k in self.features if k not in self.camera_keys)}")
         col = self.table.column(key).combine_chunks()
         import pyarrow as pa
@@ -459,7 +498,7 @@ class LeRobotDataset:
         values = self.column(key)
         empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
         if empty:
-            raise FplusError(f"{key!r} is empty at frames {empty[:10]}{'...' if len(empty) > 10 else ''}")
+            raise DataError(f"{key!r} is empty at frames {empty[:10]}{'...' if len(empty) > 10 else ''}")
         return values
 
     def episode_of_frames(self) -> np.ndarray:
@@ -480,7 +519,7 @@ class LeRobotDataset:
             return self._video_cache[cache_key]
         ep = self.episode(episode_index)
         if key not in self.camera_keys:
-            raise FplusError(f"{key!r} is not a camera; cameras: {', '.join(self.camera_keys)}")
+            raise DataError(f"{key!r} is not a camera; cameras: {', '.join(self.camera_keys)}")
         timestamps = self.column("timestamp")[ep.start:ep.stop].astype(np.float64)
         if self.features[key]["dtype"] == "image":
             frames = self._decode_images(key, ep)
@@ -510,7 +549,7 @@ class LeRobotDataset:
                 frames.append(np.asarray(Image.open(io.BytesIO(cell["bytes"])).convert("RGB")))
             except (OSError, TypeError, ValueError) as err:
                 data_file = self.info["data_path"].format(chunk_index=ep.data_file[0], file_index=ep.data_file[1])
-                raise FplusError(f"{self.root / data_file}: the image of {key} at episode {ep.index} frame {i} "
+                raise DataError(f"{self.root / data_file}: the image of {key} at episode {ep.index} frame {i} "
                                  f"cannot be decoded ({_first_line(err)}); {RESTORE}") from None
         return np.stack(frames)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fplus.errors import FplusError
+from fplus.errors import DataError
 from fplus.io import read_json, write_text_atomic
 
 
@@ -33,7 +33,7 @@ class Split:
             return cls(tuple(int(e) for e in raw["train"]), tuple(int(e) for e in raw["val"]), int(raw["seed"]),
                        float(raw["val_fraction"]))
         except (KeyError, TypeError, ValueError) as err:
-            raise FplusError(f"{path} is not a train/validation split ({type(err).__name__}: {err}); restore it, "
+            raise DataError(f"{path} is not a train/validation split ({type(err).__name__}: {err}); restore it, "
                              "or start the run again") from None
 
 
@@ -46,7 +46,7 @@ def split_episodes(episode_indices: list[int], val_fraction: float, seed: int) -
     n = len(episodes)
     n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * n)))
     if n - n_val < 1:
-        raise FplusError(f"cannot hold out {n_val} of {n} episodes for validation: lower VAL_FRACTION")
+        raise DataError(f"cannot hold out {n_val} of {n} episodes for validation: lower VAL_FRACTION")
     order = np.random.default_rng(seed).permutation(n)
     val = np.sort(episodes[order[:n_val]])
     train = np.sort(episodes[order[n_val:]])

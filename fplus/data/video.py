@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fplus.errors import FplusError
+from fplus.errors import DataError, FplusError
 
 RESTORE_VIDEO = "restore the file from the dataset's source (download or export the dataset again)"
 
@@ -28,7 +28,7 @@ class VideoEncoder:
         import av
 
         if height % 2 or width % 2:
-            raise FplusError(f"video frames must have even height and width for yuv420p, got {height}x{width}")
+            raise DataError(f"video frames must have even height and width for yuv420p, got {height}x{width}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.fps = fps
@@ -46,7 +46,7 @@ class VideoEncoder:
         import av
 
         if frames.ndim != 4 or frames.shape[1:] != self.shape or frames.dtype != np.uint8:
-            raise FplusError(f"expected frames of shape (T, {self.shape}) uint8, got {frames.shape} {frames.dtype}")
+            raise DataError(f"expected frames of shape (T, {self.shape}) uint8, got {frames.shape} {frames.dtype}")
         for frame in frames:
             vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             vf.pts = self.frames_written
@@ -82,14 +82,14 @@ def _open_video(path: Path, where: str):
 
     place = f" ({where})" if where else ""
     if not path.is_file():
-        raise FplusError(f"video file missing: {path}{place}; {RESTORE_VIDEO}")
+        raise DataError(f"video file missing: {path}{place}; {RESTORE_VIDEO}")
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError) as err:
-        raise FplusError(f"{path}{place}: not a readable video ({_error_text(err, path)}); {RESTORE_VIDEO}") from None
+        raise DataError(f"{path}{place}: not a readable video ({_error_text(err, path)}); {RESTORE_VIDEO}") from None
     if not container.streams.video:
         container.close()
-        raise FplusError(f"{path}{place}: holds no video stream; {RESTORE_VIDEO}")
+        raise DataError(f"{path}{place}: holds no video stream; {RESTORE_VIDEO}")
     return container
 
 
@@ -129,7 +129,7 @@ def decode_span(path: Path, from_ts: float, to_ts: float, fps: float, where: str
             raise _undecodable(path, where, times[-1] + 1 / fps if times else from_ts, err) from None
     if not frames:
         place = f" ({where})" if where else ""
-        raise FplusError(f"{path}{place}: no frames in [{from_ts:.3f}s, {to_ts:.3f}s); the video is shorter than "
+        raise DataError(f"{path}{place}: no frames in [{from_ts:.3f}s, {to_ts:.3f}s); the video is shorter than "
                          f"the episode table says: {RESTORE_VIDEO}")
     return np.stack(frames), np.asarray(times)
 
@@ -149,7 +149,7 @@ def align_frames(frames: np.ndarray, times: np.ndarray, wanted: np.ndarray, fps:
     error = np.abs(times[pos] - wanted)
     if np.any(error > 0.5 / fps + 1e-4):
         bad = int(np.argmax(error))
-        raise FplusError(
+        raise DataError(
             f"{where}: no video frame near t={wanted[bad]:.4f}s (closest {times[pos[bad]]:.4f}s); "
             "the video and the parquet timestamps disagree"
         )
@@ -195,4 +195,4 @@ class VideoReader:
             self._open.pop(key, None)
             raise _undecodable(path, where, t, err) from None
         place = f" ({where})" if where else ""
-        raise FplusError(f"{path}{place}: no video frame near t={t:.4f}s; {RESTORE_VIDEO}")
+        raise DataError(f"{path}{place}: no video frame near t={t:.4f}s; {RESTORE_VIDEO}")

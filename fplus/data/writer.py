@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from fplus.data import format as fmt
 from fplus.data.stats import image_pixel_sample, image_stats, to_jsonable, vector_stats
 from fplus.data.video import VideoEncoder
-from fplus.errors import FplusError
+from fplus.errors import DataError
 
 _ARROW_TYPES = {"float32": pa.float32(), "float64": pa.float64(), "int64": pa.int64(), "int32": pa.int32(),
                 "bool": pa.bool_(), "string": pa.string()}
@@ -50,13 +50,13 @@ class LeRobotWriter:
                  overwrite: bool = False):
         self.root = Path(root)
         if self.root.exists() and not overwrite:
-            raise FplusError(f"{self.root} already exists; pass overwrite=True (--overwrite) to replace it")
+            raise DataError(f"{self.root} already exists; pass overwrite=True (--overwrite) to replace it")
         clash = set(features) & set(fmt.INDEX_FEATURES)
         if clash:
-            raise FplusError(f"features {sorted(clash)} are written by the writer itself; remove them")
+            raise DataError(f"features {sorted(clash)} are written by the writer itself; remove them")
         for key, ft in features.items():
             if ft["dtype"] not in (*_ARROW_TYPES, "video"):
-                raise FplusError(f"{key}: unsupported dtype {ft['dtype']!r}")
+                raise DataError(f"{key}: unsupported dtype {ft['dtype']!r}")
         self.fps = fps
         self.robot_type = robot_type
         self.features = {k: dict(v, shape=list(v["shape"])) for k, v in features.items()}
@@ -109,7 +109,7 @@ class LeRobotWriter:
                 raise
             where = self._writing
             self.abort()
-            raise FplusError(f"disk full while writing {where} ({fmt.free_space(self.tmp.parent)}); the partial "
+            raise DataError(f"disk full while writing {where} ({fmt.free_space(self.tmp.parent)}); the partial "
                              f"dataset {self.tmp} was removed and {self.root} is unchanged: free space (or write "
                              "elsewhere) and run again") from None
 
@@ -121,19 +121,19 @@ class LeRobotWriter:
                 is full (the partial dataset is removed).
         """
         if not isinstance(task, str) or not task.strip():
-            raise FplusError("an episode needs a non-empty task (instruction) string")
+            raise DataError("an episode needs a non-empty task (instruction) string")
         missing = set(self.features) - set(frames)
         extra = set(frames) - set(self.features)
         if missing or extra:
-            raise FplusError(f"episode keys differ from the features: missing {sorted(missing)}, extra {sorted(extra)}")
+            raise DataError(f"episode keys differ from the features: missing {sorted(missing)}, extra {sorted(extra)}")
         lengths = {k: len(v) for k, v in frames.items()}
         length = next(iter(lengths.values()))
         if length == 0 or any(n != length for n in lengths.values()):
-            raise FplusError(f"every feature of an episode needs the same non-zero length, got {lengths}")
+            raise DataError(f"every feature of an episode needs the same non-zero length, got {lengths}")
         for key in self.table_keys:
             ft = self.features[key]
             if ft["dtype"] != "string" and tuple(np.shape(frames[key])[1:]) not in (tuple(ft["shape"]), ()):
-                raise FplusError(f"{key}: expected (T, {ft['shape']}), got {np.shape(frames[key])}")
+                raise DataError(f"{key}: expected (T, {ft['shape']}), got {np.shape(frames[key])}")
 
         episode_index = len(self.episodes)
         task_index = self.tasks.setdefault(task, len(self.tasks))
@@ -152,7 +152,7 @@ class LeRobotWriter:
             if dtype.startswith("float"):
                 bad = ~np.isfinite(columns[key].reshape(length, -1))
                 if bad.any():
-                    raise FplusError(
+                    raise DataError(
                         f"{key} of episode {episode_index} ({task!r}) has {int(bad.sum())} non-finite values "
                         f"(NaN/inf), first at frame {int(np.argmax(bad.any(axis=1)))}; fix the recording (a dataset "
                         "with NaN trains NaN weights)")
@@ -206,7 +206,7 @@ class LeRobotWriter:
     def _write_video(self, key: str, frames: np.ndarray) -> dict:
         h, w, c = self.features[key]["shape"]
         if frames.shape[1:] != (h, w, c) or frames.dtype != np.uint8:
-            raise FplusError(f"{key}: expected frames (T, {h}, {w}, {c}) uint8, got {frames.shape} {frames.dtype}")
+            raise DataError(f"{key}: expected frames (T, {h}, {w}, {c}) uint8, got {frames.shape} {frames.dtype}")
         encoder = self._encoders.get(key)
         if encoder is not None and encoder.size_bytes() > fmt.VIDEO_FILES_SIZE_IN_MB * 2**20:
             encoder.close()
@@ -234,7 +234,7 @@ class LeRobotWriter:
         An existing `root` (overwrite) is replaced only once the new dataset is complete.
         """
         if not self.episodes:
-            raise FplusError("no episodes were added; refusing to write an empty dataset")
+            raise DataError("no episodes were added; refusing to write an empty dataset")
         with self._disk_full_guard():
             self._finish_files()
         if self.root.exists():

@@ -24,17 +24,24 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from fplus import batch as K
-from fplus.errors import FplusError
-from fplus.eval.offline import resolve_device
+from fplus.errors import ConfigError
 from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
+from fplus.rundir import sim_result
+
+if TYPE_CHECKING:
+    from fplus.data.lerobot import LeRobotDataset
+    from fplus.settings import Settings
+    from fplus.sim.base import SimTask, Simulator
 
 CLOSED_LOOP_MODES = ("none", "zero", "random", "shuffle", "history")
 
@@ -102,7 +109,7 @@ def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str,
             latents.add(obs["image"])
         if frames_out is not None:
             frames_out.append(obs["image"])
-        batch = observation_batch(obs, cameras, instruction, use_state)
+        batch = policy.processor(observation_batch(obs, cameras, instruction, use_state))  # + the prompt
         if latents is not None:
             batch[K.Z_HIST] = latents.history_window()
         memory = None
@@ -146,115 +153,166 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
         max_steps: policy steps per episode (default: Meta-World DEMO_MAX_STEPS, LIBERO its suite's limit).
         suite: LIBERO suite (default: the run's EVAL_SUITE). device: default the run's EVAL_DEVICE.
     """
-    from fplus.data.lerobot import LeRobotDataset
     from fplus.progress import make_progress
-    from fplus.sim.registry import default_max_steps, open_env, resolve_tasks, sim_spec
-    from fplus.train import checkpoint as ckpt
-    from fplus.train.recipe import read_run_config, settings_from_run
-    from fplus.world.encoders import build_encoder
+    from fplus.sim.registry import get_simulator
 
-    spec = sim_spec(sim)
+    simulator = get_simulator(sim)
     bad = [m for m in modes if m not in MODES]
     if bad:
-        raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
-    run_dir = Path(run_dir)
-    settings = settings_from_run(run_dir)
+        raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
+    loaded = _load(Path(run_dir), step, suite, device)
+    out = sim_result(loaded.run_dir, sim, loaded.step)
+    earlier = _earlier(out)  # read before the rollouts: a damaged file fails now, not after them
+    plan = _plan(simulator, loaded, tasks, modes, episodes, corrupted_episodes, n_action_steps, max_steps)
+    if plan.unseen and console is not None:
+        console.print(f"[yellow]warning: {len(plan.unseen)} task(s) never seen in the training data (their "
+                      f"instruction is not one of the dataset's tasks): {', '.join(plan.unseen[:5])}")
+    per_task: dict[str, dict] = {}
+    with make_progress("episodes", console=console, disable=not progress) as bar:
+        job = bar.add_task(f"{sim} rollouts", total=len(plan.tasks) * sum(plan.episodes_for.values()), info="")
+        for task in plan.tasks:
+            per_task[task.name] = _rollout_task(simulator, task, plan, loaded, seed, video_dir, bar, job)
+    result = _aggregate(simulator, loaded, plan, episodes, per_task, earlier)
+    write_text_atomic(out, json.dumps(result, indent=2))
+    return result, out
+
+
+@dataclass
+class _Loaded:
+    """What the closed loop needs of a trained run (`_load`)."""
+
+    run_dir: Path
+    settings: Settings  # the run's, EVAL_SUITE replaced when asked
+    step: int  # of the evaluated checkpoint
+    policy: FPlusPolicy  # in eval mode on the evaluation device
+    dataset: LeRobotDataset  # the training dataset (image sizes, task sentences)
+    encoder: Any | None  # the world encoder of the online latents; None when the policy reads no world latents
+
+
+def _load(run_dir: Path, step: int | None, suite: str | None, device: str | None) -> _Loaded:
+    """The run (fplus.rundir.load_run: its settings, its checkpoint `step`, default the latest valid one, refused
+    when it was copied from another run), opened by fplus.eval.loader.open_run (the training dataset, refused when
+    its fingerprint changed; the policy on `device`, default EVAL_DEVICE), and the world encoder."""
+    from fplus.eval.loader import open_run
+    from fplus.rundir import load_run
+    from fplus.world.encoders import build_encoder
+
+    run = load_run(run_dir, step)
+    opened = open_run(run, device)
+    settings = run.settings
     if suite is not None:
         settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"suite": suite})})
-    device = resolve_device(device or settings.eval.device)
-    path = ckpt.checkpoint_for(run_dir, step)
-    ckpt.check_policy_config(path, read_run_config(run_dir), run_dir)  # a checkpoint copied from another run
-    step_done = ckpt.manifest_step(path)
-    out = run_dir / "eval" / f"sim-{sim}-step-{step_done:06d}.json"
-    earlier = _earlier(out)  # read before the rollouts: a damaged file fails now, not after them
-    policy = FPlusPolicy.load(path / "policy", device=device).eval()
-    keys = [settings.data.image_key] + ([settings.data.wrist_image_key] if settings.data.wrist_image_key else [])
-    if len(keys) > len(spec.cameras):
-        raise FplusError(f"the run reads {len(keys)} cameras ({', '.join(keys)}); {sim} renders "
-                         f"{len(spec.cameras)} ({', '.join(spec.cameras)})")
-    cameras = spec.cameras[:len(keys)]
-    if policy.config.action_dim != spec.action_dim:
-        raise FplusError(f"the run's actions have {policy.config.action_dim} dimensions, {sim} takes "
-                         f"{spec.action_dim}: this run was not trained on {sim} data")
-    if policy.config.state_dim is not None and policy.config.state_dim != spec.state_dim:
-        raise FplusError(f"the run's state has {policy.config.state_dim} dimensions, {sim} gives "
-                         f"{spec.state_dim}: this run was not trained on {sim} data")
-    ds = LeRobotDataset.open(settings.data.dataset, revision=settings.data.revision)
-    image_sizes = tuple(int(ds.features[k]["shape"][0]) for k in keys)
-    # every camera is rendered; LIBERO's wrist camera follows the main size when the run reads only one
-    image_sizes = image_sizes + (image_sizes[0],) * (len(spec.cameras) - len(image_sizes))
-    chosen = resolve_tasks(sim, tasks, list(ds.tasks), settings.eval.suite)
-    unseen = [t.name for t in chosen if t.instruction not in set(ds.tasks)]
-    if unseen and console is not None:
-        console.print(f"[yellow]warning: {len(unseen)} task(s) never seen in the training data (their instruction "
-                      f"is not one of the dataset's tasks): {', '.join(unseen[:5])}")
-    if policy.injection is None:  # no memory reaches the actions: every mode would repeat `none`
-        modes = ("none",)
-    n_action_steps = n_action_steps or max(1, policy.config.action_horizon // 2)
-    max_steps = max_steps or default_max_steps(sim, settings)
     world = settings.world
     encoder = None
-    if policy.config.world_dim:
+    if opened.policy.config.world_dim:
         encoder = build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
-                                pooling=world.pooling, temporal_window=world.temporal_window, device=device)
-    # none first: its memories feed `shuffle`
+                                pooling=world.pooling, temporal_window=world.temporal_window, device=opened.device)
+    return _Loaded(run.dir, settings, run.step, opened.policy, opened.dataset, encoder)
+
+
+@dataclass
+class _Plan:
+    """What to roll out (`_plan`)."""
+
+    tasks: list[SimTask]
+    unseen: list[str]  # names of the tasks whose instruction is not one of the dataset's tasks
+    modes: tuple[str, ...]  # the modes reported (only `none` when no memory reaches the actions)
+    ordered: list[str]  # the modes rolled out, `none` first: its memories feed `shuffle`
+    episodes_for: dict[str, int]  # rollouts per task of each mode of `ordered`
+    cameras: tuple[str, ...]  # the observation keys the policy reads (main camera first)
+    image_sizes: tuple[int, ...]  # render size of every camera of the simulator
+    n_action_steps: int
+    max_steps: int
+
+
+def _plan(simulator: type[Simulator], loaded: _Loaded, tasks: list[str] | None, modes: tuple[str, ...],
+          episodes: int, corrupted_episodes: int | None, n_action_steps: int | None,
+          max_steps: int | None) -> _Plan:
+    """Check that the run fits the simulator (cameras, action and state sizes), then choose tasks, modes, episodes
+    per mode, cameras, image sizes, actions per chunk and the episode length."""
+    settings, policy, ds, sim = loaded.settings, loaded.policy, loaded.dataset, simulator.name
+    keys = [settings.data.image_key] + ([settings.data.wrist_image_key] if settings.data.wrist_image_key else [])
+    if len(keys) > len(simulator.cameras):
+        raise ConfigError(f"the run reads {len(keys)} cameras ({', '.join(keys)}); {sim} renders "
+                         f"{len(simulator.cameras)} ({', '.join(simulator.cameras)})")
+    if policy.config.action_dim != simulator.action_dim:
+        raise ConfigError(f"the run's actions have {policy.config.action_dim} dimensions, {sim} takes "
+                         f"{simulator.action_dim}: this run was not trained on {sim} data")
+    if policy.config.state_dim is not None and policy.config.state_dim != simulator.state_dim:
+        raise ConfigError(f"the run's state has {policy.config.state_dim} dimensions, {sim} gives "
+                         f"{simulator.state_dim}: this run was not trained on {sim} data")
+    image_sizes = tuple(int(ds.features[k]["shape"][0]) for k in keys)
+    # every camera is rendered; LIBERO's wrist camera follows the main size when the run reads only one
+    image_sizes = image_sizes + (image_sizes[0],) * (len(simulator.cameras) - len(image_sizes))
+    chosen = simulator.resolve_tasks(tasks, list(ds.tasks), settings)
+    unseen = [t.name for t in chosen if t.instruction not in set(ds.tasks)]
+    if policy.injection is None:  # no memory reaches the actions: every mode would repeat `none`
+        modes = ("none",)
     ordered = [m for m in ("none", *modes) if m in modes or m == "none" and "shuffle" in modes]
     ordered = list(dict.fromkeys(ordered))
+    episodes_for = {m: episodes if m == "none" else min(episodes, corrupted_episodes or episodes) for m in ordered}
+    return _Plan(tasks=chosen, unseen=unseen, modes=modes, ordered=ordered, episodes_for=episodes_for,
+                 cameras=simulator.cameras[:len(keys)], image_sizes=image_sizes,
+                 n_action_steps=n_action_steps or max(1, policy.config.model.action_horizon // 2),
+                 max_steps=max_steps or simulator.default_max_steps(settings))
+
+
+def _rollout_task(simulator: type[Simulator], task: SimTask, plan: _Plan, loaded: _Loaded, seed: int,
+                  video_dir: Path | None, bar, job) -> dict[str, dict]:
+    """Every mode's episodes of one task in one env (creating one costs seconds; every episode resets it to its
+    own layout): {mode: {"successes", "episodes", "rate", "ci95"}}; each episode advances `job` of `bar`."""
+    policy = loaded.policy
+    memories: list[list[torch.Tensor]] = []  # the `none` rollouts' memories, for `shuffle`
     results: dict[str, dict] = {}
-    bar = make_progress("episodes", console=console, disable=not progress)
-    with bar:
-        episodes_for = {m: episodes if m == "none" else min(episodes, corrupted_episodes or episodes) for m in ordered}
-        job = bar.add_task(f"{sim} rollouts", total=len(chosen) * sum(episodes_for.values()), info="")
-        for task in chosen:
-            memories: list[list[torch.Tensor]] = []
-            results[task.name] = {}
-            # one env per task (creating one costs seconds); every episode resets it to its own layout
-            with open_env(sim, task, image_sizes, max_steps) as env:
-                for mode in ordered:
-                    if mode == "oracle":
-                        results[task.name][mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
-                                                    "note": "the future of a live rollout is not observed"}
-                        bar.advance(job, episodes_for[mode])
-                        continue
-                    generator = torch.Generator().manual_seed(seed)  # corruption draws on the CPU
-                    wins = 0
-                    for e in range(episodes_for[mode]):
-                        record = [] if mode == "none" else None
-                        frames = [] if video_dir is not None and e == 0 else None
-                        source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
-                        if mode == "shuffle" and policy.injection is not None and (source is None or
-                                                                                   len(memories) < 2):
-                            raise FplusError("closed-loop shuffle needs at least 2 episodes per task")
-                        latents = None if encoder is None else OnlineLatents(encoder, policy.config.history)
-                        success = rollout(policy, env, task.instruction, seed + e, mode, n_action_steps, latents,
-                                          source, generator, record, frames, cameras)
-                        wins += success
-                        if record is not None:
-                            memories.append(record)
-                        if frames:
-                            _write_video(video_dir / f"{task.name}-{mode}-ep{e}.mp4", frames)
-                        bar.update(job, advance=1, info=f"{task.name[:40]} {mode}: {wins}/{e + 1}")
-                    n = episodes_for[mode]
-                    lo, hi = wilson_interval(wins, n)
-                    results[task.name][mode] = {"successes": wins, "episodes": n, "rate": wins / n,
-                                                "ci95": [lo, hi]}
-            if "none" not in modes:
-                results[task.name].pop("none", None)
-    result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done, "simulator": sim,
-              "episodes_per_task": episodes, "episodes_per_mode": {m: episodes_for[m] for m in modes},
-              "n_action_steps": n_action_steps, "max_steps": max_steps,
-              "tasks": results, "overall": {}}
-    if sim == "libero":
-        result["suite"] = settings.eval.suite
-    if earlier is not None:  # keep tasks and modes of an earlier evaluation of this checkpoint unless redone here
+    with simulator.make_env(task, plan.image_sizes, plan.max_steps) as env:
+        for mode in plan.ordered:
+            n = plan.episodes_for[mode]
+            if mode == "oracle":
+                results[mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
+                                 "note": "the future of a live rollout is not observed"}
+                bar.advance(job, n)
+                continue
+            generator = torch.Generator().manual_seed(seed)  # corruption draws on the CPU
+            wins = 0
+            for e in range(n):
+                record = [] if mode == "none" else None
+                frames = [] if video_dir is not None and e == 0 else None
+                source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
+                if mode == "shuffle" and policy.injection is not None and (source is None or len(memories) < 2):
+                    raise ConfigError("closed-loop shuffle needs at least 2 episodes per task")
+                latents = None if loaded.encoder is None else OnlineLatents(loaded.encoder, policy.config.history)
+                success = rollout(policy, env, task.instruction, seed + e, mode, plan.n_action_steps, latents,
+                                  source, generator, record, frames, plan.cameras)
+                wins += success
+                if record is not None:
+                    memories.append(record)
+                if frames:
+                    _write_video(video_dir / f"{task.name}-{mode}-ep{e}.mp4", frames)
+                bar.update(job, advance=1, info=f"{task.name[:40]} {mode}: {wins}/{e + 1}")
+            lo, hi = wilson_interval(wins, n)
+            results[mode] = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": [lo, hi]}
+    if "none" not in plan.modes:  # rolled out only to feed `shuffle`
+        results.pop("none", None)
+    return results
+
+
+def _aggregate(simulator: type[Simulator], loaded: _Loaded, plan: _Plan, episodes: int,
+               per_task: dict[str, dict], earlier: dict | None) -> dict:
+    """The results file: what was run, per task and mode, and over all tasks (with the tasks and modes of an
+    earlier evaluation of this checkpoint kept unless redone here)."""
+    result = {"run": str(loaded.run_dir), "experiment": loaded.settings.train.experiment, "step": loaded.step,
+              "simulator": simulator.name, "episodes_per_task": episodes,
+              "episodes_per_mode": {m: plan.episodes_for[m] for m in plan.modes},
+              "n_action_steps": plan.n_action_steps, "max_steps": plan.max_steps,
+              "tasks": per_task, "overall": {}, **simulator.result_fields(loaded.settings)}
+    if earlier is not None:
         same = all(earlier.get(k) == result.get(k)
                    for k in ("episodes_per_task", "n_action_steps", "max_steps", "suite"))
         if same:
             for task, per_mode in earlier["tasks"].items():
                 result["tasks"][task] = {**per_mode, **result["tasks"].get(task, {})}
     result["overall"] = overall_rates(result["tasks"])
-    write_text_atomic(out, json.dumps(result, indent=2))
-    return result, out
+    return result
 
 
 def _earlier(path: Path) -> dict | None:
@@ -266,7 +324,7 @@ def _earlier(path: Path) -> dict | None:
     fix = "delete it (the evaluation writes it again) or restore it"
     data = read_json(path, "the earlier closed-loop evaluation", fix)
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
-        raise FplusError(f"{path} is not a closed-loop evaluation (no `tasks` object); {fix}")
+        raise ConfigError(f"{path} is not a closed-loop evaluation (no `tasks` object); {fix}")
     return data
 
 

@@ -1,16 +1,6 @@
-"""Offline evaluation: action error on held-out episodes under each corruption of the future memory.
-
-`evaluate_modes` is the one evaluation loop; the training recipe's validation and `fplus eval` both call it.
-Per batch it runs the backbone once and applies every corruption mode to the memory only (the ACT states do not
-depend on it). Per mode it reports the masked MSE of the predicted action chunks in normalised units (the
-training loss's units) and in raw units (overall and per action dimension). With a Prophet it also reports the
-world cosine cos(z_pred, z_future) over valid future steps, next to two trivial baselines: always predicting the
-training mean, and copy-last (z_t repeated); in the standardised space the loss uses and in the raw encoder space.
-A Prophet that does not beat copy-last has learnt nothing the present does not already give.
-
-Samples are visited in a fixed seeded random order, so every batch mixes episodes: `shuffle` gives each sample
-the memory of a sample from another episode of the same batch (a batch where one episode holds more than half of
-the samples leaves the surplus out of `shuffle`; `samples` counts what each mode used).
+"""Offline evaluation of a trained run: `evaluate_run` loads a checkpoint (fplus.rundir.load_run,
+fplus.eval.loader.open_run), runs the one evaluation loop (fplus.train.validation.evaluate_modes) on the run's own
+validation episodes under every corruption mode, and writes RUN/eval/offline-step-XXXXXX.json.
 """
 
 from __future__ import annotations
@@ -18,161 +8,35 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import torch
-from torch.utils.data import DataLoader
-
-from fplus import batch as K
-from fplus.errors import FplusError
+from fplus.errors import CheckpointError
 from fplus.io import write_text_atomic
-from fplus.model.corruption import MODES, shuffle_donors
-from fplus.model.policy import FPlusPolicy
-from fplus.model.prophet import world_cosine_sums
-from fplus.train.data import EpochSampler, PolicySamples, collate
-
-SEED = 12345  # sample order, random and shuffle corruptions draw from this seed: every evaluation is the same
-WORLD_METRICS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": "val_cos_world_copy",
-                 "prophet_raw": "val_cos_world_raw", "mean_raw": "val_cos_world_mean_raw",
-                 "copy_raw": "val_cos_world_copy_raw", "align": "val_cos_align"}
-"""Keys of an evaluation's `world` cosines -> the names of the validation metrics (metrics.jsonl)."""
-
-
-def memory_modes(policy: FPlusPolicy, modes: tuple[str, ...]) -> tuple[str, ...]:
-    """The modes that mean something for this policy: all of `modes` with an injected memory, else `none`."""
-    return tuple(modes) if policy.injection is not None else ("none",)
-
-
-def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
-    """Add this batch's cosine sums and valid counts of the Prophet and the two baselines (both spaces)."""
-    valid, z_future, z_pred = enc.future_valid, enc.z_future, enc.z_pred
-    copy = enc.z_hist[:, -1:].expand_as(z_future)
-    mean = torch.zeros_like(z_future)
-    raw = policy.latent_norm.inverse
-    raw_future = raw(z_future)
-    candidates = {"prophet": (z_pred, z_future), "mean": (mean, z_future), "copy": (copy, z_future),
-                  "prophet_raw": (raw(z_pred), raw_future), "mean_raw": (raw(mean), raw_future),
-                  "copy_raw": (raw(copy), raw_future)}
-    if policy.align is not None:  # FLARE: the FUT states' projection against the future (standardised)
-        fut_h = enc.prompt.gather(enc.out.layers[policy.align.layer], enc.prompt.fut_positions)
-        m = fut_h.shape[1]
-        candidates["align"] = (policy.align(fut_h), z_future[:, :m])
-    for key, (pred, target) in candidates.items():
-        total, count = world_cosine_sums(pred, target, valid[:, :pred.shape[1]])
-        sums[key][0] += float(total)
-        sums[key][1] += float(count)
-
-
-@torch.no_grad()
-def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str, ...], batch_size: int,
-                   max_batches: int | None = None, num_workers: int = 0) -> dict:
-    """{"modes": {mode: {mse_norm, mse_raw, mse_per_dim_raw, cos_world, samples, action_steps}}, "world": {prophet,
-    mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None, "skipped": {mode: reason}}; the MSEs average
-    over valid action steps. `shuffle` is skipped (with its reason) when no batch mixes two episodes.
-    Policies without an injected memory are evaluated under `none` only (the other modes cannot change them)."""
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}, all")
-    modes = memory_modes(policy, modes)
-    was_training = policy.training
-    policy.eval()
-    device = policy.device
-    generators = {m: torch.Generator().manual_seed(SEED + i) for i, m in enumerate(MODES)}
-    sq_norm = {m: 0.0 for m in modes}
-    sq_raw = {m: None for m in modes}
-    count = {m: 0 for m in modes}
-    n_samples = {m: 0 for m in modes}
-    keys = [k for k in WORLD_METRICS if k != "align" or policy.align is not None]
-    world = {k: [0.0, 0.0] for k in keys} if policy.prophet is not None else None
-    loader = DataLoader(samples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                        sampler=EpochSampler(len(samples), SEED, shuffle=True))
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        episodes = batch["episode_index"]
-        donors = shuffle_donors(episodes, generators["shuffle"]) if "shuffle" in modes else None
-        active = [m for m in modes if m != "shuffle" or donors is not None]
-        preds, enc = policy.predict_modes(batch, active, generators, None if donors is None else donors[0])
-        target = batch[K.ACTIONS].to(device, torch.float32)
-        valid = (~batch[K.ACTION_PAD].to(device)).unsqueeze(-1).float()  # (B, H, 1)
-        for mode, pred in preds.items():
-            v = valid
-            if mode == "shuffle":  # samples whose donor is from their own episode do not count
-                v = valid * donors[1].to(device).float()[:, None, None]
-            err_raw = ((pred - target) ** 2 * v).sum(dim=(0, 1))  # (A,)
-            err_norm = ((policy.action_norm(pred) - policy.action_norm(target)) ** 2 * v).sum()
-            sq_raw[mode] = err_raw if sq_raw[mode] is None else sq_raw[mode] + err_raw
-            sq_norm[mode] += float(err_norm)
-            count[mode] += int(v.sum())
-            n_samples[mode] += len(episodes) if mode != "shuffle" else int(donors[1].sum())
-        if world is not None:
-            _world_sums(policy, enc, world)
-    policy.train(was_training)
-    if not any(count.values()):
-        raise FplusError("no validation samples to evaluate (VAL_FRACTION = 0?)")
-    world_cos = None if world is None else {k: (t / c if c else None) for k, (t, c) in world.items()}
-    out: dict[str, dict] = {}
-    skipped: dict[str, str] = {}
-    for mode in modes:
-        if count[mode] == 0:  # only shuffle can end here
-            skipped[mode] = ("no batch held samples of two episodes (validate on more episodes or with larger "
-                             "batches)")
-            continue
-        per_dim = (sq_raw[mode] / count[mode]).cpu().numpy()
-        out[mode] = {"mse_norm": sq_norm[mode] / (count[mode] * len(per_dim)), "mse_raw": float(per_dim.mean()),
-                     "mse_per_dim_raw": per_dim.tolist(),
-                     "cos_world": None if world_cos is None else world_cos["prophet"],
-                     "samples": n_samples[mode], "action_steps": count[mode]}
-    return {"modes": out, "world": world_cos, "skipped": skipped}
-
-
-def resolve_device(device: str) -> str:
-    """`auto` -> cuda when available, else cpu; anything else as given."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+from fplus.model.corruption import MODES
+from fplus.train.data import PolicySamples
+from fplus.train.validation import evaluate_modes, memory_modes
 
 
 def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None, batch_size: int | None = None,
                  max_batches: int | None = None, device: str | None = None) -> tuple[dict, Path]:
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
     settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json (merged with the modes an earlier
-    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path). A checkpoint whose
-    policy config is not the run's own (copied from another run) is refused, naming both files.
-    `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
-    from fplus.data.lerobot import LeRobotDataset, keys_from_settings
+    evaluation of that checkpoint wrote). Returns (result for all modes in the file, path). The run is read by
+    `fplus.rundir.load_run` and opened by `fplus.eval.loader.open_run` (a checkpoint copied from another run and a
+    changed dataset are refused). `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
     from fplus.data.split import Split
-    from fplus.train import checkpoint as ckpt
-    from fplus.train.recipe import SPLIT, read_run_config, settings_from_run
+    from fplus.eval.loader import open_run
+    from fplus.rundir import load_run, offline_result
 
-    run_dir = Path(run_dir)
-    settings = settings_from_run(run_dir)
-    config = read_run_config(run_dir)
-    path = ckpt.checkpoint_for(run_dir, step)
-    ckpt.check_policy_config(path, config, run_dir)  # an E0 checkpoint copied into an E2 run is not E2
-    step_done = ckpt.manifest_step(path)
-    out = run_dir / "eval" / f"offline-step-{step_done:06d}.json"
+    run = load_run(run_dir, step)
+    out = offline_result(run.dir, run.step)
     earlier = _earlier_modes(out)  # read before the evaluation: a damaged file fails now, not after it
-    policy = FPlusPolicy.load(path / "policy", device=resolve_device(device or settings.eval.device))
-    keys = keys_from_settings(settings.data)
-    ds = LeRobotDataset.open(settings.data.dataset, keys, revision=settings.data.revision)
-    if "dataset_fingerprint" not in config:
-        raise FplusError(f"{run_dir / 'config.json'} records no `dataset_fingerprint`; restore it from a copy")
-    if ds.fingerprint != config["dataset_fingerprint"]:
-        raise FplusError(f"the dataset {settings.data.dataset} changed since {run_dir} was trained "
-                         f"(fingerprint {ds.fingerprint} != {config['dataset_fingerprint']})")
-    split = Split.load(run_dir / SPLIT)
-    latents = None
-    if policy.config.world_dim:
-        from fplus.world.cache import find_latents
-
-        w = settings.world
-        encoder = w.dino_model if w.source == "dino" else w.vjepa_model
-        _, latents = find_latents(w.cache_dir, ds, keys.image, w.source, encoder, w.pooling, w.temporal_window)
-    samples = PolicySamples(ds, keys, split.val, policy.config.action_horizon, policy.config.history,
-                            policy.config.future, latents=None if latents is None else np.asarray(latents))
+    opened = open_run(run, device)
+    policy, ds, keys, settings = opened.policy, opened.dataset, opened.keys, run.settings
+    split = Split.load(run.split_path)
+    samples = PolicySamples(ds, keys, split.val, policy.config.model.action_horizon, policy.config.history,
+                            policy.config.future, latents=opened.latents())
     evaluated = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches)
     results = evaluated["modes"]
-    result = {"run": str(run_dir), "experiment": settings.train.experiment, "step": step_done,
+    result = {"run": str(run.dir), "experiment": settings.train.experiment, "step": run.step,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
               "action_names": ds.features[keys.action].get("names"), "modes": results,
               "world": evaluated["world"], "skipped": evaluated["skipped"]}
@@ -192,7 +56,7 @@ def _earlier_modes(path: Path) -> dict:
     fix = "delete it (the evaluation writes it again) or restore it"
     data = read_json(path, "the earlier offline evaluation", fix)
     if not isinstance(data, dict) or not isinstance(data.get("modes"), dict):
-        raise FplusError(f"{path} is not an offline evaluation (no `modes` object); {fix}")
+        raise CheckpointError(f"{path} is not an offline evaluation (no `modes` object); {fix}")
     return data["modes"]
 
 

@@ -1,8 +1,9 @@
 """The vision-language backbone (DESIGN 5): a Qwen3-VL (or Qwen2.5-VL) model, its tokenizer and image processor.
 
-    load_backbone(name, action_horizon=H, num_fut_tokens=M, use_state=...) -> Backbone
+    load_backbone(name, action_horizon=H, num_fut_tokens=M, use_state=..., revision=None) -> Backbone
     name: an alias (qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b, qwen2.5-vl-3b), a hub id, a local directory written by
-          `save_backbone`, or `tiny` (a small random Qwen3-VL for CPU tests, built locally from a fixed seed).
+          `save_backbone`, `tiny` or `random-qwen3-vl-2b` / `-4b` (random weights, built by fplus.model.tiny).
+    revision: a hub id's branch, tag or commit (None: main); `Backbone.revision` is the commit actually loaded.
 
 Special tokens <ACT_0>..<ACT_{H-1}>, <FUT_0>..<FUT_{M-1}> and <STATE> are added to the tokenizer (those not already
 present) and the embedding matrix grows to match. Their new rows start at the mean of the existing rows plus a small
@@ -29,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fplus.errors import FplusError
+from fplus.errors import CheckpointError, ConfigError
+from fplus.model.chat import CHAT_TEMPLATE, PAD, STATE_TOKEN, act_token, fut_token
+from fplus.model.tiny import RANDOM_SIZES, build_random, build_tiny
 
 if TYPE_CHECKING:
     from fplus.model.prompt import PromptBatch
@@ -42,67 +45,7 @@ ALIASES: dict[str, str] = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
 }
 TINY = "tiny"
-TINY_SEED = 0
 NEW_ROW_SEED = 0  # seed of the perturbation added to the new special tokens' embedding rows
-
-# Qwen's special tokens (the names every Qwen-VL tokenizer uses).
-PAD = "<|endoftext|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-IMAGE_PAD, VIDEO_PAD = "<|image_pad|>", "<|video_pad|>"
-QWEN_SPECIAL_TOKENS = (PAD, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD)
-STATE_TOKEN = "<STATE>"
-
-
-def act_token(i: int) -> str:
-    """The i-th action query token, `<ACT_i>`."""
-    return f"<ACT_{i}>"
-
-
-def fut_token(j: int) -> str:
-    """The j-th future query token, `<FUT_j>`."""
-    return f"<FUT_{j}>"
-
-
-# A Qwen-style chat template: images of a user turn render as <|vision_start|><|image_pad|><|vision_end|>, which the
-# prompt builder expands to one <|image_pad|> per visual token. Used by `tiny` and by any tokenizer without a template.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'video' -%}{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{- '<|im_end|>\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
-)
-
-# Training text of the tiny tokenizer: robot instructions and chain-of-causation style sentences.
-TINY_CORPUS = """
-pick up the red cup and place it on the plate. put the black bowl on the wooden cabinet.
-open the top drawer of the cabinet and put the bowl inside. close the microwave door.
-turn on the stove and put the moka pot on it. push the green button to the left.
-slide the window to the right. press the handle down until the faucet turns on.
-reach the target position with the gripper. pick the blue block and stack it on the yellow block.
-move the mug to the front of the table. open the gripper, lower the arm, close the gripper, lift the object.
-the gripper is above the cup, so lowering it will let the fingers close around the handle.
-because the drawer is closed, the arm must pull the handle before the bowl can go inside.
-the object is grasped; lifting it now moves it away from the table toward the basket.
-once the door is open the robot can reach the shelf behind it and place the can there.
-insert the peg into the hole. hammer the nail into the board. sweep the puck into the goal.
-rotate the dial clockwise. unplug the cable from the wall. hang the towel on the rack.
-put both the alphabet soup and the tomato sauce in the basket. put the cream cheese in the bowl.
-turn the faucet left then right. pour the water from the bottle into the glass carefully.
-the left arm holds the box while the right arm opens the lid and takes out the spoon.
-approach slowly, align the gripper with the handle, then pull back along the rail.
-if the block slips, the robot should open the gripper, move up, and try the grasp again.
-the camera sees the plate on the right side, near the edge of the counter, next to the sink.
-stack three cubes: first the large one, then the medium one, and finally the small one on top.
-place the book on the shelf, push it back until it touches the wall, and release it.
-""".split()
 
 
 @dataclass
@@ -127,7 +70,8 @@ class Backbone:
 
     model: Qwen3VLForConditionalGeneration (or Qwen2_5_VLForConditionalGeneration); may later be wrapped by peft.
     act_token_ids: H ids of <ACT_0..H-1>. fut_token_ids: M ids of <FUT_0..M-1>. state_token_id: id of <STATE> or None.
-    hidden_size: d. num_layers: decoder layers. name: as given by the user. source: the hub id, directory or `tiny`.
+    hidden_size: d. num_layers: decoder layers. name: as given by the user. source: the hub id, directory, `tiny`
+    or `random-*`. revision: the commit hash loaded for a hub id; None for the others.
     """
 
     model: nn.Module
@@ -140,6 +84,7 @@ class Backbone:
     num_layers: int
     name: str
     source: str
+    revision: str | None = None
 
     @property
     def vision_factor(self) -> int:
@@ -172,14 +117,9 @@ class Backbone:
         captured: dict[int, torch.Tensor] = {}
         with self._capture_layers(vlm, wanted, captured), \
                 self._edit_embeddings(vlm, batch, state_embeds, token_rows):
-            out = vlm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                pixel_values=batch.pixel_values,
-                image_grid_thw=batch.image_grid_thw,
-                mm_token_type_ids=batch.mm_token_type_ids,
-                use_cache=False,
-            )
+            out = vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                            mm_token_type_ids=batch.mm_token_type_ids, use_cache=False)
         last = out.last_hidden_state
         loss = None
         if text_loss:
@@ -291,9 +231,9 @@ def lm_loss(lm_head: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor)
 
 
 def resolve_name(name: str) -> str:
-    """An alias, hub id, local directory or `tiny` -> the source to load (hub id, directory path or `tiny`).
+    """An alias, hub id, local directory, `tiny` or `random-*` -> the source to load (hub id, directory or the name).
 
-    Raises FplusError for a Qwen3-VL 3B (there is none) and for a name that is none of the above.
+    Raises ConfigError for a Qwen3-VL 3B (there is none) and for a name that is none of the above.
     """
     raw = name.strip()
     key = raw.lower().replace("_", "-")
@@ -306,43 +246,63 @@ def resolve_name(name: str) -> str:
     if Path(raw).expanduser().is_dir():
         return str(Path(raw).expanduser())
     if re.search(r"qwen3\W*vl\W*3b", key):
-        raise FplusError(
-            f"backbone {name!r}: Qwen3-VL has no 3B model. Qwen3-VL comes in 2B, 4B and 8B "
-            "(qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b); for a 3B model use the Qwen2.5-VL alias qwen2.5-vl-3b."
-        )
+        raise ConfigError(f"backbone {name!r}: Qwen3-VL has no 3B model. Qwen3-VL comes in 2B, 4B and 8B "
+                          "(qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b); for a 3B model use the Qwen2.5-VL alias "
+                          "qwen2.5-vl-3b.")
     if re.fullmatch(r"[\w.-]+/[\w.-]+", raw):
         return raw
     close = difflib.get_close_matches(key, [*ALIASES, TINY], n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise FplusError(
-        f"backbone {name!r} is not an alias, a hub id (owner/name), an existing directory or 'tiny'.{hint} "
-        f"Aliases: {', '.join(ALIASES)}."
-    )
+    raise ConfigError(f"backbone {name!r} is not an alias, a hub id (owner/name), an existing directory or "
+                      f"'tiny'.{hint} Aliases: {', '.join(ALIASES)}.")
 
 
-def load_backbone(
-    name: str,
-    *,
-    action_horizon: int,
-    num_fut_tokens: int,
-    use_state: bool,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> Backbone:
+def resolve_revision(source: str, revision: str | None = None) -> str | None:
+    """The commit a hub id loads at `revision` (branch, tag or commit; None = main); None for the other sources.
+
+    `source`: anything `resolve_name` accepts. The commit is the snapshot directory of the id's config.json in the
+    hub cache (`models--org--name/snapshots/<commit>/config.json`), found as `from_pretrained` finds it: from the
+    cache alone under HF_HUB_OFFLINE=1, else as the Hub resolves it. ConfigError for a hub id (or revision) that
+    cannot be found, and for a revision given with `tiny`, `random-*` or a local directory.
+    """
+    source = resolve_name(source)
+    if source == TINY or source in RANDOM_SIZES or Path(source).is_dir():
+        if revision is not None:
+            raise ConfigError(f"backbone {source!r} is not a hub id: revision={revision!r} does not apply; unset it")
+        return None
+    from transformers.utils import CONFIG_NAME, cached_file
+
+    try:
+        config_file = cached_file(source, CONFIG_NAME, revision=revision)
+    except OSError as err:
+        raise ConfigError(_unavailable(source, revision, err)) from err
+    snapshot = Path(config_file or "").parent
+    if snapshot.parent.name != "snapshots" or not re.fullmatch(r"[0-9a-f]{40}", snapshot.name):
+        raise ConfigError(f"backbone {source!r}{_at(revision)}: no {CONFIG_NAME} in a hub cache snapshot "
+                          f"({config_file}), so the commit loaded is unknown")
+    return snapshot.name
+
+
+def load_backbone(name: str, *, action_horizon: int, num_fut_tokens: int, use_state: bool,
+                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                  revision: str | None = None) -> Backbone:
     """Load a backbone and add its special tokens: H <ACT_i>, M <FUT_j> and, with use_state, one <STATE>.
 
-    `name`: alias, hub id, local directory (from `save_backbone`) or `tiny`. Hub ids go through `from_pretrained`;
-    when that fails (offline, unknown id) the error says to use a local directory or `tiny`.
+    `name`: alias, hub id, local directory (from `save_backbone`), `tiny` or `random-*`. A hub id is read (config,
+    model, tokenizer, image processor) at the commit `resolve_revision(name, revision)`, kept as `.revision`.
+    ConfigError: a bad name, a hub id that cannot be loaded, an unsupported model type. CheckpointError: a local
+    directory that is not a saved backbone.
     """
     if action_horizon < 1 or num_fut_tokens < 0:
-        raise FplusError(f"action_horizon must be >= 1 and num_fut_tokens >= 0, got {action_horizon}, {num_fut_tokens}")
+        raise ConfigError(f"action_horizon must be >= 1, num_fut_tokens >= 0; got {action_horizon}, {num_fut_tokens}")
     source = resolve_name(name)
+    commit = resolve_revision(source, revision)
     if source == TINY:
         model, tokenizer, image_processor = build_tiny()
     elif source in RANDOM_SIZES:
         model, tokenizer, image_processor = build_random(source, dtype)
     else:
-        model, tokenizer, image_processor = _from_pretrained(source, dtype)
+        model, tokenizer, image_processor = _from_pretrained(source, dtype, commit)
     if tokenizer.chat_template is None:
         tokenizer.chat_template = CHAT_TEMPLATE
     if tokenizer.pad_token is None:
@@ -356,17 +316,11 @@ def load_backbone(
     model.to(device=device, dtype=dtype)
     text_config = model.config.get_text_config()
     return Backbone(
-        model=model,
-        tokenizer=tokenizer,
-        image_processor=image_processor,
-        act_token_ids=tokenizer.convert_tokens_to_ids(act),
+        model, tokenizer, image_processor, act_token_ids=tokenizer.convert_tokens_to_ids(act),
         fut_token_ids=tokenizer.convert_tokens_to_ids(fut),
         state_token_id=tokenizer.convert_tokens_to_ids(STATE_TOKEN) if use_state else None,
-        hidden_size=int(text_config.hidden_size),
-        num_layers=int(text_config.num_hidden_layers),
-        name=name,
-        source=source,
-    )
+        hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
+        name=name, source=source, revision=commit)
 
 
 def save_backbone(backbone: Backbone, directory: str | Path) -> Path:
@@ -439,170 +393,49 @@ def _model_class(model_type: str) -> type:
         "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
     }
     if model_type not in classes:
-        raise FplusError(f"backbone model type {model_type!r} is not supported; supported: {', '.join(classes)}")
+        raise ConfigError(f"backbone model type {model_type!r} is not supported; supported: {', '.join(classes)}")
     return classes[model_type]
 
 
-def _from_pretrained(source: str, dtype: torch.dtype) -> tuple[nn.Module, Any, Any]:
-    """Config, model, tokenizer and image processor from a hub id or a local directory."""
+def _at(revision: str | None) -> str:
+    return "" if revision is None else f" at revision {revision!r}"
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+
+
+def _unavailable(source: str, revision: str | None, err: Exception) -> str:
+    """One line: why hub id `source` cannot be loaded, and how to fix it."""
+    from huggingface_hub import constants
+
+    fix = "set BACKBONE to a local directory holding a saved backbone, or to 'tiny' (small random model for CPU)"
+    if constants.is_offline_mode():
+        get = f"hf download {source}" + ("" if revision is None else f" --revision {revision}")
+        return (f"backbone {source!r}{_at(revision)} is not in the local hub cache ({constants.HF_HUB_CACHE}) and "
+                f"HF_HUB_OFFLINE=1: download it once online (`{get}`), or {fix}")
+    return f"cannot load backbone {source!r}{_at(revision)}: {_first_line(err)}. Without hub access {fix}"
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, revision: str | None) -> tuple[nn.Module, Any, Any]:
+    """Config, model, tokenizer and image processor from a hub id (at commit `revision`) or a local directory."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
+    local = Path(source).is_dir()
+    if local and not (Path(source) / "config.json").is_file():
+        raise CheckpointError(f"{source} is not a saved backbone (no config.json): write it with save_backbone, "
+                              "or set BACKBONE to an alias, a hub id or 'tiny'")
     try:
-        config = AutoConfig.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source, revision=revision)
         model_cls = _model_class(config.model_type)
-        model = model_cls.from_pretrained(source, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        image_processor = AutoImageProcessor.from_pretrained(source)
-    except OSError as err:
-        first_line = str(err).strip().splitlines()[0].rstrip(".") if str(err).strip() else type(err).__name__
-        raise FplusError(
-            f"cannot load backbone {source!r}: {first_line}. Without hub access (HF_HUB_OFFLINE=1 or no network) "
-            "set BACKBONE to a local directory holding a saved backbone, or to 'tiny' (small random model for CPU)."
-        ) from err
+        model = model_cls.from_pretrained(source, dtype=dtype, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+        image_processor = AutoImageProcessor.from_pretrained(source, revision=revision)
+    except ValueError as err:  # a model type transformers does not know
+        raise ConfigError(f"backbone {source!r}: {_first_line(err)}") from err
+    except OSError as err:  # a file missing or unreadable
+        if local:
+            raise CheckpointError(f"{source} is not a saved backbone (a file is missing or damaged): "
+                                  f"{_first_line(err)}. Write it with save_backbone") from err
+        raise ConfigError(_unavailable(source, revision, err)) from err
     return model, tokenizer, image_processor
-
-
-# -- tiny ------------------------------------------------------------------------------------------------------------
-
-
-def build_tiny_tokenizer(vocab_size: int = 400) -> Any:
-    """A byte-level BPE trained on TINY_CORPUS, wrapped as a transformers fast tokenizer with Qwen's special tokens.
-
-    Ids 0..6 are QWEN_SPECIAL_TOKENS in order; <|endoftext|> pads and <|im_end|> ends a turn. Deterministic.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(QWEN_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    bpe.train_from_iterator([" ".join(TINY_CORPUS)], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=bpe,
-        pad_token=PAD,
-        eos_token=IM_END,
-        chat_template=CHAT_TEMPLATE,
-        padding_side="right",
-    )
-
-
-def build_tiny_image_processor() -> Any:
-    """Qwen2VLImageProcessorPil (no torchvision) configured like Qwen3-VL: patch 16, merge 2, temporal patch 2."""
-    from transformers import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(
-        patch_size=16,
-        merge_size=2,
-        temporal_patch_size=2,
-        image_mean=[0.5, 0.5, 0.5],
-        image_std=[0.5, 0.5, 0.5],
-        size={"shortest_edge": 224 * 224, "longest_edge": 224 * 224},
-    )
-
-
-# Sizes of full Qwen3-VL architectures (from their released configs), built with random weights for speed and
-# memory measurements without downloading them: `random-qwen3-vl-2b`, `random-qwen3-vl-4b`.
-RANDOM_SIZES: dict[str, tuple[dict, dict]] = {
-    "random-qwen3-vl-2b": (
-        {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                             "mrope_interleaved": True}},
-        {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
-         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2048,
-         "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
-    ),
-    "random-qwen3-vl-4b": (
-        {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                             "mrope_interleaved": True}},
-        {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
-         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2560,
-         "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
-    ),
-}
-
-
-def qwen3vl_config(tokenizer: Any, text: dict, vision: dict) -> Any:
-    """A Qwen3VLConfig of the given text/vision sizes whose special-token ids are the tokenizer's."""
-    from transformers import Qwen3VLConfig
-
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
-    text = {"vocab_size": len(tokenizer), **text, "pad_token_id": ids[PAD]}
-    return Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids[IMAGE_PAD],
-        video_token_id=ids[VIDEO_PAD],
-        vision_start_token_id=ids[VISION_START],
-        vision_end_token_id=ids[VISION_END],
-        tie_word_embeddings=True,
-    )
-
-
-def tiny_config(tokenizer: Any, num_layers: int = 2) -> Any:
-    """A small Qwen3VLConfig whose special-token ids are the tokenizer's (text d=64, 2 layers; vision d=32, depth 2).
-
-    `num_layers` deepens the text model only (e.g. 28, the depth of Qwen3-VL-2B, to test layer-dependent settings
-    such as LoRA layers and ALIGN_LAYER with a profile's own values)."""
-    head_dim = 16
-    return qwen3vl_config(
-        tokenizer,
-        text={
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": head_dim,
-            "max_position_embeddings": 4096,
-            # M-RoPE: rotary pairs (head_dim / 2 = 8) split over temporal, height, width.
-            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                "mrope_interleaved": True},
-        },
-        vision={
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "out_hidden_size": 64,
-            "num_position_embeddings": 64,  # an 8 x 8 grid, interpolated to the image's patch grid
-            "deepstack_visual_indexes": [1],  # vision block 1 -> added after text layer 1 (of 2)
-        },
-    )
-
-
-def build_random(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any, Any]:
-    """A full-size architecture (RANDOM_SIZES) with random weights, the tiny tokenizer and image processor."""
-    from transformers import Qwen3VLForConditionalGeneration
-
-    tokenizer = build_tiny_tokenizer()
-    text, vision = RANDOM_SIZES[name]
-    config = qwen3vl_config(tokenizer, text, vision)
-    config.text_config.vocab_size = text["vocab_size"]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = Qwen3VLForConditionalGeneration(config).to(dtype)
-    return model.eval(), tokenizer, build_tiny_image_processor()
-
-
-def build_tiny(num_layers: int = 2) -> tuple[nn.Module, Any, Any]:
-    """(model, tokenizer, image processor) of the tiny random Qwen3-VL; two builds give identical weights."""
-    from transformers import Qwen3VLForConditionalGeneration
-
-    tokenizer = build_tiny_tokenizer()
-    config = tiny_config(tokenizer, num_layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = Qwen3VLForConditionalGeneration(config)
-    return model.eval(), tokenizer, build_tiny_image_processor()

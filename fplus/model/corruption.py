@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fplus.errors import FplusError
+from fplus.errors import ConfigError
 
 MODES = ("none", "zero", "random", "shuffle", "oracle", "history")
 
@@ -69,15 +69,15 @@ def corrupt_memory(mode: str, predicted: torch.Tensor, oracle: torch.Tensor | No
         return noise.to(device=predicted.device, dtype=predicted.dtype)
     if mode == "shuffle":
         if donors is None:
-            raise FplusError("shuffle corruption needs donors from other episodes (fplus.model.corruption."
+            raise ConfigError("shuffle corruption needs donors from other episodes (fplus.model.corruption."
                              "shuffle_donors); in closed loop pass another rollout's memory instead")
         return predicted[donors.to(predicted.device)]
     if mode == "oracle":
         if oracle is None:
-            raise FplusError("oracle corruption needs the true future latents (z_future) in the batch")
+            raise ConfigError("oracle corruption needs the true future latents (z_future) in the batch")
         return oracle.to(predicted.dtype)
     if mode == "history":
         if present is None:
-            raise FplusError("history corruption needs the present latent z_t (z_hist) in the batch")
+            raise ConfigError("history corruption needs the present latent z_t (z_hist) in the batch")
         return present.to(predicted.dtype)[:, None].expand_as(predicted).clone()
-    raise FplusError(f"unknown corruption mode {mode!r}; valid: {', '.join(MODES)}")
+    raise ConfigError(f"unknown corruption mode {mode!r}; valid: {', '.join(MODES)}")

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fplus.errors import FplusError
+from fplus.errors import DataError
 
 EPS = 1e-6
 
@@ -32,7 +32,7 @@ class Normalizer(nn.Module):
         needed = ("mean", "std") if mode == "mean_std" else ("q01", "q99")
         missing = [n for n in needed if n not in stats]
         if missing:
-            raise FplusError(f"meta/stats.json has no {missing} for {key!r}, needed by {mode} normalisation")
+            raise DataError(f"meta/stats.json has no {missing} for {key!r}, needed by {mode} normalisation")
         if mode == "mean_std":
             shift, scale = np.asarray(stats["mean"], np.float64), np.maximum(np.asarray(stats["std"]), EPS)
         else:
@@ -47,7 +47,7 @@ class Normalizer(nn.Module):
     def set_mean_std(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Set mean_std statistics (F,) directly (std floored at EPS), e.g. those of the world latents."""
         if self.mode != "mean_std":
-            raise FplusError("set_mean_std needs a mean_std normaliser")
+            raise DataError("set_mean_std needs a mean_std normaliser")
         self.shift.copy_(mean.float())
         self.scale.copy_(std.float().clamp(min=EPS))
 

@@ -25,10 +25,8 @@ experiment's actions equal E0's bit for bit (the gate is 0, FUT tokens come afte
 from __future__ import annotations
 
 import json
-import zlib
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +34,17 @@ import torch
 from torch import nn
 
 from fplus import batch as K
-from fplus.errors import FplusError
+from fplus.errors import CheckpointError, ConfigError
 from fplus.model.action_head import ActionHead, masked_mse
 from fplus.model.align import FutureAlignment
 from fplus.model.backbone import Backbone, BackboneOutput, load_backbone
+from fplus.model.config import PolicyConfig
 from fplus.model.corruption import MODES, corrupt_memory, shuffle_donors
+from fplus.model.finetune import apply_finetune, seeded
 from fplus.model.injection import GatedCrossAttention
 from fplus.model.normalize import Normalizer
-from fplus.model.prompt import PromptBatch, PromptBuilder
+from fplus.model.processor import PolicyProcessor
+from fplus.model.prompt import PromptBatch
 from fplus.model.prophet import Prophet, world_loss
 from fplus.model.token_rows import TokenRows
 
@@ -52,137 +53,6 @@ HEADS_FILE = "policy.safetensors"
 BACKBONE_FILE = "backbone_trainable.safetensors"
 PROCESSOR_DIR = "processor"
 LOSS_WEIGHTS = {"l_action": None, "l_world": "lambda_world", "l_text": "lambda_text", "l_align": "lambda_align"}
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Everything needed to rebuild a policy (saved as config.json next to its weights)."""
-
-    backbone: str
-    action_dim: int
-    action_horizon: int
-    image_size: int
-    state_dim: int | None = None
-    world_dim: int | None = None
-    history: int = 4
-    future: int = 4
-    prophet: bool = False
-    injection: bool = False
-    flare_align: bool = False
-    coc: bool = False
-    coc_mode: str = "joint_after_act"
-    align_layer: int | None = None
-    prophet_width: int = 256
-    prophet_layers: int = 2
-    prophet_heads: int = 4
-    prophet_delta: bool = False
-    prophet_context: bool = True
-    injection_heads: int = 4
-    lambda_world: float = 1.0
-    lambda_text: float = 0.1
-    lambda_align: float = 0.5
-    finetune: str = "full"
-    lora_rank: int = 16
-    lora_layers: int = 8
-    gradient_checkpointing: bool = False
-    normalization: str = "mean_std"
-    init_seed: int = 0
-
-    def __post_init__(self):
-        if self.injection and not self.prophet:
-            raise FplusError("injection needs the Prophet (PROPHET=true)")
-        if (self.prophet or self.flare_align) and not self.world_dim:
-            raise FplusError("the Prophet and FLARE alignment need world latents (world_dim)")
-        if self.finetune not in ("full", "frozen", "lora"):
-            raise FplusError(f"unknown FINETUNE {self.finetune!r}; valid: full, frozen, lora")
-        if self.prophet and not self.injection and not self.prophet_context:
-            raise FplusError("PROPHET=true with INJECTION=false and PROPHET_CONTEXT=false: L_world would train a "
-                             "side model that never reaches the actions (E1 would equal E0); set PROPHET_CONTEXT=true")
-
-    @property
-    def num_fut_tokens(self) -> int:
-        """M <FUT_j> tokens: one per future latent, only with FLARE alignment."""
-        return self.future if self.flare_align else 0
-
-    def resolved_align_layer(self, num_layers: int) -> int:
-        """ALIGN_LAYER, or the middle decoder layer (1-based) when unset."""
-        return self.align_layer or max(1, num_layers // 2)
-
-    def check_loss_paths(self, num_layers: int) -> None:
-        """Fail (FplusError) when an active loss could reach no trainable weight of its path for a backbone of
-        `num_layers` decoder layers. The added token rows always train; what can fail is FLARE alignment: its
-        loss reads layer ALIGN_LAYER, so under LoRA at least one adapted layer must sit at or below it."""
-        if not self.flare_align:
-            return
-        layer = self.resolved_align_layer(num_layers)
-        if not 1 <= layer <= num_layers:
-            raise FplusError(f"ALIGN_LAYER={layer} is out of range: the backbone has decoder layers 1..{num_layers}")
-        if self.finetune == "lora":
-            first = max(1, num_layers - self.lora_layers + 1)
-            if layer < first:
-                raise FplusError(
-                    f"ALIGN_LAYER={layer}{'' if self.align_layer else ' (unset: the middle layer)'} is below the "
-                    f"first LoRA layer {first} (LORA_LAYERS={self.lora_layers} of {num_layers}): L_align could "
-                    f"reach no adapted backbone weight. Set ALIGN_LAYER >= {first} or LORA_LAYERS >= "
-                    f"{num_layers - layer + 1}")
-
-    @classmethod
-    def from_settings(cls, settings, action_dim: int, state_dim: int | None, world_dim: int | None) -> PolicyConfig:
-        """The config of the experiment described by a `Settings` tree and the dataset's dimensions."""
-        m, w, t, c = settings.model, settings.world, settings.train, settings.coc
-        return cls(
-            backbone=m.backbone, action_dim=action_dim, action_horizon=m.action_horizon, image_size=m.image_size,
-            state_dim=state_dim, world_dim=world_dim if (m.prophet or m.flare_align) else None,
-            history=w.history, future=w.future, prophet=m.prophet, injection=m.injection,
-            flare_align=m.flare_align, coc=m.coc, coc_mode=c.mode, align_layer=m.align_layer,
-            prophet_width=m.prophet_width, prophet_layers=m.prophet_layers, prophet_heads=m.prophet_heads,
-            prophet_delta=m.prophet_delta, prophet_context=m.prophet_context, injection_heads=m.injection_heads,
-            lambda_world=t.lambda_world, lambda_text=t.lambda_text, lambda_align=t.lambda_align,
-            finetune=m.finetune, lora_rank=m.lora_rank, lora_layers=m.lora_layers,
-            gradient_checkpointing=m.gradient_checkpointing, normalization=m.normalization, init_seed=t.seed,
-        )
-
-
-def module_seed(init_seed: int, name: str) -> int:
-    """The seed of one module's initialisation: a function of INIT_SEED and the module's name only."""
-    return (init_seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
-
-
-@contextmanager
-def seeded(init_seed: int, name: str):
-    """Draw from a generator seeded by (init_seed, name) inside the block; the global stream is left unchanged."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(module_seed(init_seed, name))
-        yield
-
-
-def apply_finetune(backbone: Backbone, mode: str, lora_rank: int, lora_layers: int,
-                   gradient_checkpointing: bool, init_seed: int = 0) -> None:
-    """Set which backbone weights train: `full` (all), `frozen` (none) or `lora` (peft LoRA on the attention and
-    MLP projections of the last `lora_layers` decoder layers; everything else frozen). The added tokens' rows
-    train in every mode, through the policy's TokenRows."""
-    if gradient_checkpointing:  # renamed in transformers 5.2x; older 5.x only has the gradient_* name
-        kwargs = {"use_reentrant": False}
-        if hasattr(backbone.model, "activation_checkpointing_enable"):
-            backbone.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            backbone.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if mode == "full":
-        backbone.model.requires_grad_(True)
-        return
-    backbone.model.requires_grad_(False)
-    if mode == "frozen":
-        return
-    from peft import LoraConfig, get_peft_model
-
-    first = max(0, backbone.num_layers - lora_layers)
-    layer_ids = "|".join(str(i) for i in range(first, backbone.num_layers))
-    target = (rf".*language_model\.layers\.({layer_ids})\."
-              r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
-    config = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=target,
-                        bias="none", init_lora_weights=True)
-    with seeded(init_seed, "lora"):
-        backbone.model = get_peft_model(backbone.model, config)
 
 
 @dataclass
@@ -215,19 +85,22 @@ class FPlusPolicy(nn.Module):
     Args:
         config: PolicyConfig. backbone: a loaded Backbone with H ACT (and M FUT, STATE) tokens.
         action_norm, state_norm: Normalizers from the dataset statistics (state_norm None without state).
+        processor: the input pipeline (default: built from the backbone's tokenizer and image processor).
+
+    Every method takes a batch whose `prompt` (fplus.batch.PROMPT) the processor built: `policy.processor(batch)`.
     """
 
     def __init__(self, config: PolicyConfig, backbone: Backbone, action_norm: Normalizer,
-                 state_norm: Normalizer | None = None):
+                 state_norm: Normalizer | None = None, processor: PolicyProcessor | None = None):
         super().__init__()
         config.check_loss_paths(backbone.num_layers)
         self.config = config
         self.backbone = backbone
         self.vlm = backbone.model  # registers the backbone's parameters as a submodule
         d = backbone.hidden_size
-        self.builder = PromptBuilder(backbone, config.image_size, config.num_fut_tokens,
-                                     use_state=config.state_dim is not None,
-                                     coc_mode=config.coc_mode if config.coc else None)
+        self.processor = processor or PolicyProcessor.for_backbone(
+            backbone, config.model.image_size, config.num_fut_tokens, use_state=config.state_dim is not None,
+            coc_mode=config.coc_mode if config.model.coc else None)
         self.action_norm = action_norm
         self.state_norm = state_norm
 
@@ -239,17 +112,17 @@ class FPlusPolicy(nn.Module):
             [backbone.state_token_id] if backbone.state_token_id is not None else [])
         rows = backbone.model.get_input_embeddings().weight.detach()[ids]
         self.token_rows = TokenRows(ids, rows)
-        self.action_head = make("action_head", lambda: ActionHead(d, config.action_dim, config.action_horizon))
+        m = config.model
+        self.action_head = make("action_head", lambda: ActionHead(d, config.action_dim, m.action_horizon))
         self.state_proj = make("state_proj", lambda: nn.Linear(config.state_dim, d)) if config.state_dim else None
         self.prophet = make("prophet", lambda: Prophet(
-            config.world_dim, config.history, config.future, config.prophet_width, config.prophet_layers,
-            config.prophet_heads, config.prophet_delta, context_dim=d if config.prophet_context else None)) \
-            if config.prophet else None
-        self.injection = make("injection", lambda: GatedCrossAttention(d, config.world_dim, config.injection_heads)) \
-            if config.injection else None
+            config.world_dim, config.history, config.future, m.prophet_width, m.prophet_layers, m.prophet_heads,
+            m.prophet_delta, context_dim=d if m.prophet_context else None)) if m.prophet else None
+        self.injection = make("injection", lambda: GatedCrossAttention(d, config.world_dim, m.injection_heads)) \
+            if m.injection else None
         align_layer = config.resolved_align_layer(backbone.num_layers)
         self.align = make("align", lambda: FutureAlignment(d, config.world_dim, align_layer)) \
-            if config.flare_align else None
+            if config.model.flare_align else None
         # statistics of the world latents over the training split (set_latent_stats): the standardisation
         self.latent_norm = Normalizer(config.world_dim, "mean_std") if config.world_dim else None
 
@@ -258,26 +131,29 @@ class FPlusPolicy(nn.Module):
     @classmethod
     def build(cls, config: PolicyConfig, stats: dict[str, dict], action_key: str, state_key: str | None,
               device: str | torch.device = "cpu") -> FPlusPolicy:
-        """A fresh policy: loads the backbone, sets fine-tuning, and normalisation from dataset `stats`."""
-        backbone = load_backbone(config.backbone, action_horizon=config.action_horizon,
-                                 num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None)
-        apply_finetune(backbone, config.finetune, config.lora_rank, config.lora_layers,
-                       config.gradient_checkpointing, config.init_seed)
-        action_norm = Normalizer.from_stats(stats[action_key], config.normalization, action_key)
-        state_norm = Normalizer.from_stats(stats[state_key], config.normalization, state_key) \
+        """A fresh policy: loads the backbone, sets fine-tuning, and normalisation from dataset `stats`. The
+        returned policy's config records the backbone's resolved revision (the commit of a hub id)."""
+        backbone = load_backbone(config.model.backbone, action_horizon=config.model.action_horizon,
+                                 num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None,
+                                 revision=config.backbone_revision)
+        config = config.model_copy(update={"backbone_revision": backbone.revision})
+        apply_finetune(backbone, config.model.finetune, config.model.lora_rank, config.model.lora_layers,
+                       config.model.gradient_checkpointing, config.init_seed)
+        action_norm = Normalizer.from_stats(stats[action_key], config.model.normalization, action_key)
+        state_norm = Normalizer.from_stats(stats[state_key], config.model.normalization, state_key) \
             if config.state_dim else None
         return cls(config, backbone, action_norm, state_norm).to(device)
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-dimension mean and std (D,) of the raw world latents over the training split: the standardisation."""
         if self.latent_norm is None:
-            raise FplusError("this policy uses no world latents")
+            raise ConfigError("this policy uses no world latents")
         self.latent_norm.set_mean_std(mean, std)
 
     def standardize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw world latents (..., D) -> standardised (..., D), float32 on the policy's device."""
         if self.latent_norm is None:
-            raise FplusError("this policy uses no world latents")
+            raise ConfigError("this policy uses no world latents")
         return self.latent_norm(z.to(self.device, torch.float32))
 
     @property
@@ -287,13 +163,15 @@ class FPlusPolicy(nn.Module):
     # ----- forward ----------------------------------------------------------------------------------------------
 
     def prompt(self, batch: dict[str, Any], with_coc: bool) -> PromptBatch:
-        """The backbone inputs of a batch (built here unless the data pipeline already did: key `prompt`)."""
-        if "prompt" in batch:
-            return batch["prompt"]
-        coc = batch.get(K.COC_TEXT) if with_coc and self.config.coc else None
-        if with_coc and self.config.coc and coc is None:
-            raise FplusError("this experiment trains a CoC loss but the batch has no coc_text (set COC_JSONL)")
-        return self.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], coc).to(self.device)
+        """The batch's backbone inputs (built by `self.processor`), on the policy's device."""
+        prompt = batch.get(K.PROMPT)
+        if prompt is None:
+            raise ConfigError("the batch has no `prompt`: run the policy's processor on it first "
+                              "(batch = policy.processor(batch)); the data pipeline does this in its workers")
+        if with_coc and self.config.model.coc and prompt.labels is None and prompt.coc is None:
+            raise ConfigError("this experiment trains a CoC loss but the batch's prompt has no CoC text "
+                              "(build it with processor(batch, with_coc=True); set COC_JSONL)")
+        return prompt.to(self.device)
 
     def encode(self, batch: dict[str, Any], with_coc: bool) -> Encoded:
         """The backbone pass, the ACT states, the standardised latents and the Prophet's prediction."""
@@ -303,7 +181,7 @@ class FPlusPolicy(nn.Module):
             state = batch[K.STATE].to(self.device, torch.float32)
             state_embeds = self.state_proj(self.state_norm(state))
         layers = (self.align.layer,) if self.align is not None else ()
-        want_text = self.config.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
+        want_text = self.config.model.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
         out = self.backbone.forward(prompt, layers=layers, state_embeds=state_embeds, text_loss=want_text,
                                     token_rows=self.token_rows)
         enc = Encoded(prompt, out, prompt.gather(out.last_hidden, prompt.act_positions))
@@ -316,8 +194,8 @@ class FPlusPolicy(nn.Module):
                 enc.future_valid = batch[K.FUTURE_VALID].to(self.device)
         if self.prophet is not None:
             if enc.z_hist is None:
-                raise FplusError("this policy has a Prophet: the batch needs z_hist (world latents)")
-            context = enc.act_h.float().mean(1) if self.config.prophet_context else None
+                raise ConfigError("this policy has a Prophet: the batch needs z_hist (world latents)")
+            context = enc.act_h.float().mean(1) if self.config.model.prophet_context else None
             enc.z_pred = self.prophet(enc.z_hist, context)
         return enc
 
@@ -335,7 +213,7 @@ class FPlusPolicy(nn.Module):
             return None
         found = shuffle_donors(list(batch["episode_index"]), generator)
         if found is None:
-            raise FplusError("shuffle corruption needs a batch with samples of at least two episodes")
+            raise ConfigError("shuffle corruption needs a batch with samples of at least two episodes")
         return found[0]
 
     def act(self, act_h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
@@ -370,7 +248,7 @@ class FPlusPolicy(nn.Module):
         target = self.action_norm(batch[K.ACTIONS].to(self.device, torch.float32))
         pred = self.act(act_h, memory)
         terms["l_action"] = masked_mse(pred, target, batch[K.ACTION_PAD].to(self.device))
-        if self.config.coc:
+        if self.config.model.coc:
             if self.config.coc_mode == "joint_after_act":
                 terms["l_text"] = enc.out.text_loss
             else:
@@ -386,7 +264,7 @@ class FPlusPolicy(nn.Module):
         total = torch.zeros((), device=self.device)
         for name, value in terms.items():
             weight = LOSS_WEIGHTS[name]
-            total = total + (value if weight is None else getattr(self.config, weight) * value)
+            total = total + (value if weight is None else getattr(self.config.model, weight) * value)
         return total
 
     def forward(self, batch: dict[str, Any], p_oracle: float = 0.0, corruption: str | None = None,
@@ -435,7 +313,7 @@ class FPlusPolicy(nn.Module):
         `memory` (default: drawn from the batch's episode_index)."""
         bad = [m for m in modes if m not in MODES]
         if bad:
-            raise FplusError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
+            raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
         enc = self.encode(batch, with_coc=False)
         if self.injection is None:
             modes = [m for m in modes if m == "none"]
@@ -467,12 +345,11 @@ class FPlusPolicy(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=2))
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
         save_file({k: v.contiguous().cpu() for k, v in self._own_state().items()}, str(directory / HEADS_FILE))
         save_file({k: v.contiguous().cpu() for k, v in self._backbone_trainable().items()},
                   str(directory / BACKBONE_FILE))
-        self.backbone.tokenizer.save_pretrained(directory / PROCESSOR_DIR)
-        self.backbone.image_processor.save_pretrained(directory / PROCESSOR_DIR)
+        self.processor.save_pretrained(directory / PROCESSOR_DIR)
         return directory
 
     def load_weights(self, directory: str | Path) -> None:
@@ -484,30 +361,38 @@ class FPlusPolicy(nn.Module):
         missing, unexpected = self.load_state_dict(own, strict=False)
         missing = [k for k in missing if not k.startswith("vlm.")]
         if missing or unexpected:
-            raise FplusError(f"{directory / HEADS_FILE} does not fit the config: missing {missing}, "
+            raise CheckpointError(f"{directory / HEADS_FILE} does not fit the config: missing {missing}, "
                              f"unexpected {unexpected}")
         trainable = load_file(str(directory / BACKBONE_FILE))
         params = dict(self.vlm.named_parameters())
         unknown = [k for k in trainable if k not in params]
         if unknown:
-            raise FplusError(f"{directory / BACKBONE_FILE} has weights the backbone lacks: {unknown[:5]}")
+            raise CheckpointError(f"{directory / BACKBONE_FILE} has weights the backbone lacks: {unknown[:5]}")
         with torch.no_grad():
             for k, v in trainable.items():
                 params[k].copy_(v)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> FPlusPolicy:
-        """Rebuild a saved policy: same backbone source and fine-tuning, then the saved weights on top."""
+        """Rebuild a saved policy: the backbone at its recorded revision (a hub id works offline from the local
+        cache, HF_HUB_OFFLINE=1), the same fine-tuning, the saved processor, then the saved weights on top."""
+        from fplus.io import read_json
+
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
-            raise FplusError(f"{directory} holds no saved policy ({CONFIG_FILE} missing)")
-        config = PolicyConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-        backbone = load_backbone(config.backbone, action_horizon=config.action_horizon,
-                                 num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None)
-        apply_finetune(backbone, config.finetune, config.lora_rank, config.lora_layers,
-                       config.gradient_checkpointing, config.init_seed)
-        action_norm = Normalizer(config.action_dim, config.normalization)
-        state_norm = Normalizer(config.state_dim, config.normalization) if config.state_dim else None
-        policy = cls(config, backbone, action_norm, state_norm)
+            raise CheckpointError(f"{directory} holds no saved policy ({CONFIG_FILE} missing)")
+        config = PolicyConfig.from_json(read_json(directory / CONFIG_FILE, "the policy configuration",
+                                                  "the checkpoint is damaged: use another one"),
+                                        directory / CONFIG_FILE)
+        processor = PolicyProcessor.from_pretrained(directory / PROCESSOR_DIR)
+        backbone = load_backbone(config.model.backbone, action_horizon=config.model.action_horizon,
+                                 num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None,
+                                 revision=config.backbone_revision)
+        processor.check_matches(backbone, directory / PROCESSOR_DIR)
+        apply_finetune(backbone, config.model.finetune, config.model.lora_rank, config.model.lora_layers,
+                       config.model.gradient_checkpointing, config.init_seed)
+        action_norm = Normalizer(config.action_dim, config.model.normalization)
+        state_norm = Normalizer(config.state_dim, config.model.normalization) if config.state_dim else None
+        policy = cls(config, backbone, action_norm, state_norm, processor)
         policy.load_weights(directory)
         return policy.to(device)

@@ -30,14 +30,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fplus.errors import FplusError
-from fplus.model.backbone import IM_END, IMAGE_PAD, Backbone
+from fplus.errors import ConfigError
+from fplus.model.backbone import Backbone
+from fplus.model.chat import IM_END, IMAGE_PAD
 
 CocMode = Literal["joint_after_act", "separate"]
 COC_MODES = ("joint_after_act", "separate")
@@ -45,6 +46,38 @@ IGNORE = -100
 SEPARATOR = "\n"
 """Follows the query tokens in a joint CoC prompt; it (not ACT_{H-1} or FUT_{M-1}) predicts the first CoC token."""
 ImageInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """What prompt building needs of a backbone, without its model (so a builder is cheap to send to data workers).
+
+    tokenizer (with the added tokens), image_processor, act_token_ids (H), fut_token_ids (M), state_token_id (or
+    None), source (for messages).
+    """
+
+    tokenizer: Any
+    image_processor: Any
+    act_token_ids: list[int]
+    fut_token_ids: list[int]
+    state_token_id: int | None
+    source: str
+
+    @classmethod
+    def of(cls, backbone: Backbone | PromptTokens) -> PromptTokens:
+        if isinstance(backbone, PromptTokens):
+            return backbone
+        return cls(backbone.tokenizer, backbone.image_processor, list(backbone.act_token_ids),
+                   list(backbone.fut_token_ids), backbone.state_token_id, backbone.source)
+
+    @property
+    def vision_factor(self) -> int:
+        """Image side in pixels per visual token after merge: patch_size * merge_size (32 for Qwen3-VL)."""
+        return int(self.image_processor.patch_size) * int(self.image_processor.merge_size)
+
+    def visual_tokens(self, image_size: int) -> int:
+        """Visual tokens of one `image_size` px square image after the merge, e.g. 224 -> 49 for Qwen3-VL."""
+        return (image_size // self.vision_factor) ** 2
 
 
 @dataclass
@@ -79,6 +112,14 @@ class PromptBatch:
             moved[f.name] = value.to(device) if isinstance(value, (torch.Tensor, PromptBatch)) else value
         return replace(self, **moved)
 
+    def pin_memory(self) -> PromptBatch:
+        """A copy with every tensor in pinned memory (DataLoader(pin_memory=True) calls this)."""
+        pinned = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            pinned[f.name] = value.pin_memory() if isinstance(value, (torch.Tensor, PromptBatch)) else value
+        return replace(self, **pinned)
+
     def gather(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states at per-sample positions: (B, L, d), (B, K) -> (B, K, d)."""
         index = positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
@@ -89,8 +130,8 @@ class PromptBuilder:
     """Builds PromptBatches for a backbone.
 
     Args:
-        backbone: gives the tokenizer (with its chat template), image processor and special token ids; the action
-            horizon H is len(backbone.act_token_ids).
+        backbone: a Backbone or its PromptTokens: the tokenizer (with its chat template), image processor and special
+            token ids; the action horizon H is len(act_token_ids). Only the PromptTokens are kept (no model).
         image_size: square side in pixels; a multiple of backbone.vision_factor (32 for Qwen3-VL).
         num_fut_tokens: M <FUT_j> tokens after the ACT tokens (0 for none); at most those the backbone has.
         use_state: put a <STATE> token first in the assistant turn (its embedding is replaced by a state projection).
@@ -99,29 +140,30 @@ class PromptBuilder:
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: Backbone | PromptTokens,
         image_size: int,
         num_fut_tokens: int,
         use_state: bool,
         coc_mode: CocMode | None,
     ):
+        backbone = PromptTokens.of(backbone)
         factor = backbone.vision_factor
         if image_size < factor or image_size % factor:
             lower, upper = max(factor, image_size // factor * factor), (image_size // factor + 1) * factor
-            raise FplusError(
+            raise ConfigError(
                 f"IMAGE_SIZE={image_size} must be a multiple of {factor} for {backbone.source} "
                 f"(patch {backbone.image_processor.patch_size} x merge {backbone.image_processor.merge_size}); "
                 f"try {lower} or {upper}"
             )
         if num_fut_tokens > len(backbone.fut_token_ids):
-            raise FplusError(
+            raise ConfigError(
                 f"{num_fut_tokens} <FUT> tokens asked but the backbone was loaded with {len(backbone.fut_token_ids)}"
             )
         if use_state and backbone.state_token_id is None:
-            raise FplusError("use_state=True but the backbone was loaded without a <STATE> token (use_state=False)")
+            raise ConfigError("use_state=True but the backbone was loaded without a <STATE> token (use_state=False)")
         if coc_mode is not None and coc_mode not in COC_MODES:
-            raise FplusError(f"unknown CoC mode {coc_mode!r}; valid: {', '.join(COC_MODES)} or None")
-        self.backbone = backbone
+            raise ConfigError(f"unknown CoC mode {coc_mode!r}; valid: {', '.join(COC_MODES)} or None")
+        self.tokens = backbone
         self.tokenizer = backbone.tokenizer
         self.image_size = image_size
         self.num_fut_tokens = num_fut_tokens
@@ -133,14 +175,14 @@ class PromptBuilder:
         self.pad_id = self.tokenizer.pad_token_id
         separator = self.tokenizer(SEPARATOR, add_special_tokens=False)["input_ids"]
         if len(separator) != 1:
-            raise FplusError(f"the tokenizer splits the CoC separator {SEPARATOR!r} into {len(separator)} tokens")
+            raise ConfigError(f"the tokenizer splits the CoC separator {SEPARATOR!r} into {len(separator)} tokens")
         self.separator_id = separator[0]
         self._prefix_cache: dict[tuple[int, str], list[int]] = {}
 
     @property
     def horizon(self) -> int:
         """H, the number of ACT tokens."""
-        return len(self.backbone.act_token_ids)
+        return len(self.tokens.act_token_ids)
 
     def __call__(
         self,
@@ -162,7 +204,7 @@ class PromptBuilder:
         self._check_texts("instruction", instructions, len(cameras[0]))
         if coc_texts is not None:
             if self.coc_mode is None:
-                raise FplusError("CoC texts given but the prompt builder has coc_mode=None")
+                raise ConfigError("CoC texts given but the prompt builder has coc_mode=None")
             self._check_texts("CoC text", coc_texts, len(instructions))
         pixels = self._pixels(cameras)
         joint = coc_texts if self.coc_mode == "joint_after_act" else None
@@ -202,7 +244,7 @@ class PromptBuilder:
         pad_to: int | None = None,
     ) -> PromptBatch:
         """Token rows -> right-padded tensors. The prompt ids never depend on the CoC suffix (the causality test)."""
-        bb = self.backbone
+        bb = self.tokens
         rows, label_rows = [], []
         state_pos, fut_pos, act_pos = [], [], []
         for i, instruction in enumerate(instructions):
@@ -262,7 +304,7 @@ class PromptBuilder:
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             found = ids.count(self.image_token_id)
             if found != num_cameras:
-                raise FplusError(
+                raise ConfigError(
                     f"the chat template rendered {found} image placeholders for {num_cameras} camera(s); "
                     f"it must render one {IMAGE_PAD} per image"
                 )
@@ -285,14 +327,14 @@ class PromptBuilder:
             elif x.dim() == 5:
                 cameras = list(x.unbind(1))
             else:
-                raise FplusError(f"images must be (B, H, W, 3) or (B, C, H, W, 3), got shape {tuple(x.shape)}")
+                raise ConfigError(f"images must be (B, H, W, 3) or (B, C, H, W, 3), got shape {tuple(x.shape)}")
         if not cameras:
-            raise FplusError("no camera images given")
+            raise ConfigError("no camera images given")
         for c in cameras:
             if c.dim() != 4 or c.shape[-1] != 3 or c.dtype != torch.uint8:
-                raise FplusError(f"each camera must be uint8 (B, H, W, 3), got {c.dtype} {tuple(c.shape)}")
+                raise ConfigError(f"each camera must be uint8 (B, H, W, 3), got {c.dtype} {tuple(c.shape)}")
             if c.shape[0] != cameras[0].shape[0]:
-                raise FplusError("all cameras must have the same batch size")
+                raise ConfigError("all cameras must have the same batch size")
         return cameras
 
     def _pixels(self, cameras: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -300,17 +342,17 @@ class PromptBuilder:
         s = self.image_size
         resized = [self._resize(c.cpu()) for c in cameras]
         images = [resized[c][b].numpy() for b in range(len(resized[0])) for c in range(len(resized))]
-        out = self.backbone.image_processor(
+        out = self.tokens.image_processor(
             images=images,
             size={"shortest_edge": s * s, "longest_edge": s * s},
             input_data_format="channels_last",
             return_tensors="pt",
         )
         grid = out["image_grid_thw"]
-        merge = int(self.backbone.image_processor.merge_size)
+        merge = int(self.tokens.image_processor.merge_size)
         tokens = grid.prod(-1) // merge**2
         if not bool((tokens == self.tokens_per_image).all()):
-            raise FplusError(f"image processor made {tokens.tolist()} visual tokens, expected {self.tokens_per_image}")
+            raise ConfigError(f"image processor made {tokens.tolist()} visual tokens, expected {self.tokens_per_image}")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": grid}
 
     def _resize(self, frames: torch.Tensor) -> torch.Tensor:
@@ -325,12 +367,12 @@ class PromptBuilder:
     @staticmethod
     def _check_texts(what: str, texts: Sequence[str], batch: int) -> None:
         if isinstance(texts, str):
-            raise FplusError(f"{what}s must be a list of strings, one per sample, not one string")
+            raise ConfigError(f"{what}s must be a list of strings, one per sample, not one string")
         if len(texts) != batch:
-            raise FplusError(f"{len(texts)} {what}s for a batch of {batch}")
+            raise ConfigError(f"{len(texts)} {what}s for a batch of {batch}")
         for i, text in enumerate(texts):
             if not isinstance(text, str) or not text.strip():
-                raise FplusError(f"{what} {i} is empty or not a string: {text!r}")
+                raise ConfigError(f"{what} {i} is empty or not a string: {text!r}")
 
 
 def _as_tensor(images: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -28,13 +28,21 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fplus.errors import FplusError
-from fplus.experiments import DESCRIPTIONS
-
-CONFIG = "config.json"  # the same names as fplus.train.recipe (not imported: that module pulls in torch)
-METRICS = "metrics.jsonl"
-COMPLETE = "COMPLETE"
-EVAL_DIR = "eval"
+from fplus.checkpoint import policy_differences
+from fplus.errors import CheckpointError
+from fplus.experiments import EXPERIMENTS
+from fplus.io import read_json
+from fplus.rundir import (
+    CHECKPOINT_RE,
+    CHECKPOINTS,
+    COMPLETE,
+    CONFIG,
+    EVAL_DIR,
+    METRICS,
+    OFFLINE_RE,
+    SIM_RE,
+    read_run_config,
+)
 
 MODES = ("none", "zero", "random", "shuffle", "oracle", "history")
 """The corruption modes in display order: fplus.model.corruption.MODES (not imported here: it pulls in torch)."""
@@ -49,36 +57,16 @@ WORLD_KEYS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": 
 """World-cosine numbers of a val line (the offline eval's `world` object uses the keys): cos(z_pred, z_future) of
 the Prophet and of two baselines (predict the training mean; copy-last = z_t repeated), in the standardised latent
 space the loss uses and in the raw encoder space (`_raw`)."""
-CHECKPOINTS = "checkpoints"  # fplus.train.checkpoint: step-XXXXXX/policy/config.json
-CHECKPOINT_RE = re.compile(r"^step-(?P<step>\d+)$")
-OFFLINE_RE = re.compile(r"^offline-step-(?P<step>\d+)\.json$")
-SIM_RE = re.compile(r"^sim-(?P<sim>[A-Za-z0-9_.]+)-step-(?P<step>\d+)\.json$")
-
 Record = dict[str, Any]
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FplusError(f"cannot read {what} {path}: {err}") from err
+    return read_json(path, what, "evaluate the checkpoint again (fplus eval) to rewrite it")
 
 
 def check_run_dir(path: Path) -> Record:
-    """The run's config.json, or an FplusError saying why `path` is not a run directory."""
-    path = Path(path)
-    if not path.exists():
-        raise FplusError(f"{path} does not exist (expected a run directory such as OUTPUT_DIR/E2)")
-    if not path.is_dir():
-        raise FplusError(f"{path} is not a run directory (it is a file; expected a directory holding {CONFIG})")
-    if not (path / CONFIG).is_file():
-        inner = sorted(p.name for p in path.iterdir() if p.is_dir() and (p / CONFIG).is_file())
-        hint = f"; it contains the runs {', '.join(inner)}: pass those" if inner else ""
-        raise FplusError(f"{path} is not a run directory ({CONFIG} missing){hint}")
-    config = _read_json(path / CONFIG, "the run configuration")
-    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
-        raise FplusError(f"{path / CONFIG} is not a run configuration (no `settings` object)")
-    return config
+    """The run's config.json, or an FplusError saying why `path` is not a run directory (fplus.rundir)."""
+    return read_run_config(path)
 
 
 def read_metrics(path: Path) -> tuple[list[Record], list[Record], list[str]]:
@@ -150,8 +138,11 @@ def _gate_at(step: int, record: Record, train: list[Record]) -> float | None:
 
 
 def _policy_flag(config: Record, key: str) -> bool | None:
-    """config.json `policy.<key>` when it is a bool (`injection`, `prophet`), else None (the config does not say)."""
+    """config.json `policy.model.<key>` (`policy.<key>` in runs of fplus <= 0.1) when it is a bool (`injection`,
+    `prophet`), else None (the config does not say)."""
     policy = config.get("policy")
+    if isinstance(policy, dict) and isinstance(policy.get("model"), dict):
+        policy = policy["model"]
     value = policy.get(key) if isinstance(policy, dict) else None
     return value if isinstance(value, bool) else None
 
@@ -200,7 +191,7 @@ def collect_offline(path: Path, memory: bool = True) -> Record:
     data = _read_json(path, "the offline evaluation")
     modes_in = data.get("modes") if isinstance(data, dict) else None
     if not isinstance(modes_in, dict):
-        raise FplusError(f"{path} is not an offline evaluation (no `modes` object)")
+        raise CheckpointError(f"{path} is not an offline evaluation (no `modes` object)")
     base = modes_in.get("none", {})
     modes: Record = {}
     for mode in _keep_modes(modes_in, memory):
@@ -242,7 +233,7 @@ def collect_sim(path: Path, simulator: str, memory: bool = True) -> Record:
     episodes per task of each mode of `overall` (`episodes_per_mode`). memory=False keeps only `none`."""
     data = _read_json(path, "the closed-loop evaluation")
     if not isinstance(data, dict) or not isinstance(data.get("overall"), dict):
-        raise FplusError(f"{path} is not a closed-loop evaluation (no `overall` object)")
+        raise CheckpointError(f"{path} is not a closed-loop evaluation (no `overall` object)")
 
     def cell(c: Record) -> Record:
         out = {"successes": c.get("successes"), "episodes": c.get("episodes"), "rate": c.get("rate"),
@@ -264,7 +255,7 @@ def collect_sim(path: Path, simulator: str, memory: bool = True) -> Record:
 
 def foreign_checkpoints(path: Path, config: Record) -> dict[int, str]:
     """{step: what differs} of the checkpoints whose policy config (step-N/policy/config.json) is not the run's
-    (config.json `policy`), e.g. {6: "injection: checkpoint false, run true"}: a checkpoint copied from another
+    (config.json `policy`), e.g. {6: "model.injection: checkpoint false, run true"}: a checkpoint copied from another
     run. Plain JSON (the report never imports torch); unreadable configs are left to the evaluation to report."""
     run_policy = config.get("policy")
     root = Path(path) / CHECKPOINTS
@@ -281,8 +272,7 @@ def foreign_checkpoints(path: Path, config: Record) -> dict[int, str]:
             continue
         if not isinstance(theirs, dict):
             continue
-        diffs = [f"{k}: checkpoint {json.dumps(theirs[k])}, run {json.dumps(v)}"
-                 for k, v in run_policy.items() if k in theirs and theirs[k] != v]
+        diffs = policy_differences(theirs, run_policy)
         if diffs:
             out[int(m.group("step"))] = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4
                                                                  else "")
@@ -371,7 +361,8 @@ def collect_run(path: Path) -> Record:
                          f"results of {where} are not shown")
 
     return {"name": path.name, "path": str(path), "experiment": experiment,
-            "description": DESCRIPTIONS.get(experiment or "", "custom run" if experiment is None else ""),
+            "description": EXPERIMENTS[experiment].description if experiment in EXPERIMENTS
+            else ("custom run" if experiment is None else ""),
             "dataset": settings.get("DATASET"), "backbone": settings.get("BACKBONE"),
             "complete": complete, "steps": steps, "total_steps": total,
             "steps_per_epoch": config.get("steps_per_epoch"), "has_memory": has_memory, "has_prophet": has_prophet,
@@ -384,7 +375,7 @@ def collect(runs: list[Path]) -> Record:
     """The report's numbers for several runs, each labelled uniquely (the experiment id, or the directory name
     when two runs share an id). Raises FplusError on the first path that is not a run directory."""
     if not runs:
-        raise FplusError("no runs given: pass one or more run directories (OUTPUT_DIR/<experiment>)")
+        raise CheckpointError("no runs given: pass one or more run directories (OUTPUT_DIR/<experiment>)")
     collected = [collect_run(Path(r)) for r in runs]
     ids = [r["experiment"] or r["name"] for r in collected]
     for r, rid in zip(collected, ids, strict=True):

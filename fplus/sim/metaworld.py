@@ -1,18 +1,23 @@
 """Meta-World v3 single-task environments seen through the `corner` camera, and their scripted experts.
 
-    with MetaWorldEnv("push-v3", image_size=96) as env:     # one env (and one GL context) at a time
-        obs = env.reset(seed=3)                              # {"image": (H,W,3) uint8, "state": (4,) float32}
-        obs, success, done = env.step(action)                # action: (4,) in [-1, 1]
-    episode = rollout_expert("push-v3", seed=3, image_size=96, max_steps=150)
+    with MetaWorldEnv("push-v3", image_size=96, max_steps=150) as env:   # one env (and GL context) at a time
+        obs = env.reset(seed=3)                  # {"image": (H,W,3) uint8, "state": (4,) float32}
+        obs, success, done = env.step(action)    # action: (4,) in [-1, 1]
+        episode = run_expert_episode(env, 3)     # the scripted expert drives the env for one episode
 
-`MetaWorldEnv` is what both the demo generator (the scripted expert drives it, `rollout_expert`) and closed-loop
-evaluation (a learned policy drives it) step through, so both see exactly the same frames and states.
+`MetaWorldEnv` is the Meta-World simulator of closed-loop evaluation (a `fplus.sim.base.Simulator`, registered as
+"metaworld"), and both the demo generator (`fplus.data.demo`: the scripted expert drives it through
+`run_expert_episode`) and closed-loop evaluation (a learned policy drives it) step through it, so both see exactly
+the same frames and states.
+
+Imports. Importing this module imports neither mujoco nor metaworld and leaves `MUJOCO_GL` alone. Both are imported
+on first use (an env, a task check, an expert), right after `fplus.sim.gl.import_mujoco` has chosen the GL backend:
+`MUJOCO_GL` defaults to `egl`; if mujoco cannot be imported with EGL, `osmesa` is tried.
 
 Rendering. Frames come from our own `mujoco.Renderer`, not Meta-World's gymnasium renderer, with the cheap
 settings: no multisampling (`model.vis.quality.offsamples = 0`, set before the renderer is created), no shadows,
 reflections or skybox (the sky behind the table is therefore black). On a 2-core CPU with software EGL this is
-~12 ms per 96 px frame instead of ~80 ms with the defaults. `MUJOCO_GL` defaults to `egl` (set here, before
-mujoco is imported); if mujoco cannot be imported with EGL, `osmesa` is tried.
+~12 ms per 96 px frame instead of ~80 ms with the defaults.
 
 Orientation. The `corner` camera is defined with its "up" axis pointing down in the world, so MuJoCo renders it
 upside down. Frames are rotated by 180 degrees (both axes flipped: a rotation about the optical axis, not a mirror
@@ -22,57 +27,38 @@ Pitfalls handled here:
 - Black frames: with several envs/renderers alive, later frames have been seen to come back all black without any
   error (not reproduced with Mesa's software EGL, which this was developed on). Only one `MetaWorldEnv` may be
   open at a time (opening a second raises), `close()` frees the renderer before the simulation, and every
-  rendered frame is checked: a black frame raises `FplusError` instead of being recorded.
+  rendered frame is checked: a black frame raises `SimulatorError` instead of being recorded.
 - Seeding: Meta-World's envs freeze their object/goal layout after construction. `reset(seed)` draws a fresh layout
   from the env's own generator seeded with `seed` (including the rejection loops some tasks use to keep the goal
   away from the object), so the same (task, seed) always gives the same layout and, with the deterministic expert
-  and physics, the same episode, whatever was run before.
+  and physics, the same episode, whatever was run before. Meta-World has no public switch for this (see
+  `_draw_layout`).
 - Stale goal marker: Meta-World moves the goal site at reset without a forward pass, so the first frame of an episode
   would show the goal where the previous episode had it; `reset` runs `mj_forward` before rendering.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
-import sys
 import warnings
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, ClassVar, TypedDict
 
 import numpy as np
 
-from fplus.errors import FplusError
+from fplus.errors import SimulatorError
+from fplus.sim.base import SimTask, Simulator
+from fplus.sim.gl import import_mujoco
 
-_GL_DEFAULTED = "MUJOCO_GL" not in os.environ and "mujoco" not in sys.modules
-os.environ.setdefault("MUJOCO_GL", "egl")
+if TYPE_CHECKING:
+    from fplus.settings import Settings
 
-
-def _import_mujoco():
-    """Import mujoco with the configured GL backend; if our own EGL default fails to load, retry with OSMesa."""
-    try:
-        import mujoco
-    except (ImportError, RuntimeError, AttributeError) as egl_error:
-        if not _GL_DEFAULTED:
-            raise
-        for name in [m for m in sys.modules if m == "mujoco" or m.startswith(("mujoco.", "OpenGL"))]:
-            del sys.modules[name]
-        os.environ["MUJOCO_GL"] = "osmesa"
-        os.environ["PYOPENGL_PLATFORM"] = "osmesa"
-        try:
-            import mujoco
-        except (ImportError, RuntimeError, AttributeError) as osmesa_error:
-            raise FplusError(
-                f"cannot load an offscreen OpenGL backend for MuJoCo: EGL failed ({egl_error}) and OSMesa failed "
-                f"({osmesa_error}); install EGL (libegl1) or OSMesa (libosmesa6)") from osmesa_error
-    return mujoco
-
-
-mujoco = _import_mujoco()
-# metaworld imports mujoco, so it comes after the GL backend is chosen.
-import metaworld.policies as _mw_policies  # noqa: E402
-from metaworld.env_dict import ALL_V3_ENVIRONMENTS as _MW_ENVS  # noqa: E402
-from metaworld.env_dict import ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE as _MW_GOAL_OBSERVABLE_ENVS  # noqa: E402
+INSTALL_HINT = 'pip install -e ".[sim]"'
 
 CAMERA = "corner"
 """The Meta-World camera every frame comes from (a view of the table from the front left)."""
@@ -83,12 +69,8 @@ STATE_NAMES = ["hand_x", "hand_y", "hand_z", "gripper"]
 ACTION_NAMES = ["dx", "dy", "dz", "grip"]
 """`action` = Meta-World's 4-D action: end-effector displacement (scaled by 1/100 m) and gripper effort."""
 
-DEFAULT_MAX_STEPS = 150
-"""Steps per episode unless told otherwise (Meta-World's own limit is 500; the experts of the simple tasks succeed
-in well under 100)."""
-
 DEFAULT_STEPS_AFTER_SUCCESS = 10
-"""`rollout_expert` stops this many steps after the first success: the end of an episode then shows the goal
+"""`run_expert_episode` stops this many steps after the first success: the end of an episode then shows the goal
 reached and held, without long idle tails."""
 
 BLACK_FRAME_MEAN = 4.0
@@ -180,22 +162,34 @@ class ExpertEpisode:
         return len(self.action)
 
 
+@functools.cache
+def _metaworld() -> SimpleNamespace:
+    """Meta-World's expert policies and env classes, imported on first use (after the GL backend is chosen)."""
+    MetaWorldEnv.check_available()
+    import_mujoco()  # metaworld imports mujoco, which reads MUJOCO_GL once
+    import metaworld.policies as policies
+    from metaworld.env_dict import ALL_V3_ENVIRONMENTS, ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE
+
+    return SimpleNamespace(policies=policies, envs=ALL_V3_ENVIRONMENTS,
+                           goal_observable_envs=ALL_V3_ENVIRONMENTS_GOAL_OBSERVABLE)
+
+
 def available_tasks() -> list[str]:
     """The Meta-World v3 task names that have a scripted expert, sorted."""
-    return sorted(name for name in _MW_ENVS if _policy_class_name(name) is not None)
+    return sorted(name for name in _metaworld().envs if _policy_class_name(name) is not None)
 
 
 def _policy_class_name(task: str) -> str | None:
     name = _POLICY_NAME_EXCEPTIONS.get(task) or "Sawyer" + "".join(p.capitalize() for p in task.split("-")) + "Policy"
-    return name if hasattr(_mw_policies, name) else None
+    return name if hasattr(_metaworld().policies, name) else None
 
 
 def check_task(task: str) -> None:
-    """Raise `FplusError` naming the valid tasks if `task` is not a Meta-World v3 task with an expert."""
-    if task not in _MW_ENVS or _policy_class_name(task) is None:
-        raise FplusError(f"unknown Meta-World task {task!r}; valid tasks: {', '.join(available_tasks())}")
+    """Raise `SimulatorError` naming the valid tasks if `task` is not a Meta-World v3 task with an expert."""
+    if task not in _metaworld().envs or _policy_class_name(task) is None:
+        raise SimulatorError(f"unknown Meta-World task {task!r}; valid tasks: {', '.join(available_tasks())}")
     if task not in TASK_DESCRIPTIONS:
-        raise FplusError(f"Meta-World task {task!r} has no entry in TASK_DESCRIPTIONS; add one")
+        raise SimulatorError(f"Meta-World task {task!r} has no entry in TASK_DESCRIPTIONS; add one")
 
 
 def task_description(task: str) -> str:
@@ -207,7 +201,7 @@ def task_description(task: str) -> str:
 def make_expert(task: str) -> Any:
     """The scripted expert of `task` (a `metaworld.policies` object with `get_action(obs (39,)) -> (4,)`)."""
     check_task(task)
-    return getattr(_mw_policies, _policy_class_name(task))()
+    return getattr(_metaworld().policies, _policy_class_name(task))()
 
 
 def upright(frame: np.ndarray) -> np.ndarray:
@@ -220,10 +214,31 @@ def is_black(frames: np.ndarray) -> np.ndarray:
     return np.asarray(frames).mean(axis=(-3, -2, -1)) < BLACK_FRAME_MEAN
 
 
-_open_env: weakref.ref[MetaWorldEnv] | None = None
+def _draw_layout(env: Any, seed: int) -> np.ndarray:
+    """Reset a Meta-World env to the object/goal layout drawn from `seed`; returns the raw observation (39,).
+
+    Meta-World 3.1.1 offers no public way to do this, so the private switch `_freeze_rand_vec` is flipped for this one
+    reset, exactly as Meta-World's own goal-observable constructors (`env_dict._create_observable_goal_envs`) and
+    `metaworld._make_tasks` flip it. The public alternatives give other layouts or cannot work: a new env per seed
+    (`...GOAL_OBSERVABLE[name](seed=s)`) draws from numpy's global generator, not from `env.np_random`, so the layouts
+    (and the demo's numbers) would move, and costs a MuJoCo model and a renderer per episode; `env.set_task(Task)`
+    freezes a layout vector we would have to draw ourselves, from the private `_random_reset_space`, and it would hang
+    the 21 tasks whose `reset_model` redraws until goal and object are apart (a frozen vector is redrawn forever).
+    """
+    env.seed(seed)  # public: seeds env.np_random, the generator the layout is then drawn from
+    env.seeded_rand_vec = True  # public: draw from env.np_random instead of numpy's global generator
+    env._freeze_rand_vec = False
+    try:
+        obs, _ = env.reset()
+    finally:
+        env._freeze_rand_vec = True
+    return obs
 
 
-class MetaWorldEnv:
+_live_env: weakref.ref[MetaWorldEnv] | None = None
+
+
+class MetaWorldEnv(Simulator):
     """One Meta-World v3 task with its goal observable, rendered at `image_size` px from the corner camera.
 
     Only one may be open at a time: `close()` it (or use `with`) before creating the next; frames of a renderer that
@@ -235,53 +250,82 @@ class MetaWorldEnv:
         max_steps: the episode is `done` after this many steps (at most Meta-World's own limit, 500).
     """
 
+    name: ClassVar[str] = "metaworld"
+    cameras: ClassVar[tuple[str, ...]] = ("image",)  # the keys of `_observe`'s frames
+    state_dim: ClassVar[int] = len(STATE_NAMES)  # `_observe`: the first values of the raw observation
+    action_dim: ClassVar[int] = len(ACTION_NAMES)  # `step`: Meta-World's action
+
+    @classmethod
+    def check_available(cls) -> None:
+        if importlib.util.find_spec("metaworld") is None:
+            raise SimulatorError(f"Meta-World is not installed: {INSTALL_HINT}")
+
+    @classmethod
+    def resolve_tasks(cls, requested: list[str] | None, dataset_tasks: list[str], settings: Settings) -> list[SimTask]:
+        """`requested` task names; None: the dataset's tasks that are Meta-World task sentences (`settings` unused)."""
+        if requested is None:
+            by_sentence = {v: k for k, v in TASK_DESCRIPTIONS.items()}
+            requested = [by_sentence[t] for t in dataset_tasks if t in by_sentence]
+            if not requested:
+                raise SimulatorError(f"none of the dataset's tasks is a Meta-World task sentence: {dataset_tasks[:3]}; "
+                                     "pass --tasks")
+        for task in requested:
+            check_task(task)
+        return [SimTask(t, TASK_DESCRIPTIONS[t], t) for t in requested]
+
+    @classmethod
+    def default_max_steps(cls, settings: Settings) -> int:
+        """DEMO_MAX_STEPS: the demo's episode length."""
+        return settings.data.demo_max_steps
+
+    @classmethod
+    def make_env(cls, task: SimTask, image_sizes: Sequence[int], max_steps: int | None) -> MetaWorldEnv:
+        if max_steps is None:
+            raise SimulatorError("Meta-World needs max_steps (DEMO_MAX_STEPS)")
+        return cls(task.spec, image_size=image_sizes[0], max_steps=max_steps)
+
     def __init__(self, task: str, *, image_size: int, max_steps: int):
-        global _open_env
+        global _live_env
         check_task(task)
-        previous = _open_env() if _open_env is not None else None
+        previous = _live_env() if _live_env is not None else None
         if previous is not None and not previous.closed:
-            raise FplusError(f"a MetaWorldEnv ({previous.task}) is still open; close it before creating another "
-                             "(a second live GL context can make frames come back black)")
+            raise SimulatorError(f"a MetaWorldEnv ({previous.task}) is still open; close it before creating another "
+                                 "(a second live GL context can make frames come back black)")
+        mujoco = import_mujoco()
         self.task = task
         self.image_size = image_size
         self.max_steps = max_steps
         self.closed = False
         # The construction seed only fixes the throwaway initial layout; every reset(seed) draws a new one.
-        self._env = _MW_GOAL_OBSERVABLE_ENVS[f"{task}-goal-observable"](seed=0)
+        self._env = _metaworld().goal_observable_envs[f"{task}-goal-observable"](seed=0)
         model = self._env.model
         if max_steps < 1 or max_steps > self._env.max_path_length:
             self._env.close()
-            raise FplusError(f"max_steps must be in 1..{self._env.max_path_length}, got {max_steps}")
+            raise SimulatorError(f"max_steps must be in 1..{self._env.max_path_length}, got {max_steps}")
         limit = min(model.vis.global_.offwidth, model.vis.global_.offheight)
         if image_size < 8 or image_size > limit:
             self._env.close()
-            raise FplusError(f"image_size must be in 8..{limit} px, got {image_size}")
+            raise SimulatorError(f"image_size must be in 8..{limit} px, got {image_size}")
         model.vis.quality.offsamples = 0  # no multisampling; read when the renderer's GL buffers are created
         try:
             self._renderer = mujoco.Renderer(model, image_size, image_size)
-        except Exception as e:  # noqa: BLE001  (EGL/OSMesa raise various types)
+        except Exception as e:  # noqa: BLE001  the EGL/OSMesa probe: the GL backends raise various types
             self._env.close()
             backend = os.environ.get("MUJOCO_GL")
             other = "osmesa" if backend == "egl" else "egl"
-            raise FplusError(f"cannot create a MuJoCo renderer with MUJOCO_GL={backend}: {e}; try MUJOCO_GL={other} "
-                             "(set it before starting Python; osmesa needs libosmesa6)") from e
+            raise SimulatorError(f"cannot create a MuJoCo renderer with MUJOCO_GL={backend}: {e}; try "
+                                 f"MUJOCO_GL={other} (set it before starting Python; osmesa needs libosmesa6)") from e
         for flag in FAST_RENDER_FLAGS_OFF:
             self._renderer.scene.flags[getattr(mujoco.mjtRndFlag, flag)] = 0
         self._raw_obs: np.ndarray | None = None
         self._steps = 0
-        _open_env = weakref.ref(self)
-
-    def __enter__(self) -> MetaWorldEnv:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        _live_env = weakref.ref(self)
 
     @property
     def raw_obs(self) -> np.ndarray:
         """The full Meta-World observation (39,) float64: hand, gripper, objects, previous frame, goal (for experts)."""
         if self._raw_obs is None:
-            raise FplusError("call reset(seed) before stepping or reading observations")
+            raise SimulatorError("call reset(seed) before stepping or reading observations")
         return self._raw_obs
 
     @property
@@ -292,19 +336,10 @@ class MetaWorldEnv:
     def reset(self, seed: int) -> MetaWorldObs:
         """Start an episode whose object/goal layout is drawn from `seed` (same seed -> same layout)."""
         self._check_open()
-        env = self._env
-        env.seed(seed)  # seeds env.np_random, the generator the layout is then drawn from
-        env.seeded_rand_vec = True
-        # Meta-World freezes the layout after construction; unfreeze it for this one reset (its own goal-observable
-        # constructors flip the same switch).
-        env._freeze_rand_vec = False
-        try:
-            obs, _ = env.reset()
-        finally:
-            env._freeze_rand_vec = True
+        obs = _draw_layout(self._env, seed)
         # Meta-World moves the goal site after its last forward pass, so without this the first frame would show the
         # goal where the previous episode had it (data.site_xpos is stale until the next mj_forward).
-        mujoco.mj_forward(env.model, env.data)
+        import_mujoco().mj_forward(self._env.model, self._env.data)
         self._raw_obs = obs
         self._steps = 0
         return self._observe()
@@ -316,21 +351,21 @@ class MetaWorldEnv:
         """
         self._check_open()
         if self._raw_obs is None:
-            raise FplusError("call reset(seed) before step()")
+            raise SimulatorError("call reset(seed) before step()")
         if self._steps >= self.max_steps:
-            raise FplusError(f"the episode is over ({self.max_steps} steps); call reset(seed)")
-        action = np.clip(np.asarray(action, dtype=np.float32).reshape(4), -1.0, 1.0)
+            raise SimulatorError(f"the episode is over ({self.max_steps} steps); call reset(seed)")
+        action = np.clip(np.asarray(action, dtype=np.float32).reshape(self.action_dim), -1.0, 1.0)
         obs, _, _, _, info = self._env.step(action)
         self._raw_obs = obs
         self._steps += 1
         return self._observe(), bool(info["success"]), self._steps >= self.max_steps
 
     def render(self) -> np.ndarray:
-        """The current corner-camera frame, upright: (H, W, 3) uint8. Raises `FplusError` if it is black."""
+        """The current corner-camera frame, upright: (H, W, 3) uint8. Raises `SimulatorError` if it is black."""
         frame = upright(self.render_raw())
         if is_black(frame):
-            raise FplusError(f"{self.task}: the rendered frame is black (mean pixel {frame.mean():.2f}); the GL "
-                             "context is probably stale (was another renderer created or closed meanwhile?)")
+            raise SimulatorError(f"{self.task}: the rendered frame is black (mean pixel {frame.mean():.2f}); the GL "
+                                 "context is probably stale (was another renderer created or closed meanwhile?)")
         return frame
 
     def render_raw(self) -> np.ndarray:
@@ -348,11 +383,11 @@ class MetaWorldEnv:
         self._env.close()
 
     def _observe(self) -> MetaWorldObs:
-        return {"image": self.render(), "state": self.raw_obs[:4].astype(np.float32)}
+        return {"image": self.render(), "state": self.raw_obs[:self.state_dim].astype(np.float32)}
 
     def _check_open(self) -> None:
         if self.closed:
-            raise FplusError(f"this MetaWorldEnv ({self.task}) is closed")
+            raise SimulatorError(f"this MetaWorldEnv ({self.task}) is closed")
 
 
 def expert_action(expert: Any, raw_obs: np.ndarray) -> np.ndarray:
@@ -365,7 +400,7 @@ def expert_action(expert: Any, raw_obs: np.ndarray) -> np.ndarray:
 
 def run_expert_episode(env: MetaWorldEnv, seed: int, *,
                        steps_after_success: int = DEFAULT_STEPS_AFTER_SUCCESS) -> ExpertEpisode:
-    """Roll out the scripted expert of `env.task` for one episode in an open env.
+    """Roll out the scripted expert of `env.task` for one episode in an open env (the demo generator's episodes).
 
     The episode ends `steps_after_success` steps after the first step with info["success"], or after
     `env.max_steps` steps. Row t of the result is the observation the expert saw and the action it took.
@@ -390,10 +425,3 @@ def run_expert_episode(env: MetaWorldEnv, seed: int, *,
         task=env.task, seed=seed, images=np.stack(images), state=np.stack(states), action=np.stack(actions),
         success=first_success is not None, first_success_step=first_success,
     )
-
-
-def rollout_expert(task: str, seed: int, *, image_size: int, max_steps: int = DEFAULT_MAX_STEPS,
-                   steps_after_success: int = DEFAULT_STEPS_AFTER_SUCCESS) -> ExpertEpisode:
-    """Open an env for `task`, roll out one expert episode from `seed` (see `run_expert_episode`), close the env."""
-    with MetaWorldEnv(task, image_size=image_size, max_steps=max_steps) as env:
-        return run_expert_episode(env, seed, steps_after_success=steps_after_success)

@@ -1,7 +1,8 @@
 """The training data pipeline: frames of chosen episodes -> samples (DESIGN 3) -> batches (keys in fplus.batch).
 
     samples = PolicySamples(ds, keys, episodes, horizon=H, history=T, future=K, latents=z, coc=texts)
-    loader  = DataLoader(samples, batch_size, sampler=EpochSampler(len(samples), seed, ...), collate_fn=collate)
+    loader  = DataLoader(samples, batch_size, sampler=EpochSampler(len(samples), seed, ...),
+                         collate_fn=Collate(policy.processor))    # prompts built in the workers
 
 Frames come from a `FrameStore`: all frames of the episodes decoded once into RAM when they fit in
 FRAME_CACHE_GB, else each frame decoded alone when asked for (seek to its keyframe, decode forward).
@@ -114,6 +115,24 @@ def collate(samples: list[dict]) -> dict:
         values = [s[key] for s in samples]
         out[key] = torch.stack(values) if torch.is_tensor(values[0]) else values
     return out
+
+
+class Collate:
+    """The DataLoader's collate function: `collate`, then the policy's processor (prompt building: tokenizer, image
+    resize and normalisation), so that it runs in the worker processes and the batch arrives as tensors.
+
+    Args:
+        processor: a fplus.model.processor.PolicyProcessor (or None: no prompt). with_coc: build the CoC prompt
+            (training of a CoC experiment; validation and evaluation predict actions only).
+    """
+
+    def __init__(self, processor=None, with_coc: bool = False):
+        self.processor = processor
+        self.with_coc = with_coc
+
+    def __call__(self, samples: list[dict]) -> dict:
+        batch = collate(samples)
+        return batch if self.processor is None else self.processor(batch, with_coc=self.with_coc)
 
 
 class EpochSampler(Sampler[int]):

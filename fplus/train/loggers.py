@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fplus.errors import FplusError
+from fplus.errors import ConfigError
 
 
 class MetricLogger:
@@ -17,17 +17,17 @@ class MetricLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise FplusError("LOGGER=tensorboard needs the tensorboard package (pip install tensorboard)") from err
+                raise ConfigError("LOGGER=tensorboard needs the tensorboard package (pip install tensorboard)") from err
             self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         elif kind == "trackio":
             try:
                 import trackio
             except ImportError as err:
-                raise FplusError("LOGGER=trackio needs the trackio package (pip install trackio)") from err
+                raise ConfigError("LOGGER=trackio needs the trackio package (pip install trackio)") from err
             self._trackio = trackio
             trackio.init(project="fplus", name=run_name, config=config, resume="allow")
         elif kind != "none":
-            raise FplusError(f"unknown LOGGER {kind!r}; valid: none, tensorboard, trackio")
+            raise ConfigError(f"unknown LOGGER {kind!r}; valid: none, tensorboard, trackio")
 
     def log(self, record: dict) -> None:
         prefix = "val/" if record.get("kind") == "val" else "train/"

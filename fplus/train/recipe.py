@@ -1,17 +1,8 @@
 """The one training loop (torchtune-style recipe: setup / train_step / validate / save), on accelerate.
 
-Every experiment (E0-E4) runs through it; the settings decide which parts of the policy exist. A run directory:
-
-    RUN/config.json      resolved settings (flat names), policy config, dataset fingerprint: resume and eval
-                         read them from here, never from the current environment
-    RUN/split.json       train/validation episodes
-    RUN/latent_stats.json  per-dimension mean and std of the world latents over the training split (the policy
-                         standardises latents with them; they are also in every checkpoint's policy weights)
-    RUN/metrics.jsonl    one JSON line per log step (every loss term, gate, cos, lr, samples/s, p_oracle) and per
-                         validation (action MSE under each corruption mode, gate)
-    RUN/checkpoints/     atomic, verified checkpoints (fplus.train.checkpoint), the newest KEEP_LAST kept
-    RUN/COMPLETE         written when the last step's checkpoint is committed
-    RUN/.lock            the OS lock of the one process training the run (fplus.lock; taken by train_run)
+Every experiment (E0-E4) runs through it; the experiment spec of the settings (`fplus.experiments.Experiment.of`)
+decides which parts of the policy exist and what the run reads (latents, CoC labels). It writes a run directory as
+`fplus.rundir` defines it (config.json, split.json, latent_stats.json, metrics.jsonl, checkpoints/, COMPLETE).
 
 Exact resume: a checkpoint holds weights, optimiser, scheduler, epoch, steps done, position in the epoch and all
 random states, and the data order of an epoch is a function of (seed, epoch), so a run killed at step k and
@@ -42,21 +33,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from fplus import checkpoint as ckpt
 from fplus.data.lerobot import LeRobotDataset, keys_from_settings
 from fplus.data.split import Split, split_episodes
-from fplus.errors import FplusError
-from fplus.io import read_json, write_text_atomic
+from fplus.errors import CheckpointError, ConfigError, DataError, FplusError
+from fplus.experiments import Experiment
+from fplus.io import write_text_atomic
+from fplus.model.config import PolicyConfig
 from fplus.model.corruption import MODES
-from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy, PolicyConfig
-from fplus.settings import Settings, load_settings, settings_to_flat
-from fplus.train import checkpoint as ckpt
-from fplus.train.data import EpochSampler, PolicySamples, collate
+from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy
+from fplus.rundir import COMPLETE, CONFIG, LATENT_STATS, METRICS, SPLIT, settings_from_run
+from fplus.settings import Settings, settings_to_flat
+from fplus.train.data import Collate, EpochSampler, PolicySamples
 
-CONFIG = "config.json"
-SPLIT = "split.json"
-METRICS = "metrics.jsonl"
-COMPLETE = "COMPLETE"
-LATENT_STATS = "latent_stats.json"
 LOSS_TERMS = ("loss", *LOSS_WEIGHTS)
 """The loss terms of a train step's metrics (the total and each of FPlusPolicy.losses), checked for finiteness."""
 NONFINITE_HINT = "Check the data (fplus data info) and the latents (fplus doctor), or set NONFINITE=skip"
@@ -86,36 +75,10 @@ def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[tor
         sq = (z * z).sum(0) if sq is None else sq + (z * z).sum(0)
         n += len(z)
     if not n:
-        raise FplusError("no training frames to compute the world-latent statistics from")
+        raise DataError("no training frames to compute the world-latent statistics from")
     mean = total / n
     std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
     return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
-
-
-def read_run_config(run_dir: Path) -> dict:
-    """A run's config.json (an FplusError naming the file when it is missing, damaged or not a run config)."""
-    path = Path(run_dir) / CONFIG
-    if not path.is_file():
-        raise FplusError(f"{run_dir} is not a run directory ({CONFIG} missing)")
-    config = read_json(path, "the run configuration", "restore it (it is written once, when the run starts) "
-                            "or start the run again in a new directory")
-    if not isinstance(config, dict) or not isinstance(config.get("settings"), dict):
-        raise FplusError(f"{path} is not a run configuration (no `settings` object); restore it or start the run "
-                         "again in a new directory")
-    return config
-
-
-def settings_from_run(run_dir: Path) -> Settings:
-    """The settings a run was started with (from its config.json)."""
-    flat = read_run_config(Path(run_dir))["settings"]
-    try:
-        return load_settings(None, {k: v for k, v in flat.items() if v is not None}, environ={}, dotenv=None)
-    except FplusError as err:
-        raise FplusError(f"{Path(run_dir) / CONFIG} `settings`: {err}") from None
-
-
-def is_complete(run_dir: Path) -> bool:
-    return (run_dir / COMPLETE).is_file()
 
 
 @dataclass
@@ -172,9 +135,10 @@ class TrainRecipe:
                             f"{', '.join(changed)}", "yellow")
             settings = stored
         elif (self.run_dir / CONFIG).is_file():
-            raise FplusError(f"{self.run_dir} already holds a run; pass --resume to continue it, or use another "
+            raise CheckpointError(f"{self.run_dir} already holds a run; pass --resume to continue it, or use another "
                              "RUN_NAME / OUTPUT_DIR")
         self.settings = settings
+        self.experiment = Experiment.of(settings)
 
     def _print(self, text: str, style: str | None = None) -> None:
         """Print plain text (paths and messages are not Rich markup) on the console, if any."""
@@ -204,7 +168,7 @@ class TrainRecipe:
                 self._print(f"removed {len(stale)} partial checkpoint(s) left by an interrupted save in "
                             f"{ckpt.checkpoint_dir(self.run_dir)}: {', '.join(stale)}", "yellow")
         if s.data.dataset is None:
-            raise FplusError("no dataset: set DATASET (or use a profile that does)")
+            raise ConfigError("no dataset: set DATASET (or use a profile that does)")
         self.keys = keys_from_settings(s.data)
         ds = LeRobotDataset.open(s.data.dataset, self.keys, revision=s.data.revision)
         self.ds = ds
@@ -225,10 +189,11 @@ class TrainRecipe:
                 write_text_atomic(self.run_dir / LATENT_STATS, json.dumps(
                     {"episodes": "train", "frames": int(sum(ds.episode(e).length for e in self.split.train)),
                      "mean": mean.tolist(), "std": std.tolist()}))
-        self.policy_config = config
+        self.policy_config = policy.config  # with the backbone's resolved revision
 
         preload = _fits(ds, self.keys, s.train.frame_cache_gb)
-        window = dict(horizon=config.action_horizon, history=config.history, future=config.future, latents=latents)
+        window = dict(horizon=config.model.action_horizon, history=config.history, future=config.future,
+                      latents=latents)
         self.train_set = PolicySamples(ds, self.keys, self.split.train, coc=coc, preload=preload, **window)
         self.val_set = PolicySamples(ds, self.keys, self.split.val, coc=coc, preload=preload, **window) \
             if self.split.val else None
@@ -237,7 +202,7 @@ class TrainRecipe:
         self.steps_per_epoch = per_process // (micro * s.train.grad_accum)
         if self.steps_per_epoch == 0:
             per_step = micro * s.train.grad_accum * acc.num_processes
-            raise FplusError(f"{len(self.train_set)} training samples are fewer than one optimiser step "
+            raise ConfigError(f"{len(self.train_set)} training samples are fewer than one optimiser step "
                              f"(BATCH_SIZE x GRAD_ACCUM x processes = {per_step})")
         self.total_steps = s.train.max_steps or s.train.max_epochs * self.steps_per_epoch
 
@@ -268,8 +233,8 @@ class TrainRecipe:
         return split
 
     def _latents(self, ds: LeRobotDataset) -> np.ndarray | None:
-        m, w = self.settings.model, self.settings.world
-        if not (m.prophet or m.flare_align):
+        w = self.settings.world
+        if not self.experiment.needs_world:
             return None
         from fplus.world.cache import find_latents
 
@@ -278,13 +243,13 @@ class TrainRecipe:
         return np.asarray(latents)
 
     def _coc(self) -> dict[int, str] | None:
-        if not self.settings.model.coc:
+        if not self.experiment.needs_coc:
             return None
         from fplus.data.coc import load_coc
 
         path = self.settings.coc.jsonl
         if path is None:
-            raise FplusError(f"experiment {self.settings.train.experiment or 'custom'} trains a CoC loss but "
+            raise ConfigError(f"experiment {self.experiment.id} trains a CoC loss but "
                              "COC_JSONL is not set; write labels with `fplus coc generate`")
         return load_coc(path, [*self.split.train, *self.split.val], max_tokens=self.settings.coc.max_tokens)
 
@@ -311,7 +276,7 @@ class TrainRecipe:
         path = self.run_dir / CONFIG
         if path.is_file():
             return
-        data = {"settings": settings_to_flat(self.settings), "policy": asdict(self.policy_config),
+        data = {"settings": settings_to_flat(self.settings), "policy": self.policy_config.to_json(),
                 "dataset_fingerprint": ds.fingerprint, "fplus_version": __version__,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
         write_text_atomic(path, json.dumps(data, indent=2))
@@ -343,7 +308,7 @@ class TrainRecipe:
                 if acc.sync_gradients:
                     norm = float(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
                     metrics["grad_norm"] = norm
-                    elsewhere = self._agree(bad is not None)
+                    elsewhere = self._agree([] if bad is None else bad[0])
                     if bad is not None or elsewhere or not math.isfinite(norm):
                         self._nonfinite(bad, metrics, norm, elsewhere)  # raises under NONFINITE=error
                         skipped = True
@@ -362,24 +327,26 @@ class TrainRecipe:
             out["skipped_step"] = True
         return out
 
-    def _agree(self, bad_here: bool) -> bool:
-        """With several processes: reduce (this process's non-finite flag, its stop signal) over all of them, so
-        that every process skips, stops or raises at the same step; sets `_stop`. Returns whether a loss term was
-        non-finite on another process. One process: `_stop` is read from the signal flag, no communication."""
+    def _agree(self, bad_here: list[str]) -> list[str]:
+        """With several processes: reduce (this process's non-finite loss terms, its stop signal) over all of them,
+        so that every process skips, stops or raises at the same step; sets `_stop`. Returns the loss terms that were
+        non-finite on another process (rank 0 names them: only it prints the error). One process: `_stop` is read
+        from the signal flag, no communication."""
         acc = self.accelerator
         if acc.num_processes == 1:
             self._stop = self._signal is not None
-            return False
-        flags = torch.tensor([float(bad_here), float(self._signal == signal.SIGINT),
-                              float(self._signal == signal.SIGTERM)], device=acc.device)
-        bad, sigint, sigterm = acc.reduce(flags, reduction="sum").tolist()
+            return []
+        flags = torch.tensor([float(k in bad_here) for k in LOSS_TERMS] + [float(self._signal == signal.SIGINT),
+                             float(self._signal == signal.SIGTERM)], device=acc.device)
+        *terms, sigint, sigterm = acc.reduce(flags, reduction="sum").tolist()
         if self._signal is None and (sigint or sigterm):
             self._signal = signal.SIGINT if sigint else signal.SIGTERM
         self._stop = bool(sigint or sigterm)
-        return bool(bad) and not bad_here
+        here = set(bad_here)
+        return [k for k, n in zip(LOSS_TERMS, terms, strict=True) if n > (k in here)]
 
     def _nonfinite(self, bad: tuple[list[str], dict[str, float]] | None, metrics: dict[str, float], norm: float,
-                   elsewhere: bool) -> None:
+                   elsewhere: list[str]) -> None:
         """Raise (NONFINITE=error) or count and report a skipped batch (NONFINITE=skip)."""
         step = self.progress.step + 1  # the step being computed, as its metrics line will number it
         names, values = bad if bad is not None else ([], metrics)
@@ -389,7 +356,8 @@ class TrainRecipe:
             what = f"{names[0]} is {values[names[0]]}" if len(names) == 1 else \
                 f"{', '.join(names)} are non-finite"
         elif elsewhere:
-            what = "a loss term is non-finite on another process"
+            other = [k for k in elsewhere if k != "loss"] or elsewhere
+            what = f"{', '.join(other)} {'is' if len(other) == 1 else 'are'} non-finite on another process"
         else:
             what = f"the gradient is non-finite (norm {norm})"
         if self.settings.train.nonfinite == "skip":
@@ -403,7 +371,9 @@ class TrainRecipe:
         raise FplusError(f"step {step}: {what} ({terms}); the run is not complete; {last}. {NONFINITE_HINT}")
 
     def _loader(self, dataset: PolicySamples, sampler) -> DataLoader:
+        """Batches with their prompts built in the worker processes (the policy's processor runs in `Collate`)."""
         workers = self.settings.train.num_workers
+        collate = Collate(self.accelerator.unwrap_model(self.model).processor, with_coc=True)
         return DataLoader(dataset, batch_size=self.settings.train.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
@@ -560,8 +530,8 @@ class TrainRecipe:
     def validate(self) -> dict[str, float]:
         """Normalised action MSE on the validation episodes under every corruption mode (only `none` without an
         injected memory), the Prophet's world cosine beside its mean and copy-last baselines, and the gate: one
-        `fplus.eval.offline.evaluate_modes` pass."""
-        from fplus.eval.offline import WORLD_METRICS, evaluate_modes
+        `fplus.train.validation.evaluate_modes` pass."""
+        from fplus.train.validation import WORLD_METRICS, evaluate_modes
 
         policy = self.accelerator.unwrap_model(self.model)
         out: dict[str, float] = {"step": self.progress.step, "epoch": self.progress.epoch}
@@ -645,7 +615,7 @@ class TrainRecipe:
             return
         # the run's policy config as config.json holds it (JSON: tuples are lists): a checkpoint copied from
         # another run (an E0 checkpoint into an E2 run) is refused, not trained on as this experiment
-        ckpt.check_policy_config(path, {"policy": json.loads(json.dumps(asdict(self.policy_config)))}, self.run_dir)
+        ckpt.check_policy_config(path, {"policy": self.policy_config.to_json()}, self.run_dir)
         acc.unwrap_model(self.model).load_weights(path / "policy")
         state = torch.load(path / "trainer.pt", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -653,7 +623,7 @@ class TrainRecipe:
         self.progress = TrainProgress(**state["progress"])
         rng = path / f"rng-{acc.process_index}.pt"
         if not rng.is_file():
-            raise FplusError(f"{path} was written by fewer processes; resume with the same number of processes")
+            raise CheckpointError(f"{path} was written by fewer processes; resume with the same number of processes")
         _set_rng_state(torch.load(rng, weights_only=False), self.generator)
         self._saved_step = self.progress.step
         if acc.is_main_process:

@@ -14,23 +14,9 @@ from pathlib import Path
 from rich.markup import escape
 
 from fplus.errors import FplusError
+from fplus.rundir import COMPLETE, CONFIG, read_run_config
 from fplus.settings import Settings
-from fplus.train.recipe import COMPLETE, CONFIG, TrainingInterrupted, TrainProgress, TrainRecipe, read_run_config
-
-
-def run_dir_for(settings: Settings) -> Path:
-    """OUTPUT_DIR / (RUN_NAME or the experiment id or `custom`)."""
-    name = settings.run.name or settings.train.experiment or "custom"
-    return Path(settings.train.output_dir) / name
-
-
-def run_state(run_dir: Path) -> str:
-    """`complete`, `partial` (started, resumable) or `new`."""
-    if (run_dir / COMPLETE).is_file():
-        return "complete"
-    if (run_dir / CONFIG).is_file():
-        return "partial"
-    return "new"
+from fplus.train.recipe import TrainingInterrupted, TrainProgress, TrainRecipe
 
 
 def _main_process() -> bool:

@@ -37,7 +37,7 @@ import numpy as np
 from fplus.data import format as fmt
 from fplus.data.lerobot import LeRobotDataset
 from fplus.data.windows import causal_window, episode_bounds
-from fplus.errors import FplusError
+from fplus.errors import DataError, FplusError
 from fplus.io import write_text_atomic
 from fplus.lock import exclusive_lock
 
@@ -52,7 +52,7 @@ RECOMPUTE = "recompute with `fplus latents --overwrite`"
 REQUIRED = ("dataset", "image_key", "source", "encoder_id", "dim", "num_frames", "temporal_window", "complete")
 
 
-class LatentsCorrupt(FplusError):
+class LatentsCorrupt(DataError):
     """A cache entry whose files are damaged, changed since written, non-finite or unverifiable (recompute it)."""
 # Fields that must agree between a cache and what is asked of it.
 IDENTITY = ("dataset", "dataset_fingerprint", "image_key", "source", "encoder_id", "revision", "temporal_window",
@@ -85,7 +85,7 @@ def read_manifest(entry: Path) -> dict:
     """The manifest of a cache entry (or a manifest.json path); a damaged or foreign one is an error naming it."""
     path = entry / MANIFEST if entry.is_dir() else entry
     if not path.is_file():
-        raise FplusError(f"no latents manifest at {path}; compute the latents with `fplus latents`")
+        raise DataError(f"no latents manifest at {path}; compute the latents with `fplus latents`")
     try:
         manifest = fmt.read_json(path, f"the latents manifest is damaged: {RECOMPUTE}")
     except FplusError as err:
@@ -247,14 +247,14 @@ def _compute_locked(ds: LeRobotDataset, image_key: str, encoder, entry: Path, ex
         found = read_manifest(entry)
         problems = _mismatches(found, expected)
         if problems:
-            raise FplusError(f"{entry} holds latents that do not match: {'; '.join(problems)}. "
+            raise DataError(f"{entry} holds latents that do not match: {'; '.join(problems)}. "
                              "Pass --overwrite to recompute them")
         if found.get("complete"):
             verify_latents(entry, found, ds)
             return LatentsResult(entry, found, "complete", 0, 0.0)
         if (entry / PROGRESS).is_file() and (entry / LATENTS).is_file():
             if found.get("batch_size") != batch_size:
-                raise FplusError(f"{entry} holds an unfinished run with batch size {found.get('batch_size')}; "
+                raise DataError(f"{entry} holds an unfinished run with batch size {found.get('batch_size')}; "
                                  f"resume it with --batch-size {found.get('batch_size')} (batches must line up to "
                                  "give the same bytes) or pass --overwrite")
             start_frame = _read_progress(entry, n)
@@ -265,7 +265,7 @@ def _compute_locked(ds: LeRobotDataset, image_key: str, encoder, entry: Path, ex
     manifest = read_manifest(entry)
     shape, dtype, offset = npy_layout(entry / LATENTS)
     if shape != (n, dim) or dtype != np.float16:
-        raise FplusError(f"{entry / LATENTS} holds {shape} {dtype}, expected {(n, dim)} float16; pass --overwrite")
+        raise DataError(f"{entry / LATENTS} holds {shape} {dtype}, expected {(n, dim)} float16; pass --overwrite")
 
     ep_start, _ = episode_bounds(ds.episode_of_frames())
     row_bytes = dim * np.dtype(np.float16).itemsize
@@ -305,7 +305,7 @@ def _compute_locked(ds: LeRobotDataset, image_key: str, encoder, entry: Path, ex
     except OSError as err:
         if not fmt.is_disk_full(err):
             raise
-        raise FplusError(f"disk full while writing {writing} ({fmt.free_space(entry)}); the {done} of {n} frames "
+        raise DataError(f"disk full while writing {writing} ({fmt.free_space(entry)}); the {done} of {n} frames "
                          f"done so far are kept in {entry} (the unfinished write was discarded): free space and run "
                          "`fplus latents` again to resume") from None
     finally:
@@ -320,7 +320,7 @@ def _read_progress(entry: Path, n: int) -> int:
     progress = fmt.read_json(path, "the progress of the unfinished run is lost: pass --overwrite to start again")
     done = progress.get("frames_done")
     if not isinstance(done, int) or not 0 <= done <= n:
-        raise FplusError(f"{path}: frames_done is {done!r}, expected a frame count in [0, {n}]; pass --overwrite "
+        raise DataError(f"{path}: frames_done is {done!r}, expected a frame count in [0, {n}]; pass --overwrite "
                          "to start again")
     return done
 
@@ -345,7 +345,7 @@ def _start_entry(entry: Path, manifest: dict, n: int, dim: int) -> None:
         if not fmt.is_disk_full(err):
             raise
         need = f"{fmt.human_bytes(size)} needed, " if size else ""
-        raise FplusError(f"disk full while creating {path} ({need}{fmt.free_space(entry)}); nothing was kept: free "
+        raise DataError(f"disk full while creating {path} ({need}{fmt.free_space(entry)}); nothing was kept: free "
                          "space or set CACHE_DIR (--cache-dir) to a larger disk, then run `fplus latents` again") \
             from None
 
@@ -378,13 +378,13 @@ def _checked_batch(z: np.ndarray, start: int, ds: LeRobotDataset, encoder, entry
     if bad.any():
         first = _locate(ds, start + int(np.argmax(bad.any(axis=1))))
         count = f"{int(bad.sum())} non-finite value{'s' if bad.sum() > 1 else ''}"
-        raise FplusError(f"the {encoder.source} encoder {encoder.model_id!r} returned {count} (NaN/inf) for {where}, "
+        raise DataError(f"the {encoder.source} encoder {encoder.model_id!r} returned {count} (NaN/inf) for {where}, "
                          f"first at {first}; {kept}: check those frames and the encoder (weights, --device), then "
                          "run `fplus latents` again")
     with np.errstate(over="ignore"):
         z16 = z.astype(np.float16)
     if not np.isfinite(z16).all():
-        raise FplusError(f"the {encoder.source} encoder {encoder.model_id!r} returned values beyond the float16 "
+        raise DataError(f"the {encoder.source} encoder {encoder.model_id!r} returned values beyond the float16 "
                          f"range of the cache for {where} (max |z| = {np.abs(z).max():.4g} > 65504); {kept}: check "
                          "the encoder's weights")
     return z16
@@ -409,7 +409,7 @@ def load_latents(entry: Path, ds: LeRobotDataset, image_key: str, source: str | 
         checks["encoder_id"] = encoder_id
     problems += _mismatches(manifest, checks)
     if problems:
-        raise FplusError(f"latents at {entry} do not fit dataset {dataset_id(ds)}: {'; '.join(problems)}. "
+        raise DataError(f"latents at {entry} do not fit dataset {dataset_id(ds)}: {'; '.join(problems)}. "
                          "Recompute with `fplus latents --overwrite`")
     verify_latents(entry, manifest, ds)
     return np.load(entry / LATENTS, mmap_mode="r")
@@ -440,6 +440,6 @@ def find_latents(cache_dir: Path, ds: LeRobotDataset, image_key: str, source: st
         manifest = read_manifest(candidate)
         if manifest.get("pooling") == want_pooling and (source == "dino" or manifest["temporal_window"] in windows):
             return candidate, load_latents(candidate, ds, image_key, source=source, encoder_id=encoder_id)
-    raise FplusError(f"no {source} latents of {encoder_id!r} for {image_key!r} of {dataset_id(ds)} under "
+    raise DataError(f"no {source} latents of {encoder_id!r} for {image_key!r} of {dataset_id(ds)} under "
                      f"{cache_dir}; compute them first: fplus latents --dataset {ds.root} --image-key {image_key} "
                      f"--source {source} (or `fplus latents --profile <profile>`)")

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fplus.errors import FplusError
+from fplus.errors import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,9 +86,6 @@ def _random_config(model_id: str):
         "random-vjepa2-vitl": VJEPA2Config,  # the facebook/vjepa2-vitl-fpc64-256 architecture
     }
     return configs[model_id]() if model_id in configs else None
-
-
-RANDOM_IDS = (TINY, f"{TINY}-dinov3", "random-dinov2-base", "random-dinov3-vitb16", "random-vjepa2-vitl")
 
 
 def _config_digest(config) -> str:
@@ -179,7 +176,7 @@ def _dino_class(model_type: str):
 
     classes = {"dinov2": Dinov2Model, "dinov3_vit": DINOv3ViTModel}
     if model_type not in classes:
-        raise FplusError(f"world encoder model_type {model_type!r} is not a DINO model ({', '.join(classes)})")
+        raise ConfigError(f"world encoder model_type {model_type!r} is not a DINO model ({', '.join(classes)})")
     return classes[model_type]
 
 
@@ -229,7 +226,7 @@ def _load(fn, model_id: str):
     try:
         return fn(model_id)
     except OSError as err:
-        raise FplusError(f"cannot load world encoder {model_id!r}: {err}. Offline? Use a local directory, "
+        raise ConfigError(f"cannot load world encoder {model_id!r}: {err}. Offline? Use a local directory, "
                          f"or `tiny` for a random test encoder") from err
 
 
@@ -240,4 +237,4 @@ def build_encoder(source: str, *, dino_model: str, vjepa_model: str, pooling: st
         return DinoEncoder(dino_model, pooling=pooling, device=device)
     if source == "vjepa":
         return VJEPAEncoder(vjepa_model, temporal_window=temporal_window, device=device)
-    raise FplusError(f"unknown world source {source!r}; valid: dino, vjepa")
+    raise ConfigError(f"unknown world source {source!r}; valid: dino, vjepa")

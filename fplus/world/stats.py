@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fplus.errors import FplusError
+from fplus.errors import DataError
 
 DEGENERATE_RATIO = 0.05
 """between_frame_std / mean_norm below this: the frames' latents are nearly one vector (see the module docstring)."""
@@ -51,9 +51,9 @@ def latent_spread(latents: np.ndarray, episode_of: np.ndarray | None = None, sam
         degenerate: ratio < DEGENERATE_RATIO, frames: N, sampled: rows used}.
     """
     if latents.ndim != 2 or latents.shape[0] == 0:
-        raise FplusError(f"latents must be a non-empty (frames, dims) array, got shape {latents.shape}")
+        raise DataError(f"latents must be a non-empty (frames, dims) array, got shape {latents.shape}")
     if sample < 2:
-        raise FplusError(f"sample must be at least 2, got {sample}")
+        raise DataError(f"sample must be at least 2, got {sample}")
     n = latents.shape[0]
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, sample, replace=False)) if n > sample else np.arange(n)
@@ -78,7 +78,7 @@ def latent_spread(latents: np.ndarray, episode_of: np.ndarray | None = None, sam
     if episode_of is not None:
         episode_of = np.asarray(episode_of)
         if episode_of.shape != (n,):
-            raise FplusError(f"episode_of has shape {episode_of.shape}, expected ({n},) (one episode per frame)")
+            raise DataError(f"episode_of has shape {episode_of.shape}, expected ({n},) (one episode per frame)")
         t = np.flatnonzero(episode_of[:-1] == episode_of[1:])
         if t.size > sample:
             t = np.sort(rng.choice(t, sample, replace=False))

@@ -1,5 +1,9 @@
 """What users see for injected faults: one-line settings errors, the misspelt-variable warning, CoC files that are
-far too big, and text with Rich markup characters (`[libero]`) printed intact."""
+far too big, and text with Rich markup characters (`[libero]`) printed intact.
+
+In-process through Typer's CliRunner, except the misspelt-variable warnings: they are printed once per process, so
+each check gets a fresh process (the real executable).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+import tracemalloc
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -16,17 +20,20 @@ from fplus.cli.main import app
 
 FPLUS = str(Path(sys.executable).with_name("fplus"))
 WARNING = "warning: environment variable"
+NO_SETTINGS = ("FPLUS_DEBUG", "FPLUS_PROFILE", "FPLUS_NO_ENV_CHECK", "RANK")
 
 
 def run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """The real executable with the test process's (realistic, settings-free) environment plus `env`."""
-    full = {k: v for k, v in os.environ.items() if k not in ("FPLUS_DEBUG", "FPLUS_PROFILE", "FPLUS_NO_ENV_CHECK")}
+    full = {k: v for k, v in os.environ.items() if k not in NO_SETTINGS}
     full.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200", **(env or {})})
     return subprocess.run([FPLUS, *args], capture_output=True, text=True, env=full, cwd=cwd, timeout=120)
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "300"})
+def invoke(*args: str, env: dict[str, str] | None = None):
+    """`fplus ARGS` in-process, with the settings-free environment of `run`; click's Result."""
+    return CliRunner().invoke(app, list(args), env={**dict.fromkeys(NO_SETTINGS), "HF_HUB_OFFLINE": "1",
+                                                    "COLUMNS": "300", **(env or {})})
 
 
 def flat(text: str) -> str:
@@ -36,21 +43,23 @@ def flat(text: str) -> str:
 # -- settings files and the environment ----------------------------------------------------------------------------
 
 
-def test_unparsable_profile_line_is_one_error_line_with_brackets_intact(tmp_path):
+def test_unparsable_profile_line_is_one_error_line_with_brackets_intact(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     profile = tmp_path / "bad.env"
     profile.write_text("SEED=1\nIMAGE_KEY [observation.images.image]\n")
-    out = run("data", "info", "--profile", str(profile), cwd=tmp_path)
-    assert out.returncode == 1 and "Traceback" not in out.stderr
+    out = invoke("data", "info", "--profile", str(profile))
+    assert out.exit_code == 1 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
     assert (f"error: {profile}:2: cannot parse 'IMAGE_KEY [observation.images.image]': no '=' after IMAGE_KEY; "
             "write KEY=VALUE") in lines[0]
 
 
-def test_non_utf8_dotenv_is_one_error_line(tmp_path):
+def test_non_utf8_dotenv_is_one_error_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_bytes(b"SEED=1\nRUN_NAME=caf\xe9\n")
-    out = run("data", "info", cwd=tmp_path)
-    assert out.returncode == 1 and "Traceback" not in out.stderr and "UnicodeDecodeError" not in out.stderr
+    out = invoke("data", "info")
+    assert out.exit_code == 1 and "Traceback" not in out.stderr and "UnicodeDecodeError" not in out.stderr
     assert out.stderr.strip().splitlines() == [
         "error: .env:2: not UTF-8 text (byte 0xe9 at column 13); save the file as UTF-8  (FPLUS_DEBUG=1 for the "
         "traceback)"]
@@ -113,20 +122,25 @@ def test_coc_validate_prints_markup_characters_literally(tmp_path):
 # -- CoC files ---------------------------------------------------------------------------------------------------
 
 
-def test_coc_validate_rejects_a_20mb_line_quickly(tmp_path):
+def test_coc_validate_rejects_a_20mb_line_unread(tmp_path):
     path = tmp_path / "huge.jsonl"
     with path.open("wb") as f:
         f.write(b'{"episode_index": 0, "coc_text": "fine"}\n{"episode_index": 1, "coc_text": "')
         for _ in range(20):
             f.write(b"x" * 2**20)
         f.write(b'"}\n')
-    t0 = time.perf_counter()
     out = invoke("coc", "validate", str(path), "--no-dataset", "--backbone", "tiny")
-    assert time.perf_counter() - t0 < 5
     assert out.exit_code == 1
     text = flat(out.stdout)
     assert "│ 2 │ line_too_long │ line of 20,971,556 bytes, over the 65,536-byte limit of a CoC line" in text
-    report = json.loads(invoke("coc", "validate", str(path), "--no-dataset", "--backbone", "tiny", "--json").stdout)
+    tracemalloc.start()  # the second run (modules and tokenizer loaded): the 20 MiB line never reaches memory
+    try:
+        out = invoke("coc", "validate", str(path), "--no-dataset", "--backbone", "tiny", "--json")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+    report = json.loads(out.stdout)
     assert [(e["line"], e["kind"]) for e in report["errors"]] == [(2, "line_too_long")] and report["labels"] == 1
 
 

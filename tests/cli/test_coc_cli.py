@@ -1,15 +1,12 @@
 """`fplus coc validate` / `fplus coc generate`: exit codes, line-numbered reports, the generate -> validate round trip.
 
-The commands run in-process through Typer's CliRunner (a subprocess would pay the torch import each time); the
-one-line error of a refused overwrite goes through the real executable.
+The commands run in-process through Typer's CliRunner (a subprocess would pay the torch import each time), the
+one-line error of a refused overwrite included.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,18 +15,11 @@ from typer.testing import CliRunner
 from fplus.cli.main import app
 from tests.data.test_coc import FAULTY, write_lines, write_motion_dataset
 
-FPLUS = str(Path(sys.executable).with_name("fplus"))
-
 
 def invoke(*args: str):
-    """Run `fplus ARGS` in-process; returns click's Result (exit_code, stdout)."""
-    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
-
-
-def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("FPLUS_DEBUG", "FPLUS_PROFILE")}
-    env.update({"HF_HUB_OFFLINE": "1", "COLUMNS": "200"})
-    return subprocess.run([FPLUS, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+    """Run `fplus ARGS` in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200", "FPLUS_DEBUG": None, "FPLUS_PROFILE": None,
+                                                    "RANK": None, "HF_HUB_OFFLINE": "1"})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +49,8 @@ def test_validate_reports_faults_with_line_numbers_and_fails(tmp_path, dataset):
     assert "2 of 5 dataset episodes have no label: 1, 3" in text and "11 error(s)" in text
 
 
-def test_generate_then_validate_round_trip(tmp_path, dataset):
+def test_generate_then_validate_round_trip(tmp_path, dataset, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no .env of the checkout
     out_file = tmp_path / "labels" / "coc.jsonl"
     gen = invoke("coc", "generate", "--dataset", str(dataset), "--out", str(out_file), "--action-key", "action",
                  "--state-key", "observation.state", "--backbone", "tiny")
@@ -74,7 +65,6 @@ def test_generate_then_validate_round_trip(tmp_path, dataset):
     report = json.loads(invoke(*validate, "--json").stdout)
     assert report["ok"] and report["coverage"]["fraction"] == 1.0 and report["tokens"]["max"] <= 128
 
-    again = run("coc", "generate", "--dataset", str(dataset), "--out", str(out_file), "--action-key", "action",
-                cwd=tmp_path)
-    assert again.returncode == 1 and len(again.stderr.strip().splitlines()) == 1
+    again = invoke("coc", "generate", "--dataset", str(dataset), "--out", str(out_file), "--action-key", "action")
+    assert again.exit_code == 1 and len(again.stderr.strip().splitlines()) == 1
     assert "already exists; pass --overwrite" in again.stderr

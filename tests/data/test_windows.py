@@ -25,6 +25,17 @@ def test_windows_never_leave_the_episode():
     for arr in (w.action, w.history, w.future):
         assert np.all(episode[arr] == episode[t][:, None])
     assert w.history[:, -1].tolist() == t.tolist()
+    # the closed form, frame by frame: a[t+h] clamped to the episode's last row and padded past it, z[t-T+1+j]
+    # clamped to its first row, z[t+1+k] clamped to the last row and invalid past it
+    for i, (ti, a, b) in enumerate(zip(t, start, stop, strict=True)):
+        assert w.action[i].tolist() == [min(ti + h, b - 1) for h in range(5)]
+        assert w.action_pad[i].tolist() == [ti + h >= b for h in range(5)]
+        assert w.history[i].tolist() == [max(ti - 3 + j, a) for j in range(4)]
+        assert w.future[i].tolist() == [min(ti + 1 + k, b - 1) for k in range(3)]
+        assert w.future_valid[i].tolist() == [ti + 1 + k < b for k in range(3)]
+    # the single-frame episode 1 (row 3): every window is that frame, every action step but the first padded
+    assert w.action[3].tolist() == [3] * 5 and w.action_pad[3].tolist() == [False] + [True] * 4
+    assert w.future_valid[3].tolist() == [False] * 3
 
 
 def test_frame_outside_its_episode_is_rejected():

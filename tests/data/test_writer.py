@@ -54,17 +54,28 @@ def test_round_trip(tmp_path):
         assert np.abs(mean - coloured(e, n)[:, 0, 0]).max() <= 4
 
 
-def test_layout_and_metadata_follow_lerobot_v30(tmp_path):
+def test_layout_and_metadata_follow_lerobot_v30(tmp_path, libero_fixture):
     root = write(tmp_path / "ds")
     info = json.loads((root / "meta/info.json").read_text())
     assert info["codebase_version"] == "v3.0"
     assert (info["total_episodes"], info["total_frames"], info["total_tasks"]) == (3, 24, 2)
-    for field in ("chunks_size", "data_files_size_in_mb", "video_files_size_in_mb", "splits", "data_path",
-                  "video_path", "robot_type"):
-        assert field in info
-    assert info["features"]["observation.images.cam"]["info"]["video.codec"] == "h264"
+    assert (info["fps"], info["robot_type"], info["splits"]) == (15, "sawyer", {"train": "0:3"})
+    # the layout fields as the lerobot library itself writes them (its dataset in the shared fixtures)
+    lerobot = json.loads((libero_fixture / "meta/info.json").read_text())
+    for field in ("chunks_size", "data_files_size_in_mb", "video_files_size_in_mb", "data_path", "video_path"):
+        assert info[field] == lerobot[field], field
+    assert info["features"]["observation.images.cam"]["info"] == {
+        "video.height": 32, "video.width": 48, "video.codec": "h264", "video.pix_fmt": "yuv420p",
+        "video.is_depth_map": False, "video.fps": 15, "video.channels": 3, "has_audio": False}
     assert set(info["features"]) >= {"timestamp", "frame_index", "episode_index", "index", "task_index"}
-    assert (root / "videos/observation.images.cam/chunk-000/file-000.mp4").is_file()
+    # the one video file holds every frame of the three episodes, at the dataset's size and rate
+    import av
+
+    video = root / info["video_path"].format(video_key="observation.images.cam", chunk_index=0, file_index=0)
+    with av.open(str(video)) as container:
+        stream = container.streams.video[0]
+        assert (stream.codec_context.name, stream.width, stream.height, stream.average_rate) == ("h264", 48, 32, 15)
+        assert sum(1 for _ in container.decode(video=0)) == sum(LENGTHS) == 24
     episodes = pq.read_table(root / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
     assert [e["videos/observation.images.cam/from_timestamp"] for e in episodes] == pytest.approx([0, 7 / 15, 19 / 15])
     assert episodes[1]["stats/action/max"] == [11.0, 1.0]
@@ -76,6 +87,13 @@ def test_layout_and_metadata_follow_lerobot_v30(tmp_path):
     assert data.metadata.num_row_groups == 3, "one row group per episode"
     stats = json.loads((root / "meta/stats.json").read_text())
     assert np.array(stats["observation.images.cam"]["mean"]).shape == (3, 1, 1)
+    # image statistics per channel in [0, 1] (lerobot's convention), from the frames as given (before encoding)
+    pixels = np.concatenate([coloured(e, n) for e, n in enumerate(LENGTHS)]).reshape(-1, 3) / 255.0
+    for name, expected in (("mean", pixels.mean(0)), ("std", pixels.std(0)), ("min", pixels.min(0)),
+                           ("max", pixels.max(0))):
+        np.testing.assert_allclose(np.array(stats["observation.images.cam"][name]).reshape(3), expected,
+                                   rtol=1e-6, atol=1e-6, err_msg=name)
+    assert stats["observation.images.cam"]["count"] == [24]
     assert stats["action"]["max"] == [11.0, 2.0] and stats["action"]["count"] == [24]
 
 
@@ -101,8 +119,14 @@ def test_refuses_to_clobber_and_rejects_bad_episodes(tmp_path):
 
 def test_overwrite_replaces(tmp_path):
     write(tmp_path / "ds")
-    root = write(tmp_path / "ds", overwrite=True)
-    assert LeRobotDataset.open(root).num_frames == 24
+    w = LeRobotWriter(tmp_path / "ds", fps=15, features=FEATURES, overwrite=True)
+    w.add_episode("close the drawer", {"observation.images.cam": coloured(2, 4),
+                                       "observation.state": np.ones((4, 3), np.float32),
+                                       "action": np.full((4, 2), 7.0, np.float32)})
+    ds = LeRobotDataset.open(w.finalize())
+    assert (ds.num_episodes, ds.num_frames, ds.tasks) == (1, 4, ["close the drawer"])  # nothing of the old one
+    np.testing.assert_array_equal(ds.column("action"), np.full((4, 2), 7.0, np.float32))
+    assert sorted(p.name for p in (tmp_path / "ds" / "data" / "chunk-000").iterdir()) == ["file-000.parquet"]
 
 
 def test_string_and_bool_columns(tmp_path):

@@ -1,14 +1,16 @@
-"""Closed-loop evaluation in Meta-World with a tiny trained policy (success itself is not asserted: the tiny
-policy trains for a few steps; the demo run reports the real numbers)."""
+"""Closed-loop evaluation in Meta-World: the rollout loop driven by the scripted expert (exact successes and
+steps), then the whole evaluation of a tiny trained policy (its recorded results; the demo run reports real numbers)."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from fplus import batch as K
 from fplus.errors import FplusError
-from fplus.eval.closed_loop import OnlineLatents, evaluate_closed_loop, wilson_interval
+from fplus.eval.closed_loop import OnlineLatents, evaluate_closed_loop, rollout, wilson_interval
 from fplus.world.encoders import build_encoder
 
 
@@ -36,17 +38,17 @@ def test_online_latents_match_the_offline_causal_clips():
 def test_a_frame_gets_the_same_standardised_latent_offline_and_online(tmp_path):
     """The cache (fplus latents) and the closed loop's online encoder, through the same policy's standardisation."""
     from fplus.data.lerobot import keys_from_settings
-    from fplus.model.policy import FPlusPolicy, PolicyConfig
+    from fplus.model.policy import FPlusPolicy
     from fplus.train.data import PolicySamples
     from fplus.world.cache import find_latents
-    from tests.helpers import CAM, compute_toy_latents, toy_settings, write_toy_dataset
+    from tests.helpers import CAM, compute_toy_latents, policy_config, toy_settings, write_toy_dataset
 
     ds = write_toy_dataset(tmp_path / "ds", lengths=(7, 6))
     s = toy_settings(tmp_path, tmp_path / "ds")
     compute_toy_latents(s)
     _, cache = find_latents(s.world.cache_dir, ds, CAM, "dino", "tiny", "cls", 8)
-    config = PolicyConfig(backbone="tiny", action_dim=2, action_horizon=4, image_size=64, world_dim=cache.shape[1],
-                          history=3, future=2, prophet=True, injection=True)
+    config = policy_config(backbone="tiny", action_dim=2, action_horizon=4, image_size=64, world_dim=cache.shape[1],
+                           history=3, future=2, prophet=True, injection=True)
     stats = {"action": {"mean": np.zeros(2), "std": np.ones(2)}}
     policy = FPlusPolicy.build(config, stats, "action", None)
     z = torch.from_numpy(np.asarray(cache, dtype=np.float32))
@@ -62,12 +64,57 @@ def test_a_frame_gets_the_same_standardised_latent_offline_and_online(tmp_path):
         assert torch.equal(policy.standardize(online.history_window()), policy.standardize(offline_hist)), t
 
 
+class ScriptedPolicy:
+    """A policy for `rollout`: every chunk is one action of Meta-World's scripted expert for the env's current raw
+    observation (`still`: the zero action); keeps the batches it was given."""
+
+    injection = None
+    config = SimpleNamespace(state_dim=4)
+    processor = staticmethod(lambda batch: batch)  # no prompt: nothing reads it
+
+    def __init__(self, env, still: bool = False):
+        from fplus.sim.metaworld import make_expert
+
+        self.env, self.expert, self.still, self.batches = env, make_expert(env.task), still, []
+
+    def predict(self, batch, corruption, generator, memory=None):
+        from fplus.sim.metaworld import expert_action
+
+        self.batches.append(batch)
+        action = np.zeros(4, np.float32) if self.still else expert_action(self.expert, self.env.raw_obs)
+        return SimpleNamespace(actions=torch.from_numpy(action)[None, None], memory=None)
+
+
+def test_the_closed_loop_with_the_expert_succeeds_where_the_demo_episode_does():
+    pytest.importorskip("metaworld")
+    from fplus.sim.metaworld import MetaWorldEnv, run_expert_episode
+
+    with MetaWorldEnv("reach-v3", image_size=32, max_steps=100) as env:
+        demos = [run_expert_episode(env, seed) for seed in (0, 1, 2)]
+        expert = ScriptedPolicy(env)
+        wins, steps = 0, []
+        for seed in (0, 1, 2):
+            wins += rollout(expert, env, "reach", seed, "none", 1, None, None, torch.Generator())
+            steps.append(env.steps)
+        assert wins == 3
+        # the loop stops at the step of the first success: the demo's first success, 0-based, plus one
+        assert steps == [d.first_success_step + 1 for d in demos] == [46, 51, 41]
+        first = expert.batches[0]  # the policy saw the demo's first frame and state, as a batch of one
+        np.testing.assert_array_equal(first[K.IMAGES][0].numpy(), demos[0].images[0])
+        np.testing.assert_array_equal(first[K.STATE][0].numpy(), demos[0].state[0])
+        assert first[K.INSTRUCTIONS] == ["reach"] and len(expert.batches) == sum(steps)
+        assert not rollout(ScriptedPolicy(env, still=True), env, "reach", 0, "none", 1, None, None,
+                           torch.Generator())
+        assert env.steps == 100  # a policy that never reaches the goal runs out the episode
+
+
 @pytest.mark.slow
-def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path):
+def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState, PartialState
 
     from fplus.data.demo import make_demo_dataset
-    from fplus.train.run import run_dir_for, train_run
+    from fplus.rundir import run_dir_for
+    from fplus.train.run import train_run
     from tests.helpers import compute_toy_latents, toy_settings
 
     make_demo_dataset(tmp_path / "ds", tasks=["reach-v3"], episodes_per_task=3, image_size=64, seed=0,
@@ -78,17 +125,41 @@ def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path):
     train_run(s, run_dir_for(s), progress_bar=False)
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+    from fplus.sim.metaworld import MetaWorldEnv
+
+    episodes = []  # [seed, object and goal position at reset, steps taken] of every rollout
+    reset, step = MetaWorldEnv.reset, MetaWorldEnv.step
+
+    def spy_reset(env, seed):
+        obs = reset(env, seed)
+        episodes.append([seed, np.concatenate([env.raw_obs[4:7], env.raw_obs[36:39]]), 0])
+        return obs
+
+    def spy_step(env, action):
+        episodes[-1][2] += 1
+        return step(env, action)
+
+    monkeypatch.setattr(MetaWorldEnv, "reset", spy_reset)
+    monkeypatch.setattr(MetaWorldEnv, "step", spy_step)
     result, path = evaluate_closed_loop(run_dir_for(s), "metaworld", None, episodes=2,
                                         modes=("none", "zero", "random", "shuffle", "oracle", "history"),
                                         progress=False, video_dir=tmp_path / "videos", corrupted_episodes=1)
     saved = json.loads(path.read_text())
     assert saved["simulator"] == "metaworld" and list(saved["tasks"]) == ["reach-v3"]
     per_mode = saved["tasks"]["reach-v3"]
+    # recorded: 12 steps (DEMO_MAX_STEPS) of a policy trained for 2 steps never reach the goal
     for mode in ("none", "zero", "random", "shuffle", "history"):
-        r = per_mode[mode]
         n = 2 if mode == "none" else 1  # EVAL_EPISODES_CORRUPTED: fewer episodes for the diagnostic modes
-        assert r["episodes"] == n and 0 <= r["successes"] <= n
-        assert r["ci95"][0] <= r["rate"] <= r["ci95"][1]
+        assert per_mode[mode] == {"successes": 0, "episodes": n, "rate": 0.0,
+                                  "ci95": [0.0, pytest.approx(0.6576280471 if n == 2 else 0.7934567085)]}
+        assert saved["overall"][mode] == per_mode[mode]
+    assert saved["n_action_steps"] == 2 and saved["max_steps"] == 12  # half the horizon of 4; DEMO_MAX_STEPS
+    # episode e of every mode starts from layout 1000 + e (the recorded layout of seed 1000), the same for all
+    # modes (oracle rolls nothing out), and runs out its 12 steps
+    assert [e[0] for e in episodes] == [1000, 1001, 1000, 1000, 1000, 1000]
+    assert [e[2] for e in episodes] == [12] * 6
+    np.testing.assert_allclose(episodes[0][1], [-0.04369088, 0.67536816, 0.02, 0.07274442, 0.88053722, 0.11209317],
+                               atol=2e-8)
     assert saved["episodes_per_mode"] == {"none": 2, "zero": 1, "random": 1, "shuffle": 1, "oracle": 1,
                                           "history": 1}
     assert per_mode["oracle"]["successes"] is None and "not observed" in per_mode["oracle"]["note"]

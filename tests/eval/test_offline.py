@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fplus.eval.offline import evaluate_modes, evaluate_run
+from fplus import checkpoint as ckpt
+from fplus.eval.offline import evaluate_run
 from fplus.model.corruption import MODES
-from fplus.train import checkpoint as ckpt
+from fplus.rundir import run_dir_for
 from fplus.train.recipe import TrainRecipe
-from fplus.train.run import run_dir_for, train_run
+from fplus.train.run import train_run
+from fplus.train.validation import evaluate_modes
 from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
 
 
@@ -61,7 +63,7 @@ def test_all_modes_equal_with_a_closed_gate_and_oracle_differs_once_open(e2_run)
         sample = recipe.val_set[i]
         batch = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in sample.items()}
         with torch.no_grad():
-            enc = policy.encode(batch, with_coc=False)
+            enc = policy.encode(policy.processor(batch), with_coc=False)
         copy = enc.z_hist[:, -1:].expand_as(enc.z_future)
         raw = policy.latent_norm.inverse
         for key, (pred, target) in {"prophet": (enc.z_pred, enc.z_future), "copy": (copy, enc.z_future),

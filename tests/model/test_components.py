@@ -25,13 +25,33 @@ def test_masked_mse_ignores_padded_steps():
     assert masked_mse(pred, target, pad).item() == pytest.approx((9 + 9 + 1 + 1 + 1 + 1) / 6)
 
 
-def test_action_head_shapes():
+def test_action_head_is_an_mlp_per_step_and_its_step_embedding_gets_the_summed_gradient():
+    torch.manual_seed(0)
     head = ActionHead(hidden_size=16, action_dim=4, horizon=5)
-    h = torch.randn(3, 5, 16)
-    assert head.predict(h).shape == (3, 5, 4)
-    loss = head.loss(h, torch.randn(3, 5, 4), torch.zeros(3, 5, dtype=torch.bool))
+    with torch.no_grad():
+        head.step.copy_(torch.randn(5, 16))  # zero at init: give each step its own offset
+    h = torch.randn(3, 5, 16, requires_grad=True)
+    pred = head.predict(h)
+    assert pred.shape == (3, 5, 4)
+    # independent computation: LayerNorm -> Linear(16, 32) -> GELU -> Linear(32, 4) on h + step[h]
+    norm, first, _, last = head.mlp
+    assert (first.in_features, first.out_features, last.in_features) == (16, 32, 32)
+    x = torch.nn.functional.layer_norm(h + head.step, (16,), norm.weight, norm.bias, norm.eps)
+    expected = torch.nn.functional.gelu(x @ first.weight.T + first.bias) @ last.weight.T + last.bias
+    torch.testing.assert_close(pred, expected, rtol=1e-5, atol=1e-6)
+    # step h reads hidden state h only: changing ACT state 2 changes the actions of step 2 alone
+    moved = h.detach().clone()
+    moved[:, 2] += torch.randn(16)  # not a constant shift: the LayerNorm would remove that
+    diff = (head.predict(moved) - pred).abs().amax(dim=(0, 2))
+    assert diff[2] > 1e-3 and diff[[0, 1, 3, 4]].max().item() == 0.0
+    target, pad = torch.randn(3, 5, 4), torch.zeros(3, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    loss = head.loss(h, target, pad)
+    assert loss.item() == pytest.approx(masked_mse(pred, target, pad).item(), rel=1e-6)
     loss.backward()
-    assert head.step.grad is not None
+    # the step embedding is added to every sample's state h: its gradient is the batch sum of dL/dh
+    torch.testing.assert_close(head.step.grad, h.grad.sum(0), rtol=1e-5, atol=1e-7)
+    assert h.grad[1, 3:].abs().max().item() == 0.0  # padded steps get no gradient
 
 
 def test_world_loss_is_one_minus_cosine_over_valid_steps():
@@ -46,15 +66,32 @@ def test_world_loss_is_one_minus_cosine_over_valid_steps():
 
 
 def test_prophet_shapes_and_delta_mode():
+    torch.manual_seed(0)
     p = Prophet(latent_dim=8, history=4, future=3, width=16, layers=1, heads=2)
-    assert p(torch.randn(2, 4, 8)).shape == (2, 3, 8)
+    z = torch.randn(2, 4, 8)
+    assert p(z).shape == (2, 3, 8)
     d = Prophet(latent_dim=8, history=4, future=3, width=16, layers=1, heads=2, delta=True)
     torch.nn.init.zeros_(d.out.weight)
     torch.nn.init.zeros_(d.out.bias)
-    z = torch.randn(2, 4, 8)
     torch.testing.assert_close(d(z), z[:, -1:].expand(-1, 3, -1))
+    # with the same weights, delta mode is the plain prediction plus z_t
+    d.load_state_dict(p.state_dict())
+    torch.testing.assert_close(d(z), p(z) + z[:, -1:], rtol=0, atol=1e-6)
+    # a zero output layer predicts its bias, whatever the history
+    torch.nn.init.zeros_(d.out.weight)
+    d.delta = False
+    torch.testing.assert_close(d(z), d.out.bias.expand(2, 3, 8))
+    # each sample's prediction is its own: a batch of 2 gives what each sample gives alone
+    torch.testing.assert_close(p(z)[1:], p(z[1:]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="expects 4 history"):
         p(torch.randn(2, 3, 8))
+    with pytest.raises(ValueError, match="built without a context input"):
+        p(z, torch.randn(2, 16))
+    c = Prophet(latent_dim=8, history=4, future=3, width=16, layers=1, heads=2, context_dim=12)
+    with pytest.raises(ValueError, match="built with a context input"):
+        c(z)
+    context = torch.randn(2, 12)
+    assert not torch.allclose(c(z, context), c(z, context + 1.0))  # the context reaches the prediction
 
 
 def test_prophet_learns_a_toy_dynamics():
@@ -90,18 +127,40 @@ def test_injection_is_identity_at_init_and_the_gate_gets_gradient():
     out = inj(act, memory)
     assert torch.equal(out, act) and inj.gate_value == 0.0
     out.pow(2).sum().backward()
-    assert inj.gate.grad is not None and inj.gate.grad.abs().item() > 0
+    # closed form: d out / d gate = (1 - tanh(0)^2) attn = attn and dL/d out = 2 out = 2 act, so the gate's
+    # gradient is <2 act, attn> with attn = CrossAttn(LN(act), proj(memory))
+    with torch.no_grad():
+        kv = inj.memory_proj(memory)
+        attn, _ = inj.attn(inj.norm(act), kv, kv, need_weights=False)
+        expected = (2 * act * attn).sum()
+    assert expected.abs().item() > 1e-3
+    assert inj.gate.grad.item() == pytest.approx(expected.item(), rel=1e-5)
     # at gate 0 the attention weights get no gradient yet; they start learning once the gate opens
     assert inj.attn.in_proj_weight.grad.abs().max().item() == 0.0
     with torch.no_grad():
         inj.gate.fill_(0.5)
-    assert not torch.allclose(inj(act, memory), act)
+        torch.testing.assert_close(inj(act, memory), act + math.tanh(0.5) * attn)
+    assert inj.gate_value == pytest.approx(math.tanh(0.5))
 
 
-def test_alignment_loss_shapes():
+def test_alignment_loss_is_one_minus_the_cosine_of_the_projected_fut_states():
+    torch.manual_seed(0)
     al = FutureAlignment(hidden_size=16, latent_dim=8, layer=1)
-    loss, cos = al.loss(torch.randn(2, 3, 16), torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool))
-    assert loss.ndim == 0 and -1 <= cos.item() <= 1
+    fut_h, z_future = torch.randn(2, 3, 16), torch.randn(2, 4, 8)
+    valid = torch.tensor([[True, True, False, True], [True, False, True, True]])
+    loss, cos = al.loss(fut_h, z_future, valid)
+    # independent computation: cosine of MLP(fut_h) with the first M=3 future latents, over their valid steps
+    per_step = torch.nn.functional.cosine_similarity(al.mlp(fut_h), z_future[:, :3], dim=-1)
+    expected = per_step[valid[:, :3]].mean()
+    assert cos.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert loss.item() == pytest.approx(1 - expected.item(), abs=1e-6)
+    changed = z_future.clone()
+    changed[:, 3] = 100.0  # beyond the M FUT tokens
+    changed[0, 2] = -changed[0, 2]  # masked out
+    assert al.loss(fut_h, changed, valid)[0].item() == pytest.approx(loss.item(), abs=1e-6)
+    target = torch.cat([al.mlp(fut_h).detach() * 3.0, z_future[:, 3:]], dim=1)  # same directions: cos 1
+    loss0, cos0 = al.loss(fut_h, target, valid)
+    assert loss0.item() == pytest.approx(0.0, abs=1e-6) and cos0.item() == pytest.approx(1.0, abs=1e-6)
 
 
 def test_corruption_modes():

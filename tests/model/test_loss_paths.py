@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from fplus.errors import FplusError
-from fplus.model.backbone import build_tiny, save_backbone
-from fplus.model.policy import FPlusPolicy, PolicyConfig
+from fplus.model.backbone import save_backbone
+from fplus.model.config import PolicyConfig
+from fplus.model.policy import FPlusPolicy
+from fplus.model.tiny import build_tiny
 from fplus.settings import load_settings
 from tests.model.test_policy import STATS, make_batch
 
@@ -49,9 +51,9 @@ def test_every_active_loss_reaches_its_trainable_path(deep_backbone, profile, fi
             assert not trainable
         if finetune == "lora":
             assert trainable and all("lora_" in n for n in trainable)
-        terms, _ = policy.losses(make_batch(), p_oracle=0.5)
-        expected = {"l_action"} | ({"l_world"} if config.prophet else set()) | (
-            {"l_text"} if config.coc else set()) | ({"l_align"} if config.flare_align else set())
+        terms, _ = policy.losses(policy.processor(make_batch(), with_coc=True), p_oracle=0.5)
+        expected = {"l_action"} | ({"l_world"} if config.model.prophet else set()) | (
+            {"l_text"} if config.model.coc else set()) | ({"l_align"} if config.model.flare_align else set())
         assert set(terms) == expected, experiment
         rows = policy.token_rows
         act = [rows.ids.tolist().index(i) for i in policy.backbone.act_token_ids]
@@ -76,8 +78,8 @@ def test_every_active_loss_reaches_its_trainable_path(deep_backbone, profile, fi
                 assert (row_grad[fut] > 0).all() and g["align.mlp.1.weight"] > 0, where
                 if finetune == "lora":  # an adapted layer at or below ALIGN_LAYER
                     layers = {int(n.split("layers.")[1].split(".")[0]) for n in backbone_hit}
-                    assert min(layers) + 1 <= config.align_layer, where
-        if config.injection:
+                    assert min(layers) + 1 <= config.model.align_layer, where
+        if config.model.injection:
             g = grads_of(policy, terms["l_action"])
             assert g["injection.gate"] > 0
         # only the added rows of the vocabulary train under lora/frozen: the embedding matrix stays frozen
@@ -92,7 +94,7 @@ def test_align_layer_below_the_lora_layers_is_a_config_error(deep_backbone):
     with pytest.raises(FplusError, match=r"ALIGN_LAYER=10 is below the first LoRA layer 21 .*LORA_LAYERS >= 19"):
         FPlusPolicy.build(config, STATS, "action", "observation.state")
     # the old profile defaults (ALIGN_LAYER unset = middle layer 14, LoRA on the last 8) fail the same way
-    unset = PolicyConfig(**{**config.__dict__, "align_layer": None})
+    unset = config.model_copy(update={"model": config.model.model_copy(update={"align_layer": None})})
     with pytest.raises(FplusError, match=r"ALIGN_LAYER=14 \(unset: the middle layer\) is below"):
         unset.check_loss_paths(28)
     for profile in ("l40s", "h100"):  # the shipped profiles pass with the real depth of Qwen3-VL-2B
@@ -101,6 +103,7 @@ def test_align_layer_below_the_lora_layers_is_a_config_error(deep_backbone):
 
 
 def test_e1_without_a_path_to_the_actions_is_a_config_error():
-    with pytest.raises(FplusError, match="never reaches the actions"):
-        PolicyConfig(backbone="tiny", action_dim=4, action_horizon=4, image_size=64, world_dim=8, prophet=True,
-                     prophet_context=False)
+    with pytest.raises(FplusError, match="PROPHET_CONTEXT=false: L_world would train a side model that never "
+                                         "reaches the actions"):
+        load_settings(None, {"BACKBONE": "tiny", "PROPHET": "true", "PROPHET_CONTEXT": "false"}, environ={},
+                      dotenv=None)

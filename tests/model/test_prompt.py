@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from fplus.errors import FplusError
-from fplus.model.backbone import IM_END, load_backbone
+from fplus.model.backbone import load_backbone
+from fplus.model.chat import IM_END
 from fplus.model.prompt import IGNORE, PromptBatch, PromptBuilder
 
 H, M = 8, 4

@@ -235,12 +235,29 @@ def test_collected_numbers_equal_the_inputs(reported):
     assert sim["tasks"]["push-v3"]["oracle"]["successes"] is None
 
 
-def test_files_exist_and_plots_are_valid_pngs(reported):
+def _pixels_of(png: Path, colour: str) -> int:
+    """How many pixels of `png` have exactly the colour `colour` ("#rrggbb")."""
+    import numpy as np
     from PIL import Image
 
-    _, files, data = reported
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    with Image.open(png) as im:
+        return int((np.asarray(im.convert("RGB")) == rgb).all(-1).sum())
+
+
+def test_files_exist_and_plots_are_valid_pngs(reported):
+    from matplotlib.colors import to_hex
+    from PIL import Image
+
+    from fplus.report import plots
+
+    runs, files, data = reported
     for f in (files.markdown, files.html, files.json):
         assert f.is_file() and f.stat().st_size > 0
+    # report.json is the collected numbers (an independent collect of the same runs) plus the report's own keys
+    assert set(data) - set(c.collect(runs)) == {"generated", "fplus_version", "notes", "plots"}
+    assert {k: v for k, v in data.items() if k not in ("generated", "fplus_version", "notes", "plots")} == \
+        json.loads(json.dumps(c.collect(runs)))
     names = sorted(p.name for p in files.plots)
     assert names == ["delta_vs_gate.png", "gate.png", "losses.png", "success-metaworld.png", "world_cosine.png"]
     assert data["plots"] == [f"plots/{p.name}" for p in files.plots]
@@ -250,6 +267,14 @@ def test_files_exist_and_plots_are_valid_pngs(reported):
             im.verify()
         with Image.open(png) as im:
             assert im.format == "PNG" and im.width > 300 and im.height > 200
+    # what is drawn: one line per run in its colour; the gate figure has E2 and E4 (E0 has no gate)
+    by_name = {png.name: png for png in files.plots}
+    colour = [to_hex(plots.run_color(i)) for i in range(3)]  # E0, E2, E4
+    assert all(_pixels_of(by_name["losses.png"], colour[i]) > 100 for i in range(3))
+    gate = [_pixels_of(by_name["gate.png"], colour[i]) for i in range(3)]
+    assert gate[0] == 0 and gate[1] > 100 and gate[2] > 100, gate
+    for line in ("prophet", "copy"):  # the world cosine figure: the Prophet and its copy-last baseline
+        assert _pixels_of(by_name["world_cosine.png"], plots.WORLD_LINES[line][1]) > 100, line
 
 
 def test_markdown_and_html_sections(reported):
@@ -329,7 +354,10 @@ def test_not_a_run_directory_is_a_clear_error(tmp_path, kind):
         path.mkdir()
         (path / "config.json").write_text("{not json")
     expected = {"missing": "does not exist", "file": "is not a run directory", "empty": r"config.json missing\)$",
-                "parent": "contains the runs E0, E2: pass those", "bad-json": "cannot read the run configuration"}
+                "parent": "contains the runs E0, E2: pass those",
+                "bad-json": rf"^the run configuration {re.escape(str(path / 'config.json'))} is not valid JSON: line 1 "
+                            r"column 2: .*; restore it \(it is written once, when the run starts\) or start the run "
+                            r"again in a new directory$"}
     with pytest.raises(FplusError, match=expected[kind]):
         write_report([path], tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written before the inputs are checked
@@ -376,6 +404,13 @@ def test_cli(tmp_path):
                          text=True, env={**env, "COLUMNS": "200"}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "plots" / "losses.png").is_file()
+    # the command writes what the library writes for the same runs (all but the time stamp)
+    library = json.loads(write_report(runs, tmp_path / "lib").json.read_text())
+    command = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert {k: v for k, v in command.items() if k != "generated"} == \
+        {k: v for k, v in library.items() if k != "generated"}
+    assert (tmp_path / "rep" / "report.md").read_text() == \
+        (tmp_path / "lib" / "report.md").read_text().replace(library["generated"], command["generated"])
     assert "n/a E4: training not complete (step 80 of 120)" in out.stdout and "5 plot(s)" in out.stdout
     bad = subprocess.run([FPLUS, "report", str(tmp_path), "--out", str(tmp_path / "rep2")], capture_output=True,
                          text=True, env=env, timeout=60)

