@@ -199,7 +199,7 @@ def estimate_memory_gib(settings: Settings) -> tuple[float, str]:
             config = AutoConfig.from_pretrained(source).get_text_config()
             hidden, layers = config.hidden_size, config.num_hidden_layers
             params = 12 * hidden**2 * layers + config.vocab_size * hidden * 2
-        except Exception:  # noqa: BLE001 -- offline or unknown: say so instead of guessing
+        except (OSError, ValueError, KeyError):  # offline/not cached, or not a model: say so instead of guessing
             return float("nan"), f"unknown size of {source} (offline?)"
     bytes_per = 2 if m.precision == "bf16" else 4
     weights = params * bytes_per
@@ -244,7 +244,7 @@ def backbone_layers(name: str) -> int | None:
         from transformers import AutoConfig
 
         return int(AutoConfig.from_pretrained(source).get_text_config().num_hidden_layers)
-    except Exception:  # noqa: BLE001 -- offline or not a model: the check says it could not tell
+    except (OSError, ValueError, KeyError):  # offline/not cached, or not a model: the check says it could not tell
         return None
 
 

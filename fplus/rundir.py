@@ -39,6 +39,8 @@ CHECKPOINTS = "checkpoints"
 OFFLINE_RE = re.compile(r"^offline-step-(?P<step>\d+)\.json$")
 SIM_RE = re.compile(r"^sim-(?P<sim>[A-Za-z0-9_.]+)-step-(?P<step>\d+)\.json$")
 CHECKPOINT_RE = re.compile(r"^step-(?P<step>\d+)$")
+REMOVED_SETTINGS = frozenset({"CORRUPTION"})
+"""Settings that earlier fplus versions recorded in config.json and that no longer exist (never read): ignored."""
 _FIX = "restore it (it is written once, when the run starts) or start the run again in a new directory"
 
 
@@ -90,7 +92,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def settings_from_config(config: dict[str, Any], run_dir: Path) -> Settings:
     """The settings recorded in a run's config.json (`settings`, flat names), resolved with nothing else."""
-    flat = config["settings"]
+    flat = {k: v for k, v in config["settings"].items() if k not in REMOVED_SETTINGS}
     try:
         return load_settings(None, {k: v for k, v in flat.items() if v is not None}, environ={}, dotenv=None)
     except FplusError as err:

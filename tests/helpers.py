@@ -69,3 +69,15 @@ def policy_config(*, action_dim: int, state_dim: int | None = None, world_dim: i
     return PolicyConfig(model=ModelSettings(**{"finetune": "full", **model}), action_dim=action_dim,
                         state_dim=state_dim, world_dim=world_dim, history=history, future=future, coc_mode=coc_mode,
                         init_seed=init_seed)
+
+
+def run_cli(*args: str, env: dict | None = None):
+    """`fplus ARGS` in this process through Typer's CliRunner (stdout and stderr apart, wide columns; the data keys,
+    FPLUS_DEBUG and RANK of the test environment unset unless `env` sets them): the Result has exit_code, stdout,
+    stderr."""
+    from typer.testing import CliRunner
+
+    from fplus.cli.main import app
+
+    unset = {"IMAGE_KEY": None, "INSTRUCTION_KEY": None, "FPLUS_DEBUG": None, "RANK": None}
+    return CliRunner().invoke(app, [str(a) for a in args], env={**unset, "COLUMNS": "200", **(env or {})})

@@ -1,15 +1,11 @@
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fplus.doctor import estimate_memory_gib, run_checks
 from fplus.settings import load_settings, settings_to_flat
-from tests.helpers import toy_settings, write_toy_dataset
+from tests.helpers import run_cli, toy_settings, write_toy_dataset
 
 
 def checks_of(settings, *experiments):
@@ -69,11 +65,10 @@ def test_memory_estimate_of_a_hand_computed_case():
     assert estimate_memory_gib(tiny) == (0.1, "tiny backbone")
 
 
-def test_cli_exit_code(tmp_path):
-    fplus = str(Path(sys.executable).with_name("fplus"))
-    out = subprocess.run([fplus, "doctor", "--profile", "l40s"], capture_output=True, text=True, cwd=tmp_path,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}, timeout=120)
-    assert out.returncode == 1 and "check(s) failed" in out.stdout and "dataset" in out.stdout
+def test_cli_exit_code(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = run_cli("doctor", "--profile", "l40s", env={"HF_HUB_OFFLINE": "1"})
+    assert out.exit_code == 1 and "check(s) failed" in out.stdout and "dataset" in out.stdout
     # offline, the hub dataset cannot be opened, and l40s has no COC_JSONL with MATRIX_MISSING_COC=error
     summary = re.search(r"^(\d+) check\(s\) failed: (.+)$", out.stdout, re.MULTILINE)
     assert summary, out.stdout

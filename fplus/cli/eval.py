@@ -54,10 +54,10 @@ def eval_command(
     modes = MODES if corruption == "all" else tuple(m.strip() for m in corruption.split(",") if m.strip())
     console = Console()
     if run is None:
-        from fplus.rundir import run_dir_for
+        from fplus.rundir import run_dir_for, run_state
 
         run = run_dir_for(settings_from_cli(profile, EXPERIMENT=experiment))
-        if not (run / "config.json").is_file():
+        if run_state(run) == "new":
             raise CheckpointError(f"no run at {run}: pass RUN, or --profile/--experiment of a trained run "
                                   "(fplus train / fplus matrix make them)")
     if sim is not None:
@@ -65,11 +65,13 @@ def eval_command(
         from fplus.rundir import settings_from_run
 
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
+        if episodes is None or corrupted_episodes is None:  # the run's own EVAL_EPISODES[_CORRUPTED]
+            own = settings_from_run(run).eval
+            episodes, corrupted_episodes = episodes or own.episodes, corrupted_episodes or own.corrupted_episodes
         result, path = evaluate_closed_loop(
-            run, sim, [t.strip() for t in tasks.split(",")] if tasks else None,
-            episodes or settings_from_run(run).eval.episodes, chosen, n_action_steps, max_steps, checkpoint,
-            video_dir=video, console=console, suite=suite, device=device,
-            corrupted_episodes=corrupted_episodes or settings_from_run(run).eval.corrupted_episodes)
+            run, sim, [t.strip() for t in tasks.split(",")] if tasks else None, episodes, chosen, n_action_steps,
+            max_steps, checkpoint, video_dir=video, console=console, suite=suite, device=device,
+            corrupted_episodes=corrupted_episodes)
         console.print(results_table(result))
         console.print(f"wrote {path}", markup=False)
         return

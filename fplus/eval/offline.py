@@ -34,7 +34,8 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     split = Split.load(run.split_path)
     samples = PolicySamples(ds, keys, split.val, policy.config.model.action_horizon, policy.config.history,
                             policy.config.future, latents=opened.latents())
-    evaluated = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches)
+    evaluated = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches,
+                               num_workers=settings.train.num_workers)
     results = evaluated["modes"]
     result = {"run": str(run.dir), "experiment": settings.train.experiment, "step": run.step,
               "gate": policy.injection.gate_value if policy.injection is not None else None,

@@ -97,25 +97,22 @@ def build_tiny_image_processor() -> Any:
 
 # Sizes of full Qwen3-VL architectures (from their released configs), built with random weights for speed and
 # memory measurements without downloading them: `random-qwen3-vl-2b`, `random-qwen3-vl-4b`.
+def _qwen3vl_sizes(hidden: int, intermediate: int, layers: int, heads: int) -> tuple[dict, dict]:
+    """(text, vision) config of a released Qwen3-VL size; the vision tower is the same for 2B and 4B."""
+    text = {"vocab_size": 151936, "hidden_size": hidden, "intermediate_size": intermediate,
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 8, "head_dim": 128,
+            "max_position_embeddings": 262144,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                "mrope_interleaved": True}}
+    vision = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
+              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden,
+              "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]}
+    return text, vision
+
+
 RANDOM_SIZES: dict[str, tuple[dict, dict]] = {
-    "random-qwen3-vl-2b": (
-        {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                             "mrope_interleaved": True}},
-        {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
-         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2048,
-         "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
-    ),
-    "random-qwen3-vl-4b": (
-        {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 262144,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                             "mrope_interleaved": True}},
-        {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
-         "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": 2560,
-         "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
-    ),
+    "random-qwen3-vl-2b": _qwen3vl_sizes(hidden=2048, intermediate=6144, layers=28, heads=16),
+    "random-qwen3-vl-4b": _qwen3vl_sizes(hidden=2560, intermediate=9728, layers=36, heads=32),
 }
 
 

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 from fplus import batch as K
 from fplus.data.lerobot import DataKeys, LeRobotDataset
 from fplus.data.windows import episode_bounds, sample_windows
+from fplus.errors import DataError
 
 
 class FrameStore:
@@ -162,3 +163,28 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_process() - self.start
+
+
+def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std (D,) float32 of the raw world latents (N, D) over the frames of `episodes`
+    (the training split): the standardisation every path applies (DESIGN 4). Accumulated in float64."""
+    total = sq = None
+    n = 0
+    for e in episodes:
+        ep = ds.episode(e)
+        z = np.asarray(latents[ep.start:ep.stop], dtype=np.float64)
+        total = z.sum(0) if total is None else total + z.sum(0)
+        sq = (z * z).sum(0) if sq is None else sq + (z * z).sum(0)
+        n += len(z)
+    if not n:
+        raise DataError("no training frames to compute the world-latent statistics from")
+    mean = total / n
+    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
+
+
+def fits_in_ram(ds: LeRobotDataset, keys, budget_gb: float) -> bool:
+    """Whether every frame of the dataset's cameras, decoded, fits in `budget_gb` (FRAME_CACHE_GB)."""
+    cameras = [keys.image] + ([keys.wrist_image] if keys.wrist_image else [])
+    need = sum(FrameStore.estimate_bytes(ds, k, [e.index for e in ds.episodes]) for k in cameras)
+    return need <= budget_gb * 2**30

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import shutil
 import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -36,74 +35,29 @@ from torch.utils.data import DataLoader
 from fplus import checkpoint as ckpt
 from fplus.data.lerobot import LeRobotDataset, keys_from_settings
 from fplus.data.split import Split, split_episodes
-from fplus.errors import CheckpointError, ConfigError, DataError, FplusError
+from fplus.errors import CheckpointError, ConfigError, FplusError
 from fplus.experiments import Experiment
 from fplus.io import write_text_atomic
 from fplus.model.config import PolicyConfig
 from fplus.model.corruption import MODES
 from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy
-from fplus.rundir import COMPLETE, CONFIG, LATENT_STATS, METRICS, SPLIT, settings_from_run
+from fplus.rundir import COMPLETE, CONFIG, LATENT_STATS, METRICS, SPLIT, load_run
 from fplus.settings import Settings, settings_to_flat
-from fplus.train.data import Collate, EpochSampler, PolicySamples
+from fplus.train.data import Collate, EpochSampler, PolicySamples, fits_in_ram, latent_stats
+from fplus.train.state import (
+    TrainingAborted,
+    TrainingInterrupted,
+    TrainProgress,
+    lr_lambda,
+    p_oracle_at,
+    rng_state,
+    set_rng_state,
+    truncate_metrics,
+)
 
 LOSS_TERMS = ("loss", *LOSS_WEIGHTS)
 """The loss terms of a train step's metrics (the total and each of FPlusPolicy.losses), checked for finiteness."""
 NONFINITE_HINT = "Check the data (fplus data info) and the latents (fplus doctor), or set NONFINITE=skip"
-
-
-class TrainingInterrupted(SystemExit):
-    """SIGINT/SIGTERM stopped training after a step and its checkpoint: exit status 128 + the signal number."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(128 + signum)
-        self.signum, self.message = signum, message
-
-
-class TrainingAborted(TrainingInterrupted):
-    """A second signal (or one during setup) stopped training at once: the step in progress is lost."""
-
-
-def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and std (D,) float32 of the raw world latents (N, D) over the frames of `episodes`
-    (the training split): the standardisation every path applies (DESIGN 4). Accumulated in float64."""
-    total = sq = None
-    n = 0
-    for e in episodes:
-        ep = ds.episode(e)
-        z = np.asarray(latents[ep.start:ep.stop], dtype=np.float64)
-        total = z.sum(0) if total is None else total + z.sum(0)
-        sq = (z * z).sum(0) if sq is None else sq + (z * z).sum(0)
-        n += len(z)
-    if not n:
-        raise DataError("no training frames to compute the world-latent statistics from")
-    mean = total / n
-    std = np.sqrt(np.maximum(sq / n - mean * mean, 0.0) * n / max(n - 1, 1))
-    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(std.astype(np.float32))
-
-
-@dataclass
-class TrainProgress:
-    """Where training stands: optimiser steps done, current epoch, micro-batches of this epoch consumed."""
-
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    skipped_nonfinite: int = 0  # steps whose batch was skipped for a non-finite loss or gradient (NONFINITE=skip)
-
-
-def p_oracle_at(step: int, total: int, start: float, end: float) -> float:
-    """Scheduled sampling: linear from `start` at step 0 to `end` at the last step."""
-    return start + (end - start) * min(1.0, step / max(1, total - 1))
-
-
-def lr_lambda(warmup: int, total: int, min_ratio: float):
-    """Linear warm-up to 1, then cosine decay to `min_ratio` at `total` steps."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 class TrainRecipe:
@@ -128,7 +82,7 @@ class TrainRecipe:
         self._saved_step: int | None = None
         self.logger = None
         if resume:
-            stored = settings_from_run(self.run_dir)
+            stored = load_run(self.run_dir, checkpoint=False).settings  # checked against the recorded policy
             if settings_to_flat(stored) != settings_to_flat(settings):
                 changed = [k for k, v in settings_to_flat(settings).items() if settings_to_flat(stored)[k] != v]
                 self._print(f"resuming with the run's own settings; ignoring current differences in "
@@ -191,7 +145,7 @@ class TrainRecipe:
                      "mean": mean.tolist(), "std": std.tolist()}))
         self.policy_config = policy.config  # with the backbone's resolved revision
 
-        preload = _fits(ds, self.keys, s.train.frame_cache_gb)
+        preload = fits_in_ram(ds, self.keys, s.train.frame_cache_gb)
         window = dict(horizon=config.model.action_horizon, history=config.history, future=config.future,
                       latents=latents)
         self.train_set = PolicySamples(ds, self.keys, self.split.train, coc=coc, preload=preload, **window)
@@ -539,7 +493,7 @@ class TrainRecipe:
             return out
         with self.accelerator.autocast():
             results = evaluate_modes(policy, self.val_set, MODES, self.settings.train.batch_size,
-                                     self.settings.train.val_batches)
+                                     self.settings.train.val_batches, num_workers=self.settings.train.num_workers)
         for mode, r in results["modes"].items():
             out[f"val_mse_{mode}"] = r["mse_norm"]
         for key, value in (results["world"] or {}).items():
@@ -566,7 +520,7 @@ class TrainRecipe:
                 tmp = ckpt.begin(self.run_dir, step)
             acc.wait_for_everyone()
             writing = tmp / f"rng-{acc.process_index}.pt"
-            torch.save(_rng_state(self.generator), writing)
+            torch.save(rng_state(self.generator), writing)
             if acc.is_main_process:
                 writing = tmp / "policy"
                 acc.unwrap_model(self.model).save(writing)
@@ -608,7 +562,7 @@ class TrainRecipe:
                 warn(f"moved the unusable checkpoint {bad.name} aside to {ckpt.set_aside(bad)} (delete it when "
                      "you no longer need it)")
         if path is None:
-            dropped = _truncate_metrics(self.run_dir / METRICS, -1) if acc.is_main_process else 0
+            dropped = truncate_metrics(self.run_dir / METRICS, -1) if acc.is_main_process else 0
             self._print("no usable checkpoint: starting from step 0"
                         + (f"; dropped the {dropped} metric line(s) of the earlier attempt from {METRICS}"
                            if dropped else ""))
@@ -624,10 +578,10 @@ class TrainRecipe:
         rng = path / f"rng-{acc.process_index}.pt"
         if not rng.is_file():
             raise CheckpointError(f"{path} was written by fewer processes; resume with the same number of processes")
-        _set_rng_state(torch.load(rng, weights_only=False), self.generator)
+        set_rng_state(torch.load(rng, weights_only=False), self.generator)
         self._saved_step = self.progress.step
         if acc.is_main_process:
-            dropped = _truncate_metrics(self.run_dir / METRICS, self.progress.step)
+            dropped = truncate_metrics(self.run_dir / METRICS, self.progress.step)
             if dropped:
                 self._print(f"dropped {dropped} metric line(s) after step {self.progress.step} from {METRICS} "
                             "(they are written again)")
@@ -648,51 +602,3 @@ class TrainRecipe:
                              "then resume the run (--resume)") from err
         if self.logger is not None:
             self.logger.log({k: v for k, v in record.items() if v is not None})
-
-
-def _fits(ds: LeRobotDataset, keys, budget_gb: float) -> bool:
-    from fplus.train.data import FrameStore
-
-    cameras = [keys.image] + ([keys.wrist_image] if keys.wrist_image else [])
-    need = sum(FrameStore.estimate_bytes(ds, k, [e.index for e in ds.episodes]) for k in cameras)
-    return need <= budget_gb * 2**30
-
-
-def _rng_state(generator: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict, generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _truncate_metrics(path: Path, step: int) -> int:
-    """Drop metric lines written after `step` (they will be written again by the resumed run; step -1: all of
-    them), and lines that are not JSON (a write cut off by a kill). Returns how many lines were dropped."""
-    if not path.is_file():
-        return 0
-    kept, dropped = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            keep = isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step
-        except json.JSONDecodeError:
-            keep = False
-        if keep:
-            kept.append(line)
-        else:
-            dropped += 1
-    if dropped:
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-    return dropped

@@ -16,7 +16,8 @@ from rich.markup import escape
 from fplus.errors import FplusError
 from fplus.rundir import COMPLETE, CONFIG, read_run_config
 from fplus.settings import Settings
-from fplus.train.recipe import TrainingInterrupted, TrainProgress, TrainRecipe
+from fplus.train.recipe import TrainRecipe
+from fplus.train.state import TrainingInterrupted, TrainProgress
 
 
 def _main_process() -> bool:

@@ -22,7 +22,7 @@ from huggingface_hub.errors import (
 from typer.testing import CliRunner
 
 from fplus.cli.main import app
-from fplus.data.lerobot import resolve_root
+from fplus.data.hub import resolve_root
 from fplus.errors import DataError
 
 REPO = "some-user/some-dataset"

@@ -1,8 +1,4 @@
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +10,7 @@ from fplus.rundir import run_dir_for
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
 from fplus.train.validation import evaluate_modes
-from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
+from tests.helpers import compute_toy_latents, run_cli, toy_settings, write_toy_dataset
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +98,8 @@ def test_evaluate_run_writes_all_modes_from_the_runs_own_config(e2_run, monkeypa
 
 def test_cli_prints_one_table_with_all_six_modes(e2_run):
     _, run_dir = e2_run
-    fplus = str(Path(sys.executable).with_name("fplus"))
-    out = subprocess.run([fplus, "eval", str(run_dir), "--corruption", "all"], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "200"}, timeout=120)
-    assert out.returncode == 0, out.stderr
+    out = run_cli("eval", run_dir, "--corruption", "all")
+    assert out.exit_code == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
     assert [r.split("│")[1].strip() for r in rows] == list(MODES)
     assert ckpt.latest_valid(run_dir).name == "step-000006"

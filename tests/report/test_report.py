@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 from fplus.errors import FplusError
 from fplus.report import collect as c
 from fplus.report.report import write_report
+from tests.helpers import run_cli
 
 FPLUS = str(Path(sys.executable).with_name("fplus"))
 ALL_MODES = ("none", "zero", "random", "shuffle", "oracle", "history")
@@ -399,10 +399,8 @@ def test_modes_match_the_corruption_module():
 
 def test_cli(tmp_path):
     runs = make_runs(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k != "FPLUS_DEBUG"}
-    out = subprocess.run([FPLUS, "report", *map(str, runs), "--out", str(tmp_path / "rep")], capture_output=True,
-                         text=True, env={**env, "COLUMNS": "200"}, timeout=60)
-    assert out.returncode == 0, out.stderr
+    out = run_cli("report", *runs, "--out", tmp_path / "rep")
+    assert out.exit_code == 0, out.stderr
     assert (tmp_path / "rep" / "report.html").is_file() and (tmp_path / "rep" / "plots" / "losses.png").is_file()
     # the command writes what the library writes for the same runs (all but the time stamp)
     library = json.loads(write_report(runs, tmp_path / "lib").json.read_text())
@@ -412,9 +410,8 @@ def test_cli(tmp_path):
     assert (tmp_path / "rep" / "report.md").read_text() == \
         (tmp_path / "lib" / "report.md").read_text().replace(library["generated"], command["generated"])
     assert "n/a E4: training not complete (step 80 of 120)" in out.stdout and "5 plot(s)" in out.stdout
-    bad = subprocess.run([FPLUS, "report", str(tmp_path), "--out", str(tmp_path / "rep2")], capture_output=True,
-                         text=True, env=env, timeout=60)
-    assert bad.returncode == 1
+    bad = run_cli("report", tmp_path, "--out", tmp_path / "rep2")
+    assert bad.exit_code == 1
     err = bad.stderr.strip()
     assert len(err.splitlines()) == 1 and "is not a run directory" in err and "contains the runs E0, E2, E4" in err
 

@@ -16,8 +16,9 @@ from fplus import checkpoint as ckpt
 from fplus.errors import FplusError
 from fplus.model.corruption import MODES
 from fplus.rundir import METRICS, run_dir_for, run_state, settings_from_run
-from fplus.train.recipe import TrainRecipe, lr_lambda, p_oracle_at
+from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
+from fplus.train.state import lr_lambda, p_oracle_at
 from tests.helpers import toy_settings, write_toy_dataset
 
 

@@ -24,8 +24,9 @@ from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
 from fplus.rundir import METRICS, run_dir_for, run_state, settings_from_run
 from fplus.settings import settings_to_flat
-from fplus.train.recipe import TrainingInterrupted, TrainRecipe
+from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
+from fplus.train.state import TrainingInterrupted
 from tests.helpers import toy_settings
 
 COMMON = dict(EXPERIMENT="E2", MAX_STEPS=8, SAVE_EVERY=2, BATCH_SIZE=2, KEEP_LAST=5)

@@ -16,6 +16,7 @@ from fplus.data.writer import LeRobotWriter
 from fplus.errors import FplusError
 from fplus.world.cache import CONTENT_HASH, LATENTS, PROGRESS, compute_latents, load_latents, read_manifest
 from fplus.world.encoders import build_encoder
+from tests.helpers import run_cli
 
 KEY = "observation.images.image"
 
@@ -180,14 +181,12 @@ def test_manifest_mismatches_fail_clearly(tmp_path, libero_fixture):
 
 
 def test_cli_latents_and_info(libero_fixture, tmp_path):
-    fplus = str(Path(sys.executable).with_name("fplus"))
-    args = [fplus, "latents", "--dataset", str(libero_fixture), "--image-key", KEY, "--source", "dino",
-            "--encoder", "tiny", "--cache-dir", str(tmp_path / "c"), "--batch-size", "16"]
-    env = {**os.environ, "COLUMNS": "200"}
-    first = subprocess.run(args, capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stderr
+    args = ["latents", "--dataset", str(libero_fixture), "--image-key", KEY, "--source", "dino",
+            "--encoder", "tiny", "--cache-dir", str(tmp_path / "c"), "--batch-size", "16", "--device", "cpu"]
+    first = run_cli(*args)
+    assert first.exit_code == 0, first.stderr
     assert "computed: 48 frames" in first.stdout
-    second = subprocess.run(args, capture_output=True, text=True, env=env)
+    second = run_cli(*args)
     assert "already complete" in second.stdout
     entry = next((tmp_path / "c").rglob("manifest.json")).parent
     # the command computes what the library computes, byte for byte
@@ -195,7 +194,7 @@ def test_cli_latents_and_info(libero_fixture, tmp_path):
                               progress=False)
     assert (entry / LATENTS).read_bytes() == (library.entry / LATENTS).read_bytes()
     assert read_manifest(entry)[CONTENT_HASH] == read_manifest(library.entry)[CONTENT_HASH]
-    info = subprocess.run([fplus, "latents", "info", str(entry)], capture_output=True, text=True, env=env)
-    assert info.returncode == 0 and "num_frames" in info.stdout and " 48 " in info.stdout
-    bad = subprocess.run([*args[:5], "observation.images.top"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 1 and "IMAGE_KEY='observation.images.top' is not in the dataset" in bad.stderr
+    info = run_cli("latents", "info", str(entry))
+    assert info.exit_code == 0 and "num_frames" in info.stdout and " 48 " in info.stdout
+    bad = run_cli(*args[:4], "observation.images.top")
+    assert bad.exit_code == 1 and "IMAGE_KEY='observation.images.top' is not in the dataset" in bad.stderr
