@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-libero demo test lint clean-demo lerobot-compat
+.PHONY: install install-libero demo test lint clean-demo lerobot-compat openpi-client
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,12 +31,18 @@ demo: install
 
 test: install-libero
 	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 \
-	  FPLUS_LEROBOT_VENV=$${FPLUS_LEROBOT_VENV:-$(CURDIR)/.lerobot-venv} $(BIN)/pytest -q
+	  FPLUS_LEROBOT_VENV=$${FPLUS_LEROBOT_VENV:-$(CURDIR)/.lerobot-venv} \
+	  FPLUS_OPENPI_VENV=$${FPLUS_OPENPI_VENV:-$(CURDIR)/.openpi-venv} $(BIN)/pytest -q
 
 # Optional: the lerobot library in its own venv, so that tests also check lerobot reads what fplus writes
 # (CI builds it; without it that one test is skipped with the reason). Needs apt for the FFmpeg libraries.
 lerobot-compat:
 	bash scripts/lerobot_compat_env.sh $(CURDIR)/.lerobot-venv
+
+# Optional: openpi's websocket client (openpi-client 0.1.2, numpy<2) in its own venv, so that tests also drive
+# `fplus serve` with the real client (CI builds it; without it tests/deploy/test_serve_openpi.py is skipped).
+openpi-client:
+	bash scripts/openpi_client_env.sh $(CURDIR)/.openpi-venv
 
 lint: install
 	$(BIN)/ruff check fplus tests

@@ -124,6 +124,18 @@ class ModelSettings(Section):
     lambda_world: float = env("LAMBDA_WORLD", 1.0, "weight of L_world = 1 - cos(z_pred, z_future)", ge=0)
     lambda_text: float = env("LAMBDA_TEXT", 0.1, "weight of the CoC text loss", ge=0)
     lambda_align: float = env("LAMBDA_ALIGN", 0.5, "weight of the FLARE alignment loss", ge=0)
+    action_head: Literal["mse", "flow"] = env("ACTION_HEAD", "mse", "action head: mse (an MLP per ACT state, MSE "
+                                              "loss) or flow (conditional flow matching over the chunk; RTC)")
+    flow_steps: int = env("FLOW_STEPS", 10, "flow head: Euler integration steps when sampling a chunk", ge=1)
+    flow_width: int = env("FLOW_WIDTH", 256, "flow head: width of the velocity network", ge=8)
+    flow_layers: int = env("FLOW_LAYERS", 2, "flow head: self-attention blocks over the chunk steps", ge=1)
+    flow_heads: int = env("FLOW_HEADS", 4, "flow head: attention heads (divides FLOW_WIDTH)", ge=1)
+    flow_time_dim: int = env("FLOW_TIME_DIM", 64, "flow head: size of the sinusoidal embedding of tau (even)", ge=2,
+                             multiple_of=2)
+    flow_tau: Literal["beta", "uniform"] = env("FLOW_TAU", "beta", "flow head: training distribution of tau "
+                                               "(0 noise, 1 data): beta = pi0's Beta(1.5, 1) towards noise, uniform")
+    rtc_max_guidance: float = env("RTC_MAX_GUIDANCE", 5.0, "RTC: clip beta of the prefix guidance weight (flow "
+                                  "head; paper default 5)", ge=0)
 
     @model_validator(mode="after")
     def _parts_fit(self) -> ModelSettings:
@@ -133,6 +145,8 @@ class ModelSettings(Section):
             raise ValueError("PROPHET=true with INJECTION=false and PROPHET_CONTEXT=false: L_world would train a "
                              "side model that never reaches the actions (E1 would equal E0); set "
                              "PROPHET_CONTEXT=true")
+        if self.action_head == "flow" and self.flow_width % self.flow_heads:
+            raise ValueError(f"FLOW_WIDTH={self.flow_width} is not a multiple of FLOW_HEADS={self.flow_heads}")
         return self
 
 
@@ -207,6 +221,25 @@ class RunSettings(Section):
     _csv = field_validator("experiments", mode="before")(_split_csv)
 
 
+class ServeSettings(Section):
+    """`fplus serve`: the websocket policy server (DESIGN 11) and which observation keys feed the run's inputs.
+
+    Read from the serving environment (profile, .env, environment, options), never from the run's config.json."""
+
+    host: str = env("SERVE_HOST", "127.0.0.1", "interface the policy server binds to (0.0.0.0: every interface)")
+    port: int = env("SERVE_PORT", 8000, "port of the policy server (0: any free port, printed at start)",
+                    ge=0, le=65535)
+    image_key: str = env("SERVE_IMAGE_KEY", "observation/image",
+                         "observation key of the main camera (uint8 H,W,3; feeds IMAGE_KEY)")
+    wrist_image_key: str = env("SERVE_WRIST_IMAGE_KEY", "observation/wrist_image",
+                               "observation key of the wrist camera (read when the run has a WRIST_IMAGE_KEY)")
+    state_key: str = env("SERVE_STATE_KEY", "observation/state",
+                         "observation key of the proprio state (read when the run has a STATE_KEY)")
+    prompt_key: str = env("SERVE_PROMPT_KEY", "prompt", "observation key of the task instruction (a string)")
+    max_message_mb: float = env("SERVE_MAX_MESSAGE_MB", 16.0, "largest observation message accepted, in MB "
+                                "(larger: an error reply; over twice this the connection is closed)", gt=0)
+
+
 class Settings(BaseSettings):
     """The whole settings tree. Build it with `load_settings`, never from a bare constructor in library code."""
 
@@ -219,6 +252,7 @@ class Settings(BaseSettings):
     eval: EvalSettings = EvalSettings()
     coc: CocSettings = CocSettings()
     run: RunSettings = RunSettings()
+    serve: ServeSettings = ServeSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fplus.cli.options import Device, Experiment, Profile, settings_from_cli
+from fplus.cli.options import Chunking, Device, Experiment, InferenceDelay, Profile, settings_from_cli
 
 
 def eval_command(
@@ -37,6 +37,8 @@ def eval_command(
                                                        "DEMO_MAX_STEPS, LIBERO: 280/280/300/520 by suite)")] = None,
     video: Annotated[Path | None, typer.Option(help="closed loop: write an MP4 of each task/mode's first episode")]
     = None,
+    inference_delay: InferenceDelay = None,
+    chunking: Chunking = None,
 ) -> None:
     """Evaluate a trained run with its own settings (config.json).
 
@@ -44,7 +46,9 @@ def eval_command(
     Offline (default): the run's validation episodes; one table, a row per corruption mode (normalised and raw
     action MSE, per-dimension MSE, world cosine); writes RUN/eval/offline-step-XXXXXX.json.
     Closed loop (--sim metaworld, or --sim libero --suite libero_spatial with the `libero` extra): success rate per
-    task and corruption mode with 95% intervals; writes RUN/eval/sim-<sim>-step-XXXXXX.json.
+    task and corruption mode with 95% intervals; writes RUN/eval/sim-<sim>-step-XXXXXX.json. With
+    --inference-delay / --chunking (comma lists: every pair) each latency setting is also rolled out under `none`:
+    success and smoothness per strategy and delay, in the file's `latency` section and a second table.
     """
     from rich.console import Console
 
@@ -53,6 +57,11 @@ def eval_command(
 
     modes = MODES if corruption == "all" else tuple(m.strip() for m in corruption.split(",") if m.strip())
     console = Console()
+    if sim is None and (inference_delay is not None or chunking is not None):
+        from fplus.errors import ConfigError
+
+        raise ConfigError("--inference-delay and --chunking schedule the chunks of the closed loop: add --sim "
+                          "metaworld (or libero)")
     if run is None:
         from fplus.rundir import run_dir_for, run_state
 
@@ -61,8 +70,12 @@ def eval_command(
             raise CheckpointError(f"no run at {run}: pass RUN, or --profile/--experiment of a trained run "
                                   "(fplus train / fplus matrix make them)")
     if sim is not None:
-        from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, results_table
+        from fplus.deploy.chunking import parse_delays, parse_strategies
+        from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, latency_table, results_table
         from fplus.rundir import settings_from_run
+
+        delays = parse_delays(inference_delay) if inference_delay is not None else 0
+        strategies = parse_strategies(chunking) if chunking is not None else "sync"
 
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
         if episodes is None or corrupted_episodes is None:  # the run's own EVAL_EPISODES[_CORRUPTED]
@@ -71,8 +84,11 @@ def eval_command(
         result, path = evaluate_closed_loop(
             run, sim, [t.strip() for t in tasks.split(",")] if tasks else None, episodes, chosen, n_action_steps,
             max_steps, checkpoint, video_dir=video, console=console, suite=suite, device=device,
-            corrupted_episodes=corrupted_episodes)
+            corrupted_episodes=corrupted_episodes, inference_delay=delays, chunking=strategies)
         console.print(results_table(result))
+        latency = latency_table(result)
+        if latency is not None:
+            console.print(latency)
         console.print(f"wrote {path}", markup=False)
         return
     from fplus.eval.offline import evaluate_run, results_table

@@ -4,6 +4,8 @@ environment, then the setting's own default), see `settings_from_cli`.
 
     Device   --device: cpu, cuda, cuda:1, ... or auto. Not given: the command's device setting where it has one
              (`fplus eval`: EVAL_DEVICE), else auto: cuda when available, else cpu.
+    InferenceDelay, Chunking   --inference-delay, --chunking: the chunk scheduler (fplus.deploy.chunking); comma
+             lists where a command sweeps them (`fplus eval --sim`). Not given: 0 and sync.
 """
 
 from __future__ import annotations
@@ -37,6 +39,27 @@ Device = Annotated[
     str | None,
     typer.Option("--device", help="torch device: auto, cpu, cuda, cuda:1, ... (default: the command's device "
                  "setting, e.g. EVAL_DEVICE, else auto: cuda when available)"),
+]
+
+Host = Annotated[
+    str | None,
+    typer.Option("--host", help="interface to bind: 127.0.0.1 (this machine only), 0.0.0.0 (every interface), an "
+                 "address (default: SERVE_HOST, 127.0.0.1)"),
+]
+Port = Annotated[
+    int | None,
+    typer.Option("--port", min=0, max=65535, help="TCP port, 0: any free one (default: SERVE_PORT, 8000)"),
+]
+
+InferenceDelay = Annotated[
+    str | None,
+    typer.Option("--inference-delay", help="inference delay d in control steps: the chunk requested at step t "
+                 "arrives at t + d (a comma list sweeps, e.g. 0,1,2; default 0)"),
+]
+Chunking = Annotated[
+    str | None,
+    typer.Option("--chunking", help="chunk scheduling while the next chunk is inferred: sync (wait), naive (switch "
+                 "to it late), rtc (inpaint the actions that run meanwhile); a comma list sweeps (default sync)"),
 ]
 
 

@@ -18,13 +18,35 @@ Corruption modes in closed loop:
 
 `none` runs EVAL_EPISODES per task; the other modes EVAL_EPISODES_CORRUPTED (default: as many), so that the
 baseline comparison gets a tight interval while the diagnostics stay cheap; the result says how many each used.
+
+Latency (DESIGN 11): the chunks are scheduled by `fplus.deploy.chunking` (the scheduler robots use), with an
+inference delay of d control steps simulated (the chunk requested at step t from o_t arrives at t + d; meanwhile
+the current chunk's actions continue) and a strategy: sync (the env is not stepped during inference: the
+evaluation of old, d = 0), naive (switch to the late chunk at its action d) or rtc (the policy inpaints the d
+actions that run during inference). The default, d = 0 sync, is the standard evaluation above. Given other settings
+(`inference_delay`, `chunking`: every pair of the two lists), each is rolled out under `none` with EVAL_EPISODES
+per task, on the same layouts, and the file gains a `latency` section (`latency_section`):
+
+    "latency": {"<strategy>": {"<d>": {"chunking", "inference_delay", "execution_horizon", "mode": "none",
+                                       "tasks": {task: cell}, "overall": cell}}}
+    cell = {"successes", "episodes", "rate", "ci95",                  success with the 95% Wilson interval
+            "smoothness": {"boundary", "within",                      mean |a_t - a_(t-1)| (mean over action dims,
+                           "boundary_transitions", "within_transitions"},  raw units) where a_t comes from another
+                                                                      chunk than a_(t-1), and where from the same
+            "steps", "idle_steps"}                                    control steps executed; steps the robot
+                                                                      would stand still (sync: d per chunk; all:
+                                                                      d before the first chunk), over all episodes
+The sweep always includes "sync"/"0", taken from the `none` rollouts of the standard evaluation (rolled out for it
+when `none` is not among the modes). An earlier file's latency entries (and tasks) are kept unless redone here.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +54,8 @@ import numpy as np
 import torch
 
 from fplus import batch as K
+from fplus.deploy.chunking import STRATEGIES, SimulatedInference, Smoothness, check_timing, settings_grid
+from fplus.deploy.episode import OnlineLatents, observation_batch
 from fplus.errors import ConfigError
 from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
@@ -56,82 +80,81 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-class OnlineLatents:
-    """World latents of a live rollout: z_t from the causal clip of the last m frames seen (repeat-padded)."""
+@dataclass
+class ChunkingStats:
+    """What the chunk schedulers of several episodes saw: smoothness of the executed actions, control steps
+    executed and idle steps (see `fplus.deploy.chunking`)."""
 
-    def __init__(self, encoder, history: int):
-        self.encoder, self.history = encoder, history
-        self.frames: list[np.ndarray] = []
-        self.latents: list[torch.Tensor] = []
+    smoothness: Smoothness = field(default_factory=Smoothness)
+    steps: int = 0
+    idle_steps: int = 0
 
-    def add(self, frame: np.ndarray) -> None:
-        self.frames.append(frame)
-        m = self.encoder.temporal_window
-        idx = [max(0, len(self.frames) - m + i) for i in range(m)]
-        clip = torch.from_numpy(np.stack([self.frames[i] for i in idx]))[None]  # (1, m, H, W, 3)
-        # rounded to float16 as the cache stores latents: online and offline latents of a frame are identical
-        self.latents.append(self.encoder.encode_frames(clip)[0].half().float())
-
-    def history_window(self) -> torch.Tensor:
-        """(1, T, D): z[t-T+1 .. t], the first latent repeated before the rollout started."""
-        n = len(self.latents)
-        idx = [max(0, n - self.history + i) for i in range(self.history)]
-        return torch.stack([self.latents[i] for i in idx])[None]
-
-
-def observation_batch(obs: dict, cameras: tuple[str, ...], instruction: str, use_state: bool) -> dict:
-    """The policy batch of one observation: IMAGES (1, h, w, 3) for one camera, (1, C, h, w, 3) for C cameras."""
-    frames = [obs[c] for c in cameras]
-    images = frames[0] if len(frames) == 1 else np.stack(frames)
-    batch = {K.IMAGES: torch.from_numpy(images)[None], K.INSTRUCTIONS: [instruction]}
-    if use_state:
-        batch[K.STATE] = torch.from_numpy(obs["state"])[None]
-    return batch
+    def add(self, scheduler) -> None:
+        self.smoothness = self.smoothness + scheduler.smoothness
+        self.steps += scheduler.step
+        self.idle_steps += scheduler.idle_steps
 
 
 def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str, n_action_steps: int,
             latents: OnlineLatents | None, shuffle_source: list[torch.Tensor] | None, generator: torch.Generator,
             record: list[torch.Tensor] | None = None, frames_out: list[np.ndarray] | None = None,
-            cameras: tuple[str, ...] = ("image",)) -> bool:
+            cameras: tuple[str, ...] = ("image",), inference_delay: int = 0, chunking: str = "sync",
+            stats: ChunkingStats | None = None) -> bool:
     """One episode; returns success.
 
     `env.reset(episode)` picks the initial layout. Every observed main-camera frame enters the online latents
-    (the history spacing matches training's consecutive frames); a chunk is predicted every `n_action_steps`
-    steps. `cameras` are the observation keys the policy reads (the run's image key, then its wrist key).
-    `record` collects the Prophet's memory (1, K, D) of each chunk (for `shuffle` of other rollouts),
-    `shuffle_source` is another rollout's record (injected instead of this rollout's prediction under `shuffle`).
+    (the history spacing matches training's consecutive frames). The chunks are scheduled by
+    `fplus.deploy.chunking.SimulatedInference` with execution horizon `n_action_steps`, `inference_delay` (control
+    steps) and `chunking` (sync | naive | rtc; d = 0 sync: a chunk predicted every `n_action_steps` steps, its
+    first `n_action_steps` actions executed). rtc passes the scheduler's prefix to
+    `policy.predict(..., prefix=(1, P, A) raw actions, inference_delay=d, execution_horizon=n_action_steps)`; sync
+    and naive call `predict` without them. `cameras` are the observation keys the policy reads (the run's image
+    key, then its wrist key). `record` collects the Prophet's memory (1, K, D) of each chunk (for `shuffle` of other
+    rollouts), `shuffle_source` is another rollout's record (injected instead of this rollout's prediction under
+    `shuffle`). `stats` accumulates the scheduler's smoothness and step counts.
     """
     obs = env.reset(episode)
     use_state = policy.config.state_dim is not None
     chunk_index = 0
-    while True:
-        if latents is not None:
-            latents.add(obs["image"])
-        if frames_out is not None:
-            frames_out.append(obs["image"])
+
+    def infer(obs: dict, prefix: np.ndarray | None, delay: int) -> np.ndarray:
+        nonlocal chunk_index
         batch = policy.processor(observation_batch(obs, cameras, instruction, use_state))  # + the prompt
         if latents is not None:
             batch[K.Z_HIST] = latents.history_window()
         memory = None
         if mode == "shuffle" and policy.injection is not None:
             memory = shuffle_source[min(chunk_index, len(shuffle_source) - 1)]
+        inpaint = {} if prefix is None else {
+            "prefix": torch.from_numpy(np.ascontiguousarray(prefix, dtype=np.float32))[None],
+            "inference_delay": delay, "execution_horizon": n_action_steps}
         prediction = policy.predict(batch, corruption="none" if mode == "shuffle" else mode, generator=generator,
-                                    memory=memory)
+                                    memory=memory, **inpaint)
         if record is not None and prediction.memory is not None:
             record.append(prediction.memory.cpu())
         chunk_index += 1
-        actions = prediction.actions[0, :n_action_steps].float().cpu().numpy()
-        for i, action in enumerate(actions):
-            obs, success, done = env.step(action)
+        return prediction.actions[0].float().cpu().numpy()
+
+    runner = SimulatedInference(infer, n_action_steps, inference_delay, chunking)
+    try:
+        while True:
+            if latents is not None:
+                latents.add(obs["image"])
+            if frames_out is not None:
+                frames_out.append(obs["image"])
+            obs, success, done = env.step(runner.act(obs))
             if success:
                 return True
             if done:
                 return False
-            if i < len(actions) - 1:  # frames between chunk predictions still enter the history
-                if latents is not None:
-                    latents.add(obs["image"])
-                if frames_out is not None:
-                    frames_out.append(obs["image"])
+    finally:
+        if stats is not None:
+            stats.add(runner.scheduler)
+
+
+def supports_inpainting(policy) -> bool:
+    """Whether `policy.predict` takes a prefix to inpaint (rtc chunking)."""
+    return "prefix" in inspect.signature(policy.predict).parameters
 
 
 def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episodes: int,
@@ -139,7 +162,8 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                          max_steps: int | None = None, step: int | None = None, seed: int = 1000,
                          video_dir: Path | None = None, progress: bool = True, console=None,
                          suite: str | None = None, device: str | None = None,
-                         corrupted_episodes: int | None = None) -> tuple[dict, Path]:
+                         corrupted_episodes: int | None = None, inference_delay: int | Sequence[int] = 0,
+                         chunking: str | Sequence[str] = "sync") -> tuple[dict, Path]:
     """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json.
 
     Args:
@@ -152,6 +176,9 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
         n_action_steps: actions executed per predicted chunk (default: half the horizon, at least 1).
         max_steps: policy steps per episode (default: Meta-World DEMO_MAX_STEPS, LIBERO its suite's limit).
         suite: LIBERO suite (default: the run's EVAL_SUITE). device: default the run's EVAL_DEVICE.
+        inference_delay, chunking: one or several inference delays (control steps) and chunking strategies (sync,
+            naive, rtc); every pair other than (sync, 0) is rolled out under `none` into the `latency` section (see
+            the module doc). Default 0, sync: the standard evaluation only.
     """
     from fplus.progress import make_progress
     from fplus.sim.registry import get_simulator
@@ -163,16 +190,21 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     loaded = _load(Path(run_dir), step, suite, device)
     out = sim_result(loaded.run_dir, sim, loaded.step)
     earlier = _earlier(out)  # read before the rollouts: a damaged file fails now, not after them
-    plan = _plan(simulator, loaded, tasks, modes, episodes, corrupted_episodes, n_action_steps, max_steps)
+    plan = _plan(simulator, loaded, tasks, modes, episodes, corrupted_episodes, n_action_steps, max_steps,
+                 _as_tuple(chunking), _as_tuple(inference_delay))
     if plan.unseen and console is not None:
         console.print(f"[yellow]warning: {len(plan.unseen)} task(s) never seen in the training data (their "
                       f"instruction is not one of the dataset's tasks): {', '.join(plan.unseen[:5])}")
     per_task: dict[str, dict] = {}
+    latency: dict[tuple[str, int], dict[str, dict]] = {}  # {(strategy, d): {task: cell}}
+    total = len(plan.tasks) * (sum(plan.episodes_for.values()) + len(plan.latency) * episodes)
     with make_progress("episodes", console=console, disable=not progress) as bar:
-        job = bar.add_task(f"{sim} rollouts", total=len(plan.tasks) * sum(plan.episodes_for.values()), info="")
+        job = bar.add_task(f"{sim} rollouts", total=total, info="")
         for task in plan.tasks:
-            per_task[task.name] = _rollout_task(simulator, task, plan, loaded, seed, video_dir, bar, job)
-    result = _aggregate(simulator, loaded, plan, episodes, per_task, earlier)
+            per_task[task.name], cells = _rollout_task(simulator, task, plan, loaded, seed, video_dir, bar, job)
+            for setting, cell in cells.items():
+                latency.setdefault(setting, {})[task.name] = cell
+    result = _aggregate(simulator, loaded, plan, episodes, per_task, earlier, latency)
     write_text_atomic(out, json.dumps(result, indent=2))
     return result, out
 
@@ -191,9 +223,9 @@ class _Loaded:
 
 def _load(run_dir: Path, step: int | None, suite: str | None, device: str | None) -> _Loaded:
     """The run (fplus.rundir.load_run: its settings, its checkpoint `step`, default the latest valid one, refused
-    when it was copied from another run), opened by fplus.eval.loader.open_run (the training dataset, refused when
+    when it was copied from another run), opened by fplus.deploy.loader.open_run (the training dataset, refused when
     its fingerprint changed; the policy on `device`, default EVAL_DEVICE), and the world encoder."""
-    from fplus.eval.loader import open_run
+    from fplus.deploy.loader import open_run
     from fplus.rundir import load_run
     from fplus.world.encoders import build_encoder
 
@@ -223,13 +255,16 @@ class _Plan:
     image_sizes: tuple[int, ...]  # render size of every camera of the simulator
     n_action_steps: int
     max_steps: int
+    latency: list[tuple[str, int]] = field(default_factory=list)  # (strategy, d) rolled out under `none` besides
+    sweep: bool = False  # whether a latency section is written (then with sync/0 from the `none` rollouts)
 
 
 def _plan(simulator: type[Simulator], loaded: _Loaded, tasks: list[str] | None, modes: tuple[str, ...],
           episodes: int, corrupted_episodes: int | None, n_action_steps: int | None,
-          max_steps: int | None) -> _Plan:
-    """Check that the run fits the simulator (cameras, action and state sizes), then choose tasks, modes, episodes
-    per mode, cameras, image sizes, actions per chunk and the episode length."""
+          max_steps: int | None, strategies: tuple[str, ...] = ("sync",), delays: tuple[int, ...] = (0,)) -> _Plan:
+    """Check that the run fits the simulator (cameras, action and state sizes) and that its chunks fit every
+    latency setting, then choose tasks, modes, episodes per mode, cameras, image sizes, actions per chunk, the
+    episode length and the latency settings."""
     settings, policy, ds, sim = loaded.settings, loaded.policy, loaded.dataset, simulator.name
     keys = [settings.data.image_key] + ([settings.data.wrist_image_key] if settings.data.wrist_image_key else [])
     if len(keys) > len(simulator.cameras):
@@ -241,6 +276,15 @@ def _plan(simulator: type[Simulator], loaded: _Loaded, tasks: list[str] | None, 
     if policy.config.state_dim is not None and policy.config.state_dim != simulator.state_dim:
         raise ConfigError(f"the run's state has {policy.config.state_dim} dimensions, {sim} gives "
                          f"{simulator.state_dim}: this run was not trained on {sim} data")
+    horizon = policy.config.model.action_horizon
+    n_action_steps = n_action_steps or max(1, horizon // 2)
+    settings_all = settings_grid(strategies, delays)
+    for strategy, d in settings_all:
+        check_timing(strategy, horizon, n_action_steps, d)
+    if any(s == "rtc" for s, _ in settings_all) and not supports_inpainting(policy):
+        raise ConfigError("rtc chunking needs a policy that inpaints a prefix (FPlusPolicy.predict(..., prefix=, "
+                          "inference_delay=, execution_horizon=)); this fplus's policy has none: use sync or naive")
+    sweep = settings_all != [("sync", 0)]
     image_sizes = tuple(int(ds.features[k]["shape"][0]) for k in keys)
     # every camera is rendered; LIBERO's wrist camera follows the main size when the run reads only one
     image_sizes = image_sizes + (image_sizes[0],) * (len(simulator.cameras) - len(image_sizes))
@@ -248,71 +292,126 @@ def _plan(simulator: type[Simulator], loaded: _Loaded, tasks: list[str] | None, 
     unseen = [t.name for t in chosen if t.instruction not in set(ds.tasks)]
     if policy.injection is None:  # no memory reaches the actions: every mode would repeat `none`
         modes = ("none",)
-    ordered = [m for m in ("none", *modes) if m in modes or m == "none" and "shuffle" in modes]
+    ordered = [m for m in ("none", *modes) if m in modes or m == "none" and ("shuffle" in modes or sweep)]
     ordered = list(dict.fromkeys(ordered))
     episodes_for = {m: episodes if m == "none" else min(episodes, corrupted_episodes or episodes) for m in ordered}
     return _Plan(tasks=chosen, unseen=unseen, modes=modes, ordered=ordered, episodes_for=episodes_for,
-                 cameras=simulator.cameras[:len(keys)], image_sizes=image_sizes,
-                 n_action_steps=n_action_steps or max(1, policy.config.model.action_horizon // 2),
-                 max_steps=max_steps or simulator.default_max_steps(settings))
+                 cameras=simulator.cameras[:len(keys)], image_sizes=image_sizes, n_action_steps=n_action_steps,
+                 max_steps=max_steps or simulator.default_max_steps(settings),
+                 latency=[x for x in settings_all if x != ("sync", 0)], sweep=sweep)
+
+
+def _as_tuple(value) -> tuple:
+    return (value,) if isinstance(value, (str, int, np.integer)) else tuple(value)
 
 
 def _rollout_task(simulator: type[Simulator], task: SimTask, plan: _Plan, loaded: _Loaded, seed: int,
-                  video_dir: Path | None, bar, job) -> dict[str, dict]:
+                  video_dir: Path | None, bar, job) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:
     """Every mode's episodes of one task in one env (creating one costs seconds; every episode resets it to its
-    own layout): {mode: {"successes", "episodes", "rate", "ci95"}}; each episode advances `job` of `bar`."""
+    own layout), then every latency setting's under `none`: ({mode: {"successes", "episodes", "rate", "ci95"}},
+    {(strategy, d): latency cell (module doc)}, with sync/0 from the `none` rollouts when `plan.sweep`); each
+    episode advances `job` of `bar`."""
     policy = loaded.policy
     memories: list[list[torch.Tensor]] = []  # the `none` rollouts' memories, for `shuffle`
     results: dict[str, dict] = {}
+    latency: dict[tuple[str, int], dict] = {}
+    runs = [(mode, "sync", 0) for mode in plan.ordered] + [("none", s, d) for s, d in plan.latency]
     with simulator.make_env(task, plan.image_sizes, plan.max_steps) as env:
-        for mode in plan.ordered:
-            n = plan.episodes_for[mode]
+        for mode, strategy, delay in runs:
+            standard = (strategy, delay) == ("sync", 0)
+            n = plan.episodes_for[mode if standard else "none"]  # a sweep always rolls `none` out
+            label = mode if standard else f"{strategy}-d{delay}"
             if mode == "oracle":
                 results[mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
                                  "note": "the future of a live rollout is not observed"}
                 bar.advance(job, n)
                 continue
             generator = torch.Generator().manual_seed(seed)  # corruption draws on the CPU
+            stats = ChunkingStats() if mode == "none" else None
             wins = 0
             for e in range(n):
-                record = [] if mode == "none" else None
+                record = [] if mode == "none" and standard else None
                 frames = [] if video_dir is not None and e == 0 else None
                 source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
                 if mode == "shuffle" and policy.injection is not None and (source is None or len(memories) < 2):
                     raise ConfigError("closed-loop shuffle needs at least 2 episodes per task")
                 latents = None if loaded.encoder is None else OnlineLatents(loaded.encoder, policy.config.history)
                 success = rollout(policy, env, task.instruction, seed + e, mode, plan.n_action_steps, latents,
-                                  source, generator, record, frames, plan.cameras)
+                                  source, generator, record, frames, plan.cameras, delay, strategy, stats)
                 wins += success
                 if record is not None:
                     memories.append(record)
                 if frames:
-                    _write_video(video_dir / f"{task.name}-{mode}-ep{e}.mp4", frames)
-                bar.update(job, advance=1, info=f"{task.name[:40]} {mode}: {wins}/{e + 1}")
+                    _write_video(video_dir / f"{task.name}-{label}-ep{e}.mp4", frames)
+                bar.update(job, advance=1, info=f"{task.name[:40]} {label}: {wins}/{e + 1}")
             lo, hi = wilson_interval(wins, n)
-            results[mode] = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": [lo, hi]}
-    if "none" not in plan.modes:  # rolled out only to feed `shuffle`
+            cell = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": [lo, hi]}
+            if standard:
+                results[mode] = cell
+            if mode == "none" and (plan.sweep or not standard):
+                latency[(strategy, delay)] = {**cell, "smoothness": stats.smoothness.to_json(), "steps": stats.steps,
+                                              "idle_steps": stats.idle_steps}
+    if "none" not in plan.modes:  # rolled out only to feed `shuffle` or the latency sweep
         results.pop("none", None)
-    return results
+    return results, latency
 
 
 def _aggregate(simulator: type[Simulator], loaded: _Loaded, plan: _Plan, episodes: int,
-               per_task: dict[str, dict], earlier: dict | None) -> dict:
+               per_task: dict[str, dict], earlier: dict | None,
+               latency: dict[tuple[str, int], dict[str, dict]] | None = None) -> dict:
     """The results file: what was run, per task and mode, and over all tasks (with the tasks and modes of an
-    earlier evaluation of this checkpoint kept unless redone here)."""
+    earlier evaluation of this checkpoint kept unless redone here), and the latency section when there is one
+    (`latency`: {(strategy, d): {task: cell}}, merged the same way with the earlier file's)."""
     result = {"run": str(loaded.run_dir), "experiment": loaded.settings.train.experiment, "step": loaded.step,
               "simulator": simulator.name, "episodes_per_task": episodes,
               "episodes_per_mode": {m: plan.episodes_for[m] for m in plan.modes},
               "n_action_steps": plan.n_action_steps, "max_steps": plan.max_steps,
               "tasks": per_task, "overall": {}, **simulator.result_fields(loaded.settings)}
-    if earlier is not None:
-        same = all(earlier.get(k) == result.get(k)
-                   for k in ("episodes_per_task", "n_action_steps", "max_steps", "suite"))
-        if same:
-            for task, per_mode in earlier["tasks"].items():
-                result["tasks"][task] = {**per_mode, **result["tasks"].get(task, {})}
+    same = earlier is not None and all(earlier.get(k) == result.get(k)
+                                       for k in ("episodes_per_task", "n_action_steps", "max_steps", "suite"))
+    if same:
+        for task, per_mode in earlier["tasks"].items():
+            result["tasks"][task] = {**per_mode, **result["tasks"].get(task, {})}
     result["overall"] = overall_rates(result["tasks"])
+    section = latency_section(latency or {}, plan.n_action_steps,
+                              earlier.get("latency") if same and isinstance(earlier.get("latency"), dict) else None)
+    if section:
+        result["latency"] = section
     return result
+
+
+def latency_section(cells: dict[tuple[str, int], dict[str, dict]], execution_horizon: int,
+                    earlier: dict | None = None) -> dict:
+    """{strategy: {str(d): {"chunking", "inference_delay", "execution_horizon", "mode", "tasks", "overall"}}} from
+    {(strategy, d): {task: cell}}, each entry's tasks merged over an earlier section's (new tasks win) and its
+    `overall` pooled over its tasks (`pool_latency`); strategies in STRATEGIES order, delays ascending."""
+    merged: dict[tuple[str, int], dict[str, dict]] = {}
+    for strategy, by_delay in (earlier or {}).items():
+        for delay, entry in by_delay.items():
+            merged[(strategy, int(delay))] = dict(entry.get("tasks") or {})
+    for setting, tasks in cells.items():
+        merged[setting] = {**merged.get(setting, {}), **tasks}
+    out: dict[str, dict] = {}
+    for (strategy, delay) in sorted(merged, key=lambda x: (STRATEGIES.index(x[0]) if x[0] in STRATEGIES else 9,
+                                                           x[0], x[1])):
+        tasks = merged[(strategy, delay)]
+        out.setdefault(strategy, {})[str(delay)] = {
+            "chunking": strategy, "inference_delay": delay, "execution_horizon": execution_horizon, "mode": "none",
+            "tasks": tasks, "overall": pool_latency(list(tasks.values()))}
+    return out
+
+
+def pool_latency(cells: list[dict]) -> dict:
+    """One latency cell from several (tasks): successes, episodes, steps and idle steps added, the Wilson interval
+    of the pooled rate, smoothness pooled over every transition."""
+    wins = sum(c["successes"] for c in cells)
+    n = sum(c["episodes"] for c in cells)
+    smooth = Smoothness()
+    for c in cells:
+        smooth = smooth + Smoothness.from_json(c["smoothness"])
+    return {"successes": wins, "episodes": n, "rate": wins / n if n else None,
+            "ci95": list(wilson_interval(wins, n)) if n else None, "smoothness": smooth.to_json(),
+            "steps": sum(c["steps"] for c in cells), "idle_steps": sum(c["idle_steps"] for c in cells)}
 
 
 def _earlier(path: Path) -> dict | None:
@@ -325,7 +424,29 @@ def _earlier(path: Path) -> dict | None:
     data = read_json(path, "the earlier closed-loop evaluation", fix)
     if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
         raise ConfigError(f"{path} is not a closed-loop evaluation (no `tasks` object); {fix}")
+    if "latency" in data:
+        bad = _bad_latency_entry(data["latency"])
+        if bad:
+            raise ConfigError(f"{path}: its `latency` section is damaged ({bad}); {fix}")
     return data
+
+
+def _bad_latency_entry(section) -> str | None:
+    """What is wrong with a results file's latency section (the module doc's format), or None."""
+    need = {"successes", "episodes", "smoothness", "steps", "idle_steps"}
+    if not isinstance(section, dict):
+        return "not an object"
+    for strategy, by_delay in section.items():
+        if not isinstance(by_delay, dict):
+            return f"{strategy}: not an object"
+        for delay, entry in by_delay.items():
+            where = f"{strategy}/{delay}"
+            if not str(delay).isdigit() or not isinstance(entry, dict) or not isinstance(entry.get("tasks"), dict):
+                return f"{where}: not a delay with a `tasks` object"
+            for task, cell in entry["tasks"].items():
+                if not isinstance(cell, dict) or need - set(cell) or not isinstance(cell["smoothness"], dict):
+                    return f"{where}, task {task}: a cell needs {', '.join(sorted(need))}"
+    return None
 
 
 def overall_rates(tasks: dict[str, dict]) -> dict[str, dict]:
@@ -380,4 +501,31 @@ def results_table(result: dict):
     for task, per_mode in result["tasks"].items():
         table.add_row(task, *[cell(per_mode.get(m)) for m in modes])
     table.add_row("[bold]all", *[cell(result["overall"].get(m)) for m in modes])
+    return table
+
+
+def latency_table(result: dict):
+    """A Rich table of the latency section (None without one): per strategy and delay, success [95% interval]
+    over all tasks, the mean action change at chunk boundaries and within chunks, and idle steps per episode."""
+    section = result.get("latency")
+    if not section:
+        return None
+    from rich.table import Table
+
+    table = Table(title=f"latency: execution horizon s = {result['n_action_steps']}, mode none, "
+                        f"{result['episodes_per_task']} episodes per task (all tasks)", title_justify="left")
+    for name in ("chunking", "delay d", "success", "|Δa| boundary", "|Δa| within", "idle steps/episode"):
+        table.add_column(name, justify="left" if name == "chunking" else "right")
+
+    def num(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
+    for strategy, by_delay in section.items():
+        for delay, entry in by_delay.items():
+            o = entry["overall"]
+            if o["rate"] is None:
+                continue
+            rate = f"{o['rate']:.0%} [{o['ci95'][0]:.0%}, {o['ci95'][1]:.0%}] ({o['successes']}/{o['episodes']})"
+            table.add_row(strategy, delay, rate, num(o["smoothness"]["boundary"]), num(o["smoothness"]["within"]),
+                          num(o["idle_steps"] / o["episodes"]))
     return table

@@ -1,5 +1,5 @@
 """Offline evaluation of a trained run: `evaluate_run` loads a checkpoint (fplus.rundir.load_run,
-fplus.eval.loader.open_run), runs the one evaluation loop (fplus.train.validation.evaluate_modes) on the run's own
+fplus.deploy.loader.open_run), runs the one evaluation loop (fplus.train.validation.evaluate_modes) on the run's own
 validation episodes under every corruption mode, and writes RUN/eval/offline-step-XXXXXX.json.
 """
 
@@ -20,10 +20,10 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
     settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json (merged with the modes an earlier
     evaluation of that checkpoint wrote). Returns (result for all modes in the file, path). The run is read by
-    `fplus.rundir.load_run` and opened by `fplus.eval.loader.open_run` (a checkpoint copied from another run and a
+    `fplus.rundir.load_run` and opened by `fplus.deploy.loader.open_run` (a checkpoint copied from another run and a
     changed dataset are refused). `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
     from fplus.data.split import Split
-    from fplus.eval.loader import open_run
+    from fplus.deploy.loader import open_run
     from fplus.rundir import load_run, offline_result
 
     run = load_run(run_dir, step)

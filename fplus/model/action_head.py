@@ -1,6 +1,7 @@
 """ActionHead: an MLP on each ACT hidden state -> one action of the chunk (DESIGN 5).
 
-The interface (`loss`, `predict`) is the one a flow-matching head would also implement.
+`ACTION_HEAD=mse` (the default). The flow-matching alternative is fplus.model.flow_head. `prefix_blend` is what the
+MSE head does with a previous chunk's prefix (real-time chunking needs a flow head; this is a plain blend).
 """
 
 from __future__ import annotations
@@ -39,3 +40,18 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, pad: torch.Tensor) -> t
     valid = (~pad).unsqueeze(-1).to(pred.dtype)
     denom = valid.sum() * pred.shape[-1]
     return ((pred.float() - target.float()) ** 2 * valid).sum() / denom.clamp(min=1)
+
+
+def prefix_blend(actions: torch.Tensor, prefix: torch.Tensor, weights: torch.Tensor, delay: int) -> torch.Tensor:
+    """The MSE head's use of a previous chunk's prefix (NOT real-time chunking: nothing is sampled).
+
+    actions (B, H, A) and prefix (B, P, A) in the same (raw) space, weights W (H,) (fplus.model.rtc.soft_mask:
+    1 before `delay`, decaying over the overlap, 0 from H - s on and past P). Returns
+    a_i <- W_i prefix_i + (1 - W_i) a_i for i < P, a_i for i >= P, and the first `delay` actions are the prefix's
+    bit for bit."""
+    p = prefix.shape[1]
+    out = actions.clone()
+    w = weights[:p].to(actions.dtype)[None, :, None]
+    out[:, :p] = w * prefix + (1 - w) * actions[:, :p]
+    out[:, :delay] = prefix[:, :delay]
+    return out

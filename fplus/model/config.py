@@ -15,7 +15,8 @@ class PolicyConfig(BaseModel):
     """Everything needed to rebuild a policy (saved as config.json next to its weights), derived from the settings
     tree (`from_settings`): the MODEL section as the run resolved it, and what other sections and the dataset fix.
 
-    model: ModelSettings (backbone, horizon, image size, fine-tuning, which parts exist, their sizes, loss weights).
+    model: ModelSettings (backbone, horizon, image size, fine-tuning, which parts exist, their sizes, loss weights,
+        the action head: `model.action_head` is mse or flow, with FLOW_* and RTC_MAX_GUIDANCE).
     action_dim, state_dim (None: no state), world_dim (None: no world latents): the dataset's and the encoder's sizes.
     history, future: T and K latents (WORLD_HISTORY, WORLD_FUTURE). coc_mode: COC_MODE. init_seed: SEED.
     backbone_revision: the commit of the backbone's weights (hub ids), recorded so that a reload uses the same.

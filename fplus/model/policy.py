@@ -5,7 +5,8 @@
     z       = (z_raw - mean) / std, per dimension, training-split statistics   (B, T|K, D)   standardised latents
     z_pred  = Prophet(z_hist, context = mean_h act_h)                           (B, K, D)     E1 E2 E4
     act_h   = act_h + tanh(gate) * CrossAttn(act_h, memory)                      memory: z_pred  E2 E4
-    actions = ActionHead(act_h)                                                  (B, H, A)
+    actions = ActionHead(act_h)                                                  (B, H, A)     ACTION_HEAD=mse
+            | Euler(noise -> v(act_h, x, tau)) [RTC-guided by a prefix]          (B, H, A)     ACTION_HEAD=flow
     L = L_action + lambda_world L_world + lambda_text L_text + lambda_align L_align
 
 World latents enter the policy raw (from the cache or the online encoder) and are standardised here, with the
@@ -35,17 +36,19 @@ from torch import nn
 
 from fplus import batch as K
 from fplus.errors import CheckpointError, ConfigError
-from fplus.model.action_head import ActionHead, masked_mse
+from fplus.model.action_head import ActionHead, masked_mse, prefix_blend
 from fplus.model.align import FutureAlignment
 from fplus.model.backbone import Backbone, BackboneOutput, load_backbone
 from fplus.model.config import PolicyConfig
 from fplus.model.corruption import MODES, corrupt_memory, shuffle_donors
 from fplus.model.finetune import apply_finetune, seeded
+from fplus.model.flow_head import FlowActionHead
 from fplus.model.injection import GatedCrossAttention
 from fplus.model.normalize import Normalizer
 from fplus.model.processor import PolicyProcessor
 from fplus.model.prompt import PromptBatch
 from fplus.model.prophet import Prophet, world_loss
+from fplus.model.rtc import guided_sample, soft_mask
 from fplus.model.token_rows import TokenRows
 
 CONFIG_FILE = "config.json"
@@ -77,6 +80,17 @@ class Prediction:
 
     actions: torch.Tensor
     memory: torch.Tensor | None
+
+
+@dataclass
+class ChunkPrefix:
+    """The previous chunk's actions that still run, for `predict(prefix=...)`: raw (B, P, A) and normalised, the
+    inference delay d and the soft-mask weights W (H,) of fplus.model.rtc.soft_mask (0 from H - s on)."""
+
+    raw: torch.Tensor
+    normalised: torch.Tensor
+    delay: int
+    weights: torch.Tensor
 
 
 class FPlusPolicy(nn.Module):
@@ -113,7 +127,12 @@ class FPlusPolicy(nn.Module):
         rows = backbone.model.get_input_embeddings().weight.detach()[ids]
         self.token_rows = TokenRows(ids, rows)
         m = config.model
-        self.action_head = make("action_head", lambda: ActionHead(d, config.action_dim, m.action_horizon))
+        if m.action_head == "flow":  # its own seed name: the MSE head's weights are not drawn for it
+            self.action_head = make("flow_head", lambda: FlowActionHead(
+                d, config.action_dim, m.action_horizon, m.flow_width, m.flow_layers, m.flow_heads, m.flow_time_dim,
+                m.flow_tau))
+        else:
+            self.action_head = make("action_head", lambda: ActionHead(d, config.action_dim, m.action_horizon))
         self.state_proj = make("state_proj", lambda: nn.Linear(config.state_dim, d)) if config.state_dim else None
         self.prophet = make("prophet", lambda: Prophet(
             config.world_dim, config.history, config.future, m.prophet_width, m.prophet_layers, m.prophet_heads,
@@ -216,11 +235,74 @@ class FPlusPolicy(nn.Module):
             raise ConfigError("shuffle corruption needs a batch with samples of at least two episodes")
         return found[0]
 
-    def act(self, act_h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
-        """ACT states (B, H, d) [+ memory (B, K, D)] -> normalised actions (B, H, A)."""
+    @property
+    def is_flow(self) -> bool:
+        """True with the flow-matching action head (ACTION_HEAD=flow): actions are sampled from noise."""
+        return self.config.model.action_head == "flow"
+
+    def inject(self, act_h: torch.Tensor, memory: torch.Tensor | None) -> torch.Tensor:
+        """ACT states (B, H, d) with the memory (B, K, D) injected (unchanged without an injection or memory)."""
         if self.injection is not None and memory is not None:
             act_h = self.injection(act_h, memory)
-        return self.action_head.predict(act_h)
+        return act_h
+
+    def noise(self, batch_size: int, source: torch.Tensor | torch.Generator | None = None) -> torch.Tensor:
+        """The flow head's initial noise (B, H, A), normalised space, on the policy's device: `source` itself when
+        it is a tensor, else N(0, I) drawn from the generator `source` on its device (the global CPU stream when
+        None)."""
+        shape = (batch_size, self.config.model.action_horizon, self.config.action_dim)
+        if torch.is_tensor(source):
+            if tuple(source.shape) != shape:
+                raise ConfigError(f"flow noise of shape {tuple(source.shape)}, expected {shape} (B, H, A)")
+            return source.to(self.device, torch.float32)
+        device = "cpu" if source is None else source.device
+        return torch.randn(shape, generator=source, device=device).to(self.device)
+
+    def act(self, act_h: torch.Tensor, memory: torch.Tensor | None, noise: torch.Tensor | None = None,
+            prefix: ChunkPrefix | None = None) -> torch.Tensor:
+        """ACT states (B, H, d) [+ memory (B, K, D)] -> normalised actions (B, H, A).
+
+        MSE head: the head's output (`noise` and `prefix` ignored: its prefix blend is applied to raw actions in
+        `predict`). Flow head: FLOW_STEPS Euler steps from `noise` (B, H, A) (drawn from the global stream when
+        None), RTC-guided towards `prefix.normalised` with the weights `prefix.weights` when a prefix is given."""
+        act_h = self.inject(act_h, memory)
+        if not self.is_flow:
+            return self.action_head.predict(act_h)
+        noise = self.noise(act_h.shape[0]) if noise is None else noise
+        m = self.config.model
+        if prefix is None:
+            return self.action_head.sample(act_h, noise, m.flow_steps)
+        return guided_sample(lambda x, tau: self.action_head.velocity(act_h, x, tau), noise, prefix.normalised,
+                             prefix.weights, m.flow_steps, m.rtc_max_guidance)
+
+    def chunk_prefix(self, prefix: torch.Tensor, inference_delay: int = 0,
+                     execution_horizon: int | None = None) -> ChunkPrefix:
+        """Check and prepare a previous chunk's remaining raw actions (B, P, A) for `predict`: d = inference_delay
+        <= P <= H; s = execution_horizon (default H - P: the whole prefix overlaps) with d <= H - s <= P."""
+        h, a = self.config.model.action_horizon, self.config.action_dim
+        if prefix.dim() != 3 or prefix.shape[2] != a:
+            raise ConfigError(f"prefix of shape {tuple(prefix.shape)}: expected (B, P, {a}) raw actions")
+        p, d = prefix.shape[1], inference_delay
+        if not 0 <= d <= p <= h:
+            raise ConfigError(f"prefix of {p} actions with inference_delay {d}: need 0 <= delay <= P <= H={h}")
+        s = h - p if execution_horizon is None else execution_horizon
+        if not 0 <= s <= h or not d <= h - s <= p:
+            raise ConfigError(f"execution_horizon s={s} with H={h}, inference_delay d={d} and a prefix of {p} "
+                              f"actions: need d <= H - s <= P (the prefix covers the overlap H - s)")
+        raw = prefix.to(self.device, torch.float32)
+        return ChunkPrefix(raw, self.action_norm(raw), d, soft_mask(h, d, s).to(self.device))
+
+    def finish(self, raw: torch.Tensor, prefix: ChunkPrefix | None) -> torch.Tensor:
+        """Raw actions (B, H, A) -> the chunk returned to callers: with a prefix, its first d actions are the
+        prefix's bit for bit (they run while the chunk is computed); the MSE head also blends the overlap
+        (`prefix_blend`), the flow head's overlap already follows the prefix through RTC."""
+        if prefix is None:
+            return raw
+        if self.is_flow:
+            raw = raw.clone()
+            raw[:, :prefix.delay] = prefix.raw[:, :prefix.delay]
+            return raw
+        return prefix_blend(raw, prefix.raw, prefix.weights, prefix.delay)
 
     def _training_memory(self, enc: Encoded, p_oracle: float, generator: torch.Generator | None) -> torch.Tensor:
         if p_oracle <= 0 or enc.z_future is None:
@@ -236,6 +318,8 @@ class FPlusPolicy(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         metrics: dict[str, float] = {}
         act_h = enc.act_h
+        # flow head: tau and noise come first from the generator, so every experiment draws the same ones
+        flow_draws = self.action_head.draw(act_h.shape[0], generator, self.device) if self.is_flow else None
         if self.prophet is not None:
             terms["l_world"], cos = world_loss(enc.z_pred, enc.z_future, enc.future_valid)
             metrics["cos_world"] = cos.item()
@@ -246,8 +330,11 @@ class FPlusPolicy(nn.Module):
                 else self._training_memory(enc, p_oracle, generator)
             metrics["gate"] = self.injection.gate_value
         target = self.action_norm(batch[K.ACTIONS].to(self.device, torch.float32))
-        pred = self.act(act_h, memory)
-        terms["l_action"] = masked_mse(pred, target, batch[K.ACTION_PAD].to(self.device))
+        pad = batch[K.ACTION_PAD].to(self.device)
+        if self.is_flow:
+            terms["l_action"] = self.action_head.loss(self.inject(act_h, memory), target, pad, *flow_draws)
+        else:
+            terms["l_action"] = masked_mse(self.act(act_h, memory), target, pad)
         if self.config.model.coc:
             if self.config.coc_mode == "joint_after_act":
                 terms["l_text"] = enc.out.text_loss
@@ -284,33 +371,51 @@ class FPlusPolicy(nn.Module):
 
     @torch.no_grad()
     def predict(self, obs: dict[str, Any], corruption: str = "none", generator: torch.Generator | None = None,
-                memory: torch.Tensor | None = None) -> Prediction:
+                memory: torch.Tensor | None = None, prefix: torch.Tensor | None = None, inference_delay: int = 0,
+                execution_horizon: int | None = None,
+                noise: torch.Tensor | torch.Generator | None = None) -> Prediction:
         """Raw actions (B, H, A) for observations (images, instructions, [state], [z_hist raw], [z_future raw for
-        oracle], [episode_index for shuffle]) and the memory injected.
+        oracle], [episode_index for shuffle]) and the Prophet's prediction (`memory`, None without a Prophet).
 
         The memory is the Prophet's prediction unless `corruption` replaces it or `memory` (B, K, D), standardised,
         is given (e.g. another rollout's prediction: closed-loop shuffle). E0 ignores both.
+
+        Flow head (`config.model.action_head == "flow"`): the chunk is sampled from noise: `noise` (B, H, A) given,
+        or drawn from the generator `noise`, or else from `generator`, before any corruption draw (so for one
+        generator seed every experiment and every corruption mode start from the same noise; no generator at all:
+        the global stream).
+
+        prefix: (B, P, A) RAW actions of the previous chunk that will still run, aligned with this chunk's steps
+        0 .. P-1 (P >= inference_delay d); execution_horizon s defaults to H - P (fplus.model.rtc). Flow head: RTC,
+        the sampling is guided towards the prefix with the soft mask W (RTC_MAX_GUIDANCE). MSE head: a prefix
+        blend (not RTC): a_i <- W_i prefix_i + (1 - W_i) a_i over the overlap. With either head the first d
+        returned actions ARE the prefix's, bit for bit. Without a prefix, d and s are ignored.
         """
         enc = self.encode(obs, with_coc=False)
+        plan = None if prefix is None else self.chunk_prefix(prefix, inference_delay, execution_horizon)
+        drawn = self.noise(enc.act_h.shape[0], generator if noise is None else noise) if self.is_flow else None
         injected = None
         if self.injection is not None:
             injected = memory.to(self.device, torch.float32) if memory is not None else \
                 self.memory(enc, corruption, self._donors(obs, corruption, generator), generator)
-        return Prediction(self.action_norm.inverse(self.act(enc.act_h, injected).float()),
-                          None if enc.z_pred is None else enc.z_pred.detach())
+        raw = self.action_norm.inverse(self.act(enc.act_h, injected, drawn, plan).float())
+        return Prediction(self.finish(raw, plan), None if enc.z_pred is None else enc.z_pred.detach())
 
     def predict_action_chunk(self, obs: dict[str, Any], corruption: str = "none",
-                             generator: torch.Generator | None = None) -> torch.Tensor:
-        """Raw actions (B, H, A): `predict(...).actions`."""
-        return self.predict(obs, corruption, generator).actions
+                             generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        """Raw actions (B, H, A): `predict(...).actions` (kwargs: memory, prefix, inference_delay, ...)."""
+        return self.predict(obs, corruption, generator, **kwargs).actions
 
     @torch.no_grad()
     def predict_modes(self, batch: dict[str, Any], modes: Sequence[str],
                       generators: dict[str, torch.Generator] | None = None,
-                      donors: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], Encoded]:
+                      donors: torch.Tensor | None = None,
+                      noise: torch.Tensor | torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], Encoded]:
         """Raw actions (B, H, A) under each corruption mode from ONE backbone pass (only the memory differs), and
         the encoding (for the world cosines). Without an injection only `none` is computed. `donors`: see
-        `memory` (default: drawn from the batch's episode_index)."""
+        `memory` (default: drawn from the batch's episode_index). Flow head: one noise (B, H, A) for every mode,
+        `noise` itself or drawn from the generator `noise` (the global stream when None; evaluation passes a
+        seeded one so its numbers repeat)."""
         bad = [m for m in modes if m not in MODES]
         if bad:
             raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
@@ -318,6 +423,7 @@ class FPlusPolicy(nn.Module):
         if self.injection is None:
             modes = [m for m in modes if m == "none"]
         generators = generators or {}
+        drawn = self.noise(enc.act_h.shape[0], noise) if self.is_flow else None
         out = {}
         for mode in modes:
             if self.injection is None:
@@ -325,7 +431,7 @@ class FPlusPolicy(nn.Module):
             else:
                 given = donors if donors is not None else self._donors(batch, mode, generators.get(mode))
                 memory = self.memory(enc, mode, given, generators.get(mode))
-            out[mode] = self.action_norm.inverse(self.act(enc.act_h, memory).float())
+            out[mode] = self.action_norm.inverse(self.act(enc.act_h, memory, drawn).float())
         return out, enc
 
     # ----- persistence ------------------------------------------------------------------------------------------

@@ -32,5 +32,8 @@ class TokenRows(nn.Module):
         into `weight` at their positions only)."""
         match = input_ids.unsqueeze(-1) == self.ids  # (B, L, n)
         found = match.any(-1, keepdim=True)
-        rows = self.weight[match.to(torch.int8).argmax(-1)]  # (B, L, d)
+        # a one-hot matmul, not `weight[index]`: the forward is the same lookup exactly (1 * w + 0 * ... = w), and
+        # the gradient match^T @ grad is a GEMM with a fixed summation order, where index_put's accumulation on CPU
+        # runs in parallel for long sequences and changed the last bits of the rows from run to run (E4's CoC)
+        rows = match.to(self.weight.dtype) @ self.weight  # (B, L, d)
         return torch.where(found, rows.to(embeds.dtype), embeds)

@@ -8,7 +8,8 @@ A run directory (written by `fplus.train.recipe`, evaluated by `fplus eval`):
                                                val_mse_<mode>, gate, val_cos_world[_mean|_copy][_raw])
     RUN/COMPLETE                               training finished
     RUN/eval/offline-step-XXXXXX.json          offline action MSE per corruption mode, `world` cosines (optional)
-    RUN/eval/sim-<simulator>-step-XXXXXX.json  closed-loop success per task and mode (optional)
+    RUN/eval/sim-<simulator>-step-XXXXXX.json  closed-loop success per task and mode (optional), and per chunking
+                                               strategy and inference delay (`latency`, optional)
     RUN/checkpoints/step-XXXXXX/policy/config.json  the policy config of each checkpoint: one that is not the run's
                                                own (copied from another run) is noted, and the evaluations of it
                                                are not reported as the run's experiment
@@ -58,6 +59,9 @@ WORLD_KEYS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": 
 the Prophet and of two baselines (predict the training mean; copy-last = z_t repeated), in the standardised latent
 space the loss uses and in the raw encoder space (`_raw`)."""
 Record = dict[str, Any]
+STRATEGIES = ("sync", "naive", "rtc")
+"""The chunking strategies in display order: fplus.deploy.chunking.STRATEGIES (not imported: the report sits below
+deploy)."""
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -244,13 +248,57 @@ def collect_sim(path: Path, simulator: str, memory: bool = True) -> Record:
 
     tasks_in = data.get("tasks") or {}
     tasks = {t: {m: cell(c) for m, c in _keep_modes(per, memory).items()} for t, per in tasks_in.items()}
+    latency = collect_latency(data.get("latency"), cell)
     overall = {m: cell(c) for m, c in _keep_modes(data["overall"], memory).items()}
     present = set(data["overall"]) | {m for per in tasks_in.values() for m in per}
     return {"file": path.name, "simulator": data.get("simulator", simulator), "step": data.get("step"),
             "episodes_per_task": data.get("episodes_per_task"),
             "episodes_per_mode": _episodes_per_mode(data, tasks, list(overall)), "suite": data.get("suite"),
-            "tasks": tasks, "overall": overall,
+            "tasks": tasks, "overall": overall, "latency": latency,
+            "n_action_steps": data.get("n_action_steps"),
             "dropped": [] if memory else [m for m in _ordered_modes(present) if m in MEMORY_MODES]}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def collect_latency(section: Any, cell) -> list[Record]:
+    """The rows of a closed-loop file's `latency` section (fplus.eval.closed_loop), strategies in STRATEGIES
+    order, delays ascending: {chunking, inference_delay, execution_horizon, successes, episodes, rate, ci95 (the
+    overall cell, `cell` applied), boundary, within (mean |a_t - a_(t-1)| at chunk boundaries and within chunks),
+    ratio (boundary / within), idle_per_episode, tasks {task: cell}}. Entries without an overall rate are left
+    out; no section: []."""
+    if not isinstance(section, dict):
+        return []
+    rows = []
+    for strategy, by_delay in section.items():
+        if not isinstance(by_delay, dict):
+            continue
+        for delay, entry in by_delay.items():
+            overall = entry.get("overall") if isinstance(entry, dict) else None
+            if not isinstance(overall, dict) or _number(overall.get("rate")) is None or not str(delay).isdigit():
+                continue
+            smooth = overall.get("smoothness") if isinstance(overall.get("smoothness"), dict) else {}
+            boundary, within = _number(smooth.get("boundary")), _number(smooth.get("within"))
+            episodes, idle = overall.get("episodes"), _number(overall.get("idle_steps"))
+            tasks = entry.get("tasks") if isinstance(entry.get("tasks"), dict) else {}
+            rows.append({"chunking": str(strategy), "inference_delay": int(delay),
+                         "execution_horizon": entry.get("execution_horizon"), **cell(overall),
+                         "boundary": boundary, "within": within,
+                         "ratio": boundary / within if boundary is not None and within else None,
+                         "idle_per_episode": idle / episodes if idle is not None and episodes else None,
+                         "tasks": {t: cell(c) for t, c in tasks.items() if isinstance(c, dict)}})
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    return sorted(rows, key=lambda r: (order.get(r["chunking"], len(order)), r["chunking"], r["inference_delay"]))
+
+
+def latency_series(sim: Record) -> dict[str, list[Record]]:
+    """What the latency figure draws of one run's closed-loop results: {strategy: its rows (ascending delay)}."""
+    series: dict[str, list[Record]] = {}
+    for row in sim.get("latency") or []:
+        series.setdefault(row["chunking"], []).append(row)
+    return series
 
 
 def foreign_checkpoints(path: Path, config: Record) -> dict[int, str]:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fplus.report.collect import delta_gate_points, world_series
+from fplus.report.collect import delta_gate_points, latency_series, world_series
 
 Record = dict[str, Any]
 
@@ -25,6 +25,8 @@ TERM_TITLES = {
 }
 MODE_COLORS = {"none": "#7f7f7f", "zero": "#1f77b4", "random": "#ff7f0e", "shuffle": "#9467bd",
                "oracle": "#2ca02c", "history": "#8c564b"}
+STRATEGY_COLORS = {"sync": "#7f7f7f", "naive": "#d62728", "rtc": "#1f77b4"}
+"""Latency figure: one colour per chunking strategy."""
 WORLD_LINES = {"prophet": ("Prophet", "#d62728", "-"), "mean": ("training mean", "#7f7f7f", ":"),
                "copy": ("copy-last (z_t repeated)", "#1f77b4", "--")}
 
@@ -230,4 +232,46 @@ def success_bars(runs: list[Record], simulator: str, path: Path) -> Path | None:
     ax.grid(alpha=0.3, axis="y")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=8, frameon=False,
                title="corruption", title_fontsize=8)
+    return _save(fig, path)
+
+
+def latency_curves(runs: list[Record], simulator: str, path: Path) -> Path | None:
+    """Per run with latency results in `simulator` (one row of panels each): success rate (95% interval bars) and
+    the mean action change at chunk boundaries (solid; within chunks: dotted) against the inference delay d, one
+    line per chunking strategy. The points are `fplus.report.collect.latency_series`."""
+    usable = [(run, series) for run in runs if simulator in run["sim"]
+              and (series := latency_series(run["sim"][simulator]))]
+    if not usable:
+        return None
+    fig = _figure(10.5, 3.3 * len(usable) + 0.5)
+    axes = fig.subplots(len(usable), 2, squeeze=False)
+    for (ax_rate, ax_jump), (run, series) in zip(axes, usable, strict=True):
+        for j, (strategy, rows) in enumerate(series.items()):
+            color = STRATEGY_COLORS.get(strategy, mode_color(strategy, j))
+            dodge = 0.05 * (j - (len(series) - 1) / 2)  # so that the interval bars of equal delays stay apart
+            xs = [r["inference_delay"] + dodge for r in rows]
+            ys = [r["rate"] for r in rows]
+            lo = [max(0.0, r["rate"] - (r["ci95"] or [r["rate"]] * 2)[0]) for r in rows]
+            hi = [max(0.0, (r["ci95"] or [r["rate"]] * 2)[1] - r["rate"]) for r in rows]
+            ax_rate.errorbar(xs, ys, yerr=[lo, hi], color=color, marker="o", ms=4, lw=1.4, capsize=3,
+                             label=strategy)
+            for key, style, suffix in (("boundary", "-", "at boundaries"), ("within", ":", "within chunks")):
+                pts = [(r["inference_delay"], r[key]) for r in rows if r[key] is not None]
+                if pts:
+                    px, py = zip(*pts, strict=True)
+                    ax_jump.plot(px, py, ls=style, color=color, marker="o" if style == "-" else None, ms=4, lw=1.4,
+                                 label=f"{strategy} {suffix}")
+        steps = {r["execution_horizon"] for rows in series.values() for r in rows} - {None}
+        s_text = f", s = {steps.pop()}" if len(steps) == 1 else ""
+        ax_rate.set_ylim(0, 1.05)
+        ax_rate.yaxis.set_major_formatter(lambda v, _pos: f"{100 * v:.0f}%")
+        ax_rate.set_ylabel("success rate")
+        ax_rate.set_title(f"{run['label']}: success vs inference delay{s_text}", fontsize=10)
+        ax_jump.set_ylabel("mean |a_t - a_(t-1)|")
+        ax_jump.set_title(f"{run['label']}: action change vs inference delay", fontsize=10)
+        for ax in (ax_rate, ax_jump):
+            ax.set_xlabel("inference delay d (control steps)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(alpha=0.3)
+    _shared_legend(fig, axes.ravel(), "chunking")
     return _save(fig, path)

@@ -77,6 +77,7 @@ class Plots:
     delta_vs_gate: Path | None = None
     world_cosine: Path | None = None
     success: dict[str, Path] = field(default_factory=dict)
+    latency: dict[str, Path] = field(default_factory=dict)
 
 
 # ----- numbers -> text ------------------------------------------------------------------------------------------
@@ -278,6 +279,42 @@ def sim_tables(data: Record, simulator: str) -> list[Block]:
     return blocks
 
 
+def latency_tables(data: Record, simulator: str, figure: Path | None = None) -> list[Block]:
+    """The latency-aware closed loop of `simulator`: per run with a `latency` section, a row per chunking strategy
+    and inference delay (success over all tasks, mean action change at chunk boundaries and within chunks, their
+    ratio, idle steps per episode); [] when no run has one."""
+    runs = [r for r in data["runs"] if simulator in r["sim"] and r["sim"][simulator].get("latency")]
+    if not runs:
+        return []
+    blocks: list[Block] = [
+        Heading(3, f"{simulator}: inference delay and chunking"),
+        Para("The chunk requested at step t (from the observation o_t) arrives d control steps later (simulated, "
+             "so the numbers do not depend on the machine). **sync**: the robot waits while a chunk is inferred; "
+             "in the simulator the env is not stepped meanwhile, so success does not depend on d, and the cost "
+             "shows as idle steps (d per chunk). **naive**: the current chunk runs on during inference and the "
+             "robot then switches to the new chunk at its action d. **rtc**: the same timing, and the policy "
+             "inpaints the d actions that run during inference (real-time chunking). Mode `none` only."),
+        Para("Δa: the mean over consecutive executed actions of mean_i |a_t[i] - a_(t-1)[i]| (raw action units), "
+             "at chunk boundaries (a_t from another chunk than a_(t-1)) and within chunks; boundary / within "
+             "near 1: the switch is as smooth as the chunk itself.", note=True),
+    ]
+    if figure is not None:
+        blocks.append(Figure(figure, f"{simulator} latency", "Success rate (95% intervals) and mean action change "
+                             "at chunk boundaries (solid) and within chunks (dotted) against the inference delay, "
+                             "per chunking strategy."))
+    for r in runs:
+        sim = r["sim"][simulator]
+        rows = [[Cell(row["chunking"], "text"), Cell(str(row["inference_delay"])), fmt_rate(row),
+                 fmt(row["boundary"]), fmt(row["within"]), fmt(row["ratio"]), fmt(row["idle_per_episode"])]
+                for row in sim["latency"]]
+        s = sim.get("n_action_steps")
+        blocks.append(Table(["chunking", "delay d", "success", "Δa boundary", "Δa within", "boundary / within",
+                             "idle steps / episode"], rows,
+                            caption=f"{r['label']}: all tasks" + (f", execution horizon s = {s}" if s else "")
+                            + f", step {sim['step']}, `{sim['file']}`"))
+    return blocks
+
+
 def build_document(data: Record, plots: Plots) -> list[Block]:
     """Every section of the report, in order."""
     runs = data["runs"]
@@ -339,6 +376,7 @@ def build_document(data: Record, plots: Plots) -> list[Block]:
             doc.append(Figure(plots.success[sim], f"{sim} success rates",
                               "Overall success rate per corruption mode; error bars: 95% interval."))
         doc += sim_tables(data, sim)
+        doc += latency_tables(data, sim, plots.latency.get(sim))
 
     doc.append(Heading(2, "Notes"))
     notes = [f"**{r['label']}**: " + "; ".join(r["notes"]) for r in runs if r["notes"]]

@@ -7,8 +7,8 @@ writes into the output directory
     report.json   the collected numbers (fplus.report.collect): scripts and tests read this
     report.md     Markdown; figures referenced by relative path (plots/*.png)
     report.html   one self-contained file: inline CSS, figures embedded as base64 PNGs
-    plots/        losses.png, gate.png, delta_vs_gate.png, world_cosine.png, success-<simulator>.png (those with
-                  data)
+    plots/        losses.png, gate.png, delta_vs_gate.png, world_cosine.png, success-<simulator>.png,
+                  latency-<simulator>.png (those with data)
 
 Missing pieces (no eval yet, an unfinished run) appear as "n/a" with a note; parts a run does not have (a gate, a
 world loss, the memory modes of a run without an injected memory) as "-". A path that is not a run directory is an
@@ -55,7 +55,8 @@ def make_plots(data: dict, out: Path) -> Plots:
     """Write every figure there is data for into out/plots/ (and remove stale ones from an earlier report)."""
     plot_dir = out / PLOTS_DIR
     if plot_dir.is_dir():
-        for old in [*(plot_dir / n for n in PLOT_NAMES), *plot_dir.glob("success-*.png")]:
+        for old in [*(plot_dir / n for n in PLOT_NAMES), *plot_dir.glob("success-*.png"),
+                    *plot_dir.glob("latency-*.png")]:
             old.unlink(missing_ok=True)
     runs = data["runs"]
     series = {r["label"]: c.train_series(Path(r["path"])) for r in runs}
@@ -69,6 +70,9 @@ def make_plots(data: dict, out: Path) -> Plots:
         path = p.success_bars(runs, sim, plot_dir / f"success-{sim}.png")
         if path is not None:
             plots.success[sim] = path
+        path = p.latency_curves(runs, sim, plot_dir / f"latency-{sim}.png")
+        if path is not None:
+            plots.latency[sim] = path
     return plots
 
 
@@ -92,7 +96,7 @@ def write_report(runs: list[Path], out: Path) -> ReportFiles:
         data["notes"].append("plots n/a: matplotlib is not installed (`pip install 'fplus[report]'`)")
     files = ReportFiles(out=out, markdown=out / "report.md", html=out / "report.html", json=out / "report.json")
     files.plots = [q for q in (plots.losses, plots.gate, plots.delta_vs_gate, plots.world_cosine,
-                               *plots.success.values()) if q]
+                               *plots.success.values(), *plots.latency.values()) if q]
     data["plots"] = [q.relative_to(out).as_posix() for q in files.plots]
     doc = build_document(data, plots)
     files.json.write_text(json.dumps(data, indent=2) + "\n")

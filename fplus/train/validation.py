@@ -4,9 +4,11 @@ call `evaluate_modes`.
 
 Per batch it runs the backbone once and applies every corruption mode to the memory only (the ACT states do not
 depend on it). Per mode it reports the masked MSE of the predicted action chunks in normalised units (the
-training loss's units) and in raw units (overall and per action dimension). With a Prophet it also reports the
-world cosine cos(z_pred, z_future) over valid future steps, next to two trivial baselines: always predicting the
-training mean, and copy-last (z_t repeated); in the standardised space the loss uses and in the raw encoder space.
+training loss's units) and in raw units (overall and per action dimension); a flow head samples its chunks from
+noise drawn from a generator seeded by SEED (one noise per batch, the same for every mode), so the numbers repeat
+from one evaluation to the next. With a Prophet it also reports the world cosine cos(z_pred, z_future) over valid
+future steps, next to two trivial baselines: always predicting the training mean, and copy-last (z_t repeated); in
+the standardised space the loss uses and in the raw encoder space.
 A Prophet that does not beat copy-last has learnt nothing the present does not already give.
 
 Samples are visited in a fixed seeded random order, so every batch mixes episodes: `shuffle` gives each sample
@@ -27,7 +29,7 @@ from fplus.model.policy import FPlusPolicy
 from fplus.model.prophet import world_cosine_sums
 from fplus.train.data import Collate, EpochSampler, PolicySamples
 
-SEED = 12345  # sample order, random and shuffle corruptions draw from this seed: every evaluation is the same
+SEED = 12345  # sample order, random and shuffle corruptions, flow noise: every evaluation draws the same
 WORLD_METRICS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy": "val_cos_world_copy",
                  "prophet_raw": "val_cos_world_raw", "mean_raw": "val_cos_world_mean_raw",
                  "copy_raw": "val_cos_world_copy_raw", "align": "val_cos_align"}
@@ -74,6 +76,7 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
     policy.eval()
     device = policy.device
     generators = {m: torch.Generator().manual_seed(SEED + i) for i, m in enumerate(MODES)}
+    noise = torch.Generator().manual_seed(SEED + len(MODES))  # flow head: one noise per batch for every mode
     sq_norm = {m: 0.0 for m in modes}
     sq_raw = {m: None for m in modes}
     count = {m: 0 for m in modes}
@@ -88,7 +91,7 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
         episodes = batch["episode_index"]
         donors = shuffle_donors(episodes, generators["shuffle"]) if "shuffle" in modes else None
         active = [m for m in modes if m != "shuffle" or donors is not None]
-        preds, enc = policy.predict_modes(batch, active, generators, None if donors is None else donors[0])
+        preds, enc = policy.predict_modes(batch, active, generators, None if donors is None else donors[0], noise)
         target = batch[K.ACTIONS].to(device, torch.float32)
         valid = (~batch[K.ACTION_PAD].to(device)).unsqueeze(-1).float()  # (B, H, 1)
         for mode, pred in preds.items():

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fplus import batch as K
+from fplus.deploy.episode import OnlineLatents
 from fplus.errors import FplusError
-from fplus.eval.closed_loop import OnlineLatents, evaluate_closed_loop, rollout, wilson_interval
+from fplus.eval.closed_loop import evaluate_closed_loop, rollout, wilson_interval
 from fplus.world.encoders import build_encoder
 
 

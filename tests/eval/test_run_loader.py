@@ -1,4 +1,4 @@
-"""The one run loader (fplus.rundir.load_run + fplus.eval.loader.open_run) and the processor in the data workers."""
+"""The one run loader (fplus.rundir.load_run + fplus.deploy.loader.open_run) and the processor in the data workers."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from fplus import batch as K
+from fplus.deploy.loader import open_run
 from fplus.errors import CheckpointError, DataError
-from fplus.eval.loader import open_run
 from fplus.model.processor import PolicyProcessor
 from fplus.rundir import load_run, run_dir_for
 from fplus.train.run import train_run

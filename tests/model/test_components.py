@@ -216,3 +216,34 @@ def test_normalizer_modes_round_trip():
     torch.testing.assert_close(q.inverse(q(x)), x)
     with pytest.raises(FplusError, match="no \\['q01', 'q99'\\]"):
         Normalizer.from_stats({"mean": [0.0], "std": [1.0]}, "quantile", "action")
+
+
+def test_token_rows_are_the_plain_lookup_and_their_gradient_is_deterministic():
+    """The rows of the added tokens replace exactly the embeddings at their positions, and their gradient (summed
+    over many positions of long sequences, like E4's CoC prompts) is the same bits on every call: the CPU
+    index-put accumulation it replaced changed the last bits from run to run."""
+    from fplus.model.token_rows import TokenRows
+
+    g = torch.Generator().manual_seed(0)
+    ids = [500, 501, 502]
+    rows = TokenRows(ids, torch.randn(3, 16, generator=g))
+    input_ids = torch.randint(0, 400, (8, 4096), generator=g)
+    input_ids[:, ::7] = 500
+    input_ids[:, 3::11] = 502
+    embeds = torch.randn(8, 4096, 16, generator=g)
+    out = rows.apply(input_ids, embeds)
+    at = {i: input_ids == i for i in ids}
+    assert torch.equal(out[at[500]], rows.weight[0].expand(int(at[500].sum()), 16))
+    assert torch.equal(out[at[502]], rows.weight[2].expand(int(at[502].sum()), 16))
+    other = ~(at[500] | at[502])
+    assert torch.equal(out[other], embeds[other])
+    upstream = torch.randn(8, 4096, 16, generator=g)
+    grads = []
+    for _ in range(5):
+        rows.weight.grad = None
+        (rows.apply(input_ids, embeds) * upstream).sum().backward()
+        grads.append(rows.weight.grad.clone())
+    assert all(torch.equal(grads[0], gr) for gr in grads[1:])
+    expected = torch.stack([upstream[at[i]].double().sum(0) for i in ids]).float()
+    torch.testing.assert_close(grads[0], expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(grads[0][1], torch.zeros(16))  # a token absent from the batch gets no gradient

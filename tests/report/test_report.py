@@ -633,3 +633,95 @@ def test_the_report_package_never_imports_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+# ----- latency-aware closed loop --------------------------------------------------------------------------------
+
+# (strategy, d) -> (successes of 30, mean |Δa| at boundaries, within, idle steps per episode)
+LATENCY = {("sync", 0): (15, 0.30, 0.10, 0), ("sync", 2): (15, 0.30, 0.10, 12), ("naive", 0): (15, 0.30, 0.10, 0),
+           ("naive", 2): (9, 0.60, 0.10, 2), ("naive", 4): (4, 0.90, 0.12, 4), ("rtc", 0): (16, 0.20, 0.10, 0),
+           ("rtc", 2): (14, 0.25, 0.10, 2), ("rtc", 4): (11, 0.30, 0.11, 4)}
+
+
+def _latency_cell(successes: int, episodes: int, boundary: float, within: float, idle: int) -> dict:
+    """A latency cell as fplus.eval.closed_loop writes it (100 steps an episode, a switch every 4 steps)."""
+    nb = 25 * episodes
+    return {"successes": successes, "episodes": episodes, "rate": successes / episodes,
+            "ci95": _wilson(successes, episodes),
+            "smoothness": {"boundary": boundary, "within": within, "boundary_transitions": nb,
+                           "within_transitions": 99 * episodes - nb},
+            "steps": 100 * episodes, "idle_steps": idle * episodes}
+
+
+def _latency_section(settings=LATENCY) -> dict:
+    """The `latency` section of a closed-loop file: one task per 10 episodes, three tasks (golden overall)."""
+    section: dict = {}
+    for (strategy, d), (wins, boundary, within, idle) in settings.items():
+        per_task = [wins // 3 + (1 if i < wins % 3 else 0) for i in range(3)]
+        section.setdefault(strategy, {})[str(d)] = {
+            "chunking": strategy, "inference_delay": d, "execution_horizon": 4, "mode": "none",
+            "tasks": {t: _latency_cell(w, 10, boundary, within, idle) for t, w in zip(TASKS, per_task, strict=True)},
+            "overall": _latency_cell(wins, 30, boundary, within, idle)}
+    return section
+
+
+def _with_latency(root: Path, exp: str = "E2", section: dict | None = None) -> Path:
+    run = make_run(root, exp)
+    path = run / "eval" / "sim-metaworld-step-000120.json"
+    data = json.loads(path.read_text())
+    data.update(n_action_steps=4, latency=_latency_section() if section is None else section)
+    path.write_text(json.dumps(data))
+    return run
+
+
+def test_latency_results_are_collected_tabled_and_plotted(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from fplus.report import plots
+
+    runs = [make_run(tmp_path, "E0"), _with_latency(tmp_path)]
+    files = write_report(runs, tmp_path / "report")
+    data = json.loads(files.json.read_text())
+    sim = _by_label(data)["E2"]["sim"]["metaworld"]
+    assert _by_label(data)["E0"]["sim"]["metaworld"]["latency"] == []
+    rows = sim["latency"]
+    assert [(r["chunking"], r["inference_delay"]) for r in rows] == list(LATENCY)  # sync, naive, rtc; d ascending
+    for row, ((_, _), (wins, boundary, within, idle)) in zip(rows, LATENCY.items(), strict=True):
+        assert (row["successes"], row["episodes"], row["rate"], row["ci95"]) == (wins, 30, wins / 30,
+                                                                                  _wilson(wins, 30))
+        assert (row["boundary"], row["within"], row["execution_horizon"]) == (boundary, within, 4)
+        assert row["ratio"] == pytest.approx(boundary / within) and row["idle_per_episode"] == idle
+        assert list(row["tasks"]) == list(TASKS) and row["tasks"]["reach-v3"]["episodes"] == 10
+    # the table: a row per strategy and delay
+    md = files.markdown.read_text()
+    assert "### metaworld: inference delay and chunking" in md
+    header, table = _table(md, "E2: all tasks, execution horizon s = 4, step 120")
+    assert header == ["chunking", "delay d", "success", "Δa boundary", "Δa within", "boundary / within",
+                      "idle steps / episode"]
+    assert table[3] == ["naive", "2", f"30% [{100 * _wilson(9, 30)[0]:.0f}, {100 * _wilson(9, 30)[1]:.0f}] (9/30)",
+                        "0.6", "0.1", "6", "2"]
+    assert [r[:2] for r in table] == [[s, str(d)] for s, d in LATENCY]
+    assert "inference delay and chunking" in files.html.read_text()
+    # the figure: success and action change against d, a line per strategy in its colour
+    assert "plots/latency-metaworld.png" in data["plots"] and "![metaworld latency](plots/latency-metaworld.png)" in md
+    png = tmp_path / "report" / "plots" / "latency-metaworld.png"
+    for strategy in ("sync", "naive", "rtc"):
+        assert _pixels_of(png, to_hex(plots.STRATEGY_COLORS[strategy])) > 100, strategy
+    # a later report of runs without latency results drops the stale figure
+    again = write_report([runs[0]], tmp_path / "report")
+    assert not png.exists() and "inference delay and chunking" not in again.markdown.read_text()
+
+
+def test_latency_entries_that_are_not_results_are_left_out(tmp_path):
+    section = _latency_section({("naive", 2): (9, 0.6, 0.1, 2), ("rtc", 2): (14, 0.25, None, 2)})
+    section["rtc"]["2"]["overall"]["smoothness"]["within"] = None  # s = 1: no within-chunk transition
+    section["naive"]["x"] = {"overall": {"rate": 0.5}}  # not a delay
+    section["sync"] = {"0": {"tasks": {}}}  # no overall
+    section["bogus"] = 3
+    run = _with_latency(tmp_path, section=section)
+    rows = c.collect_sim(run / "eval" / "sim-metaworld-step-000120.json", "metaworld")["latency"]
+    assert [(r["chunking"], r["inference_delay"]) for r in rows] == [("naive", 2), ("rtc", 2)]
+    assert rows[1]["within"] is None and rows[1]["ratio"] is None
+    files = write_report([run], tmp_path / "report")
+    _, table = _table(files.markdown.read_text(), "E2: all tasks")
+    assert table[1][4:6] == ["n/a", "n/a"]
