@@ -21,7 +21,8 @@ and the next chunk is requested when the current one has run s steps since its r
            current chunk's plan for the overlap as a prefix aligned with the new chunk's index 0 (prefix[i] is
            meant for step r + i): its first d actions run during inference, so the policy must reproduce them
            (frozen); the rest (P = H - s actions in all) is soft guidance (RTC's decaying mask over the overlap).
-           The policy inpaints it: a flow head by guided denoising, an MSE head by a prefix blend.
+           The policy inpaints it: a flow head by guided denoising, an MSE head by a prefix blend. With d = 0
+           nothing runs during inference and no prefix is sent: rtc is then plain inference (= sync = naive).
 
 The first chunk of an episode is always waited for (there is nothing to execute before it): it arrives at step 0
 for every strategy, without a prefix, and the wait counts d idle steps.
@@ -245,7 +246,7 @@ class ChunkScheduler:
         d = self.inference_delay
         waits = first or self.strategy == "sync"
         prefix, delay = None, 0
-        if self.strategy == "rtc" and not first:
+        if self.strategy == "rtc" and not first and d > 0:  # d = 0: nothing runs during inference, plain inference
             prefix = self._chunk[self.step - self._chunk_step:].copy()
             delay = d
             if len(prefix) == 0:  # s = H: nothing overlaps

@@ -91,7 +91,14 @@ def test_naive_switches_when_the_chunk_arrives_and_skips_its_first_d_actions(hor
     assert {i for t, (_, i) in enumerate(runner.scheduler.timeline) if t in switches} == {d}
 
 
-@pytest.mark.parametrize(("horizon", "s", "d"), [(8, 4, 2), (8, 4, 4), (8, 3, 1), (6, 2, 1), (8, 4, 0)])
+def test_rtc_without_delay_is_plain_inference():
+    """d = 0: nothing runs during inference, so rtc sends no prefix and executes exactly what sync executes."""
+    actions, runner, policy = run("rtc", 8, 4, 0, 40, inpaint=True)
+    assert all(prefix is None and delay == 0 for _, prefix, delay in policy.calls)
+    assert np.array_equal(np.asarray(actions), np.asarray(run("sync", 8, 4, 0, 40, inpaint=True)[0]))
+
+
+@pytest.mark.parametrize(("horizon", "s", "d"), [(8, 4, 2), (8, 4, 4), (8, 3, 1), (6, 2, 1)])
 def test_rtc_passes_the_overlap_and_executes_its_frozen_prefix_exactly(horizon, s, d):
     actions, runner, policy = run("rtc", horizon, s, d, 40, inpaint=True)
     calls = policy.calls
