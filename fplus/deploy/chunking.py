@@ -51,6 +51,7 @@ Interfaces:
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -347,3 +348,9 @@ def settings_grid(strategies: Iterable[str], delays: Iterable[int]) -> list[tupl
     """Every (strategy, delay) pair, strategies in STRATEGIES order, delays ascending."""
     chosen = {check_strategy(s) for s in strategies}
     return [(s, d) for s in STRATEGIES if s in chosen for d in sorted(set(delays))]
+
+
+def supports_inpainting(policy) -> bool:
+    """Whether `policy.predict` takes an action prefix to inpaint (its `prefix` argument): what rtc chunking and a
+    served observation carrying `action_prefix` need."""
+    return "prefix" in inspect.signature(policy.predict).parameters

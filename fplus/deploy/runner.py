@@ -16,7 +16,6 @@ own observations (not on other connections). Not thread-safe: the server calls i
 
 from __future__ import annotations
 
-import inspect
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from fplus import __version__
 from fplus import batch as K
+from fplus.deploy.chunking import supports_inpainting
 from fplus.deploy.episode import OnlineLatents, observation_batch
 from fplus.deploy.observation import Observation, ObservationSpec
 
@@ -70,8 +70,7 @@ class PolicyRunner:
     def __init__(self, opened: OpenedRun, encoder: Any | None, spec: ObservationSpec):
         self.opened, self.encoder, self.spec = opened, encoder, spec
         self.policy = opened.policy
-        params = inspect.signature(self.policy.predict).parameters
-        self.supports_prefix = "prefix" in params and "inference_delay" in params
+        self.supports_prefix = supports_inpainting(self.policy)
 
     def new_episode(self) -> Episode:
         latents = None if self.encoder is None else OnlineLatents(self.encoder, self.policy.config.history)

@@ -42,7 +42,6 @@ when `none` is not among the modes). An earlier file's latency entries (and task
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Sequence
@@ -54,7 +53,14 @@ import numpy as np
 import torch
 
 from fplus import batch as K
-from fplus.deploy.chunking import STRATEGIES, SimulatedInference, Smoothness, check_timing, settings_grid
+from fplus.deploy.chunking import (
+    STRATEGIES,
+    SimulatedInference,
+    Smoothness,
+    check_timing,
+    settings_grid,
+    supports_inpainting,
+)
 from fplus.deploy.episode import OnlineLatents, observation_batch
 from fplus.errors import ConfigError
 from fplus.io import write_text_atomic
@@ -150,11 +156,6 @@ def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str,
     finally:
         if stats is not None:
             stats.add(runner.scheduler)
-
-
-def supports_inpainting(policy) -> bool:
-    """Whether `policy.predict` takes a prefix to inpaint (rtc chunking)."""
-    return "prefix" in inspect.signature(policy.predict).parameters
 
 
 def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episodes: int,

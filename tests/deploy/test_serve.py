@@ -184,8 +184,7 @@ def test_an_internal_error_closes_that_connection_only(server, served_run, monke
 
 
 def test_an_action_prefix_is_inpainted(server, served_run):
-    if not server.runner.supports_prefix:
-        pytest.skip("FPlusPolicy.predict takes no prefix / inference_delay in this checkout")
+    assert server.runner.supports_prefix and server.runner.metadata()["action_prefix"] is True
     prefix = np.array([[0.25, -1.5], [2.0, 0.5]])
     with _client(server) as (ws, _):
         _infer(ws, toy_observation(0))
