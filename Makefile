@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install install-libero demo test lint clean-demo lerobot-compat openpi-client
+.PHONY: install install-libero demo test lint clean-demo lerobot-compat openpi-client outside-checkers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,8 @@ demo: install
 test: install-libero
 	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 \
 	  FPLUS_LEROBOT_VENV=$${FPLUS_LEROBOT_VENV:-$(CURDIR)/.lerobot-venv} \
-	  FPLUS_OPENPI_VENV=$${FPLUS_OPENPI_VENV:-$(CURDIR)/.openpi-venv} $(BIN)/pytest -q
+	  FPLUS_OPENPI_VENV=$${FPLUS_OPENPI_VENV:-$(CURDIR)/.openpi-venv} \
+	  FPLUS_OUTSIDE_VENV=$${FPLUS_OUTSIDE_VENV:-$(CURDIR)/.outside-venv} $(BIN)/pytest -q
 
 # Optional: the lerobot library in its own venv, so that tests also check lerobot reads what fplus writes
 # (CI builds it; without it that one test is skipped with the reason). Needs apt for the FFmpeg libraries.
@@ -43,6 +44,13 @@ lerobot-compat:
 # `fplus serve` with the real client (CI builds it; without it tests/deploy/test_serve_openpi.py is skipped).
 openpi-client:
 	bash scripts/openpi_client_env.sh $(CURDIR)/.openpi-venv
+
+# Optional: lerobot-doctor and the standalone lerobot-dataset reader (PyPI) in their own venv, then their test: both
+# check a small demo dataset written by fplus and a lerobot fixture (CI builds the venv; else the test is skipped).
+outside-checkers: install
+	bash scripts/outside_checkers_env.sh $(CURDIR)/.outside-venv
+	MUJOCO_GL=$${MUJOCO_GL:-egl} HF_HUB_OFFLINE=1 FPLUS_OUTSIDE_VENV=$(CURDIR)/.outside-venv \
+	  $(BIN)/pytest -q -rA tests/data/test_outside_checkers.py
 
 lint: install
 	$(BIN)/ruff check fplus tests

@@ -1,8 +1,9 @@
 """What serving costs: round-trip latency through `fplus serve` (websockets + openpi's msgpack-numpy) against the same
-inference in-process, on tiny E0 and E2 runs (the tests' toy run: 64x64 camera, 2-d state, H=4, tiny backbone and
-DINO) on the CPU, and the payload bytes per request.
+inference in-process, on E0 and E2 runs of the tests' toy dataset (64x64 camera, 2-d state, H=4, tiny DINO) at two
+backbone sizes: tiny (64 px) and mid (random Qwen3-VL, text hidden 512 x 4 layers, vision 256 x 4, 224 px, LoRA),
+on the CPU, and the payload bytes per request.
 
-    python benchmarks/serve.py [--iters 300]
+    python benchmarks/serve.py [--iters 300] [--mid-iters 60] [--sizes tiny,mid]
 
 Rows, per run (p50 / p99 over --iters observations of one episode, after a warm-up; torch on --threads threads,
 default 1, here and in the server, so that both are timed alike and a shared machine disturbs them less):
@@ -37,25 +38,29 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import environment, markdown_table, write_results  # noqa: E402
 
+SIZES = {"tiny": {}, "mid": {"BACKBONE": "random-qwen3-vl-mid", "IMAGE_SIZE": 224, "FINETUNE": "lora"}}
 
-def train_toy_runs(root: Path) -> dict[str, Path]:
-    """Tiny E0 and E2 runs on the tests' toy dataset (2 optimiser steps each)."""
+
+def train_toy_runs(root: Path, size: str) -> dict[str, Path]:
+    """E0 and E2 runs on the tests' toy dataset (2 optimiser steps each): the tiny backbone at 64 px, or (mid) the
+    random mid-size Qwen3-VL (text 512 x 4 layers, vision 256 x 4) at 224 px with LoRA."""
     from accelerate.state import AcceleratorState, PartialState
 
     from fplus.rundir import run_dir_for
     from fplus.train.run import train_run
     from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
 
-    write_toy_dataset(root / "ds", lengths=(8, 7, 9, 6))
+    if not (root / "ds").exists():
+        write_toy_dataset(root / "ds", lengths=(8, 7, 9, 6))
     runs = {}
     for exp in ("E0", "E2"):
-        s = toy_settings(root, root / "ds", EXPERIMENT=exp, MAX_STEPS=2, VAL_FRACTION=0.25)
+        s = toy_settings(root / size, root / "ds", EXPERIMENT=exp, MAX_STEPS=2, VAL_FRACTION=0.25, **SIZES[size])
         if exp == "E2":
             compute_toy_latents(s)
         train_run(s, run_dir_for(s), progress_bar=False)
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
-        runs[exp] = run_dir_for(s)
+        runs[f"{exp} {size}"] = run_dir_for(s)
     return runs
 
 
@@ -186,7 +191,10 @@ def protocol_libero(iters: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--iters", type=int, default=300, help="observations per run at the tiny size")
+    parser.add_argument("--mid-iters", type=int, default=60, help="observations per run at the mid size")
+    parser.add_argument("--sizes", default="tiny,mid", help="comma-separated: tiny (64 px, tiny backbone), mid "
+                        "(224 px, random Qwen3-VL text 512 x 4, vision 256 x 4, LoRA)")
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in the server (default 1: "
                         "stable numbers on a shared machine)")
@@ -198,15 +206,18 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows, diffs = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs = train_toy_runs(Path(tmp))
-        for exp, run_dir in runs.items():
-            exp_rows, diffs[exp] = bench_run(exp, run_dir, args.iters, args.warmup, Path(tmp))
-            rows += exp_rows
+        for size in args.sizes.split(","):
+            if size not in SIZES:
+                parser.error(f"--sizes: unknown size {size!r}; choose from {', '.join(SIZES)}")
+            iters = args.iters if size == "tiny" else args.mid_iters
+            for exp, run_dir in train_toy_runs(Path(tmp), size).items():
+                exp_rows, diffs[exp] = bench_run(exp, run_dir, iters, args.warmup, Path(tmp))
+                rows += exp_rows
     rows.append(protocol_libero(args.iters))
     print(markdown_table(rows, ["run", "path", "p50_ms", "p99_ms", "overhead_p50_ms", "request_bytes",
                                 "reply_bytes"]))
     print(f"max |server - in-process| over the episode's actions: {diffs}  ({environment()['device']})")
-    path = write_results("serve", rows, {"iters": args.iters, "threads": args.threads,
+    path = write_results("serve", rows, {"iters": args.iters, "mid_iters": args.mid_iters, "threads": args.threads,
                                          "max_abs_diff_server_vs_in_process": diffs})
     print(f"wrote {path}")
 

@@ -15,10 +15,10 @@ from pathlib import Path
 from fplus.errors import FplusError
 from fplus.settings import Settings
 
-# Parameters of the backbones the aliases name (for the memory estimate when the config is not at hand).
+# Parameters of the backbones the aliases name (for a lower bound of the memory when the config is not at hand).
 KNOWN_PARAMS = {"Qwen/Qwen3-VL-2B-Instruct": 2.13e9, "Qwen/Qwen3-VL-4B-Instruct": 4.4e9,
                 "Qwen/Qwen3-VL-8B-Instruct": 8.8e9, "Qwen/Qwen2.5-VL-3B-Instruct": 3.8e9,
-                "random-qwen3-vl-2b": 2.13e9, "random-qwen3-vl-4b": 4.4e9}
+                "random-qwen3-vl-2b": 2.13e9, "random-qwen3-vl-4b": 4.4e9, "random-qwen3-vl-mid": 9.92e7}
 
 
 @dataclass(frozen=True)
@@ -70,20 +70,21 @@ def check_device() -> list[Check]:
 
 
 def check_dataset(settings: Settings) -> tuple[list[Check], object | None]:
-    from fplus.data.lerobot import DataKeys, LeRobotDataset
+    from fplus.data.lerobot import DataKeys
+    from fplus.data.mixture import dataset_label, open_dataset
 
     d = settings.data
     if d.dataset is None:
         return [Check("dataset", "fail", "DATASET is not set")], None
     try:
-        ds = LeRobotDataset.open(d.dataset, revision=d.revision)
+        ds = open_dataset(d)  # one dataset, or a mixture (its members must agree on fps)
     except FplusError as err:
         missing = not Path(d.dataset).exists()
         status = "warn" if settings.run.make_demo_data and missing else "fail"
         hint = " (fplus matrix records it)" if status == "warn" else ""
         return [Check("dataset", status, f"{err}{hint}")], None
     try:
-        checks = [Check("dataset", "ok", f"{ds.root}: {ds.num_episodes} episodes, {ds.num_frames} frames, "
+        checks = [Check("dataset", "ok", f"{dataset_label(ds)}: {ds.num_episodes} episodes, {ds.num_frames} frames, "
                                          f"{len(ds.tasks)} tasks, {ds.fps} fps")]
     except FplusError as err:  # a damaged episodes or tasks table
         return [Check("dataset", "fail", str(err))], None
@@ -116,18 +117,18 @@ def check_latents(settings: Settings, ds, needs_world: bool) -> list[Check]:
         return [Check("latents", "ok", "no experiment of this profile uses world latents")]
     if ds is None or settings.data.image_key is None:
         return [Check("latents", "warn", "not checked (no dataset)")]
-    from fplus.world.cache import LatentsCorrupt, find_latents
+    from fplus.world.cache import LatentsCorrupt, find_dataset_latents
 
     w = settings.world
     encoder = w.dino_model if w.source == "dino" else w.vjepa_model
-    try:
-        entry, latents = find_latents(w.cache_dir, ds, settings.data.image_key, w.source, encoder, w.pooling,
-                                      w.temporal_window)
+    try:  # a mixture: every member's entry
+        entries, latents = find_dataset_latents(w.cache_dir, ds, settings.data.image_key, w.source, encoder,
+                                                w.pooling, w.temporal_window)
     except LatentsCorrupt as err:  # damaged, changed since written, NaN/inf, or unverifiable: recompute
         return [Check("latents", "fail", f"{err}")]
     except FplusError as err:  # not computed yet, unfinished, or made for another dataset version
         return [Check("latents", "warn", f"{err}")]
-    return [latent_spread_check(f"{entry}: {latents.shape[0]} x {latents.shape[1]}", latents,
+    return [latent_spread_check(f"{', '.join(map(str, entries))}: {latents.shape[0]} x {latents.shape[1]}", latents,
                                 ds.episode_of_frames())]
 
 
@@ -181,34 +182,45 @@ def check_disk(settings: Settings) -> list[Check]:
     return out
 
 
-def estimate_memory_gib(settings: Settings) -> tuple[float, str]:
-    """A rough GPU memory need of one training process: weights, gradients + AdamW states of what trains,
-    activations (B x L x d x layers x ~34 bytes in bf16, / ~8 with activation checkpointing)."""
-    from fplus.model.backbone import TINY, resolve_name
+def check_memory(settings: Settings, per_experiment: dict[str, Settings]) -> list[Check]:
+    """The memory one training process of the matrix's largest experiment needs (`fplus.memory.estimate_memory`,
+    from the backbone's config; `settings` alone without experiments), against the GPU's when there is one."""
+    from fplus.experiments import Experiment
+    from fplus.memory import GPU_OVERHEAD, SizeUnknown, backbone_shape, estimate_memory
 
-    m, t = settings.model, settings.train
-    source = resolve_name(m.backbone)
-    if source == TINY:
-        return 0.1, "tiny backbone"
-    params = KNOWN_PARAMS.get(source)
-    hidden, layers = 2048, 28
-    if params is None:
-        try:
-            from transformers import AutoConfig
+    per_experiment = per_experiment or {Experiment.of(settings).id: settings}
+    try:
+        shapes = {s.model.backbone: backbone_shape(s.model.backbone) for s in per_experiment.values()}
+        estimates = {e: estimate_memory(s, shape=shapes[s.model.backbone]) for e, s in per_experiment.items()}
+    except SizeUnknown as err:
+        from fplus.model.backbone import resolve_name
 
-            config = AutoConfig.from_pretrained(source).get_text_config()
-            hidden, layers = config.hidden_size, config.num_hidden_layers
-            params = 12 * hidden**2 * layers + config.vocab_size * hidden * 2
-        except (OSError, ValueError, KeyError):  # offline/not cached, or not a model: say so instead of guessing
-            return float("nan"), f"unknown size of {source} (offline?)"
-    bytes_per = 2 if m.precision == "bf16" else 4
-    weights = params * bytes_per
-    trainable = params if m.finetune == "full" else (0.01 * params if m.finetune == "lora" else 0)
-    optimizer = trainable * (4 + 4 + 4)  # fp32 gradient + two Adam moments
-    seq = (m.image_size // 32) ** 2 + 40 + m.action_horizon
-    acts = t.batch_size * seq * hidden * layers * 34 / (8 if m.gradient_checkpointing else 1)
-    total = (weights + optimizer + acts) / 2**30 * 1.2
-    return total, f"{params / 1e9:.1f}B params, {m.finetune}, batch {t.batch_size}, ~{seq} tokens/sample"
+        source = resolve_name(next(iter(per_experiment.values())).model.backbone)
+        known = KNOWN_PARAMS.get(source)  # an optional table: a lower bound where it has the backbone
+        bound = "" if known is None else \
+            f"; at least {known * 4 / 2**30:.0f} GiB for the float32 weights of its ~{known / 1e9:.1f}B parameters"
+        return [Check("est. memory", "warn", f"not estimated: {err}{bound}")]
+    except FplusError as err:  # a BACKBONE that is no backbone
+        return [Check("est. memory", "fail", str(err))]
+    experiment, est = max(estimates.items(), key=lambda item: item[1].gpu_total)
+    s = per_experiment[experiment]
+    m = s.model
+    cameras = 1 + (s.data.wrist_image_key is not None)
+    gib = est.gpu_total / 2**30
+    params = f"{est.params / 1e9:.2f}B" if est.params >= 1e9 else f"{est.params / 1e6:.1f}M"
+    detail = (f"~{gib:.1f} GiB per training process on a GPU for {experiment} (the largest of "
+              f"{', '.join(estimates)}): {est.components()} GiB, + {GPU_OVERHEAD:.0%} and the CUDA context; "
+              f"{params} params ({est.trainable / 1e6:.1f}M trainable), {m.finetune}, {m.precision}, batch "
+              f"{s.train.batch_size}, {cameras} camera(s) at {m.image_size} px, ~{est.tokens} tokens/sample"
+              f"{', activation checkpointing' if m.gradient_checkpointing else ''}")
+    status = "ok"
+    import torch
+
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(0).total_memory / 2**30
+        status = "ok" if gib < 0.9 * total else "fail"
+        detail += f"; the GPU has {total:.0f} GiB"
+    return [Check("est. memory", status, detail)]
 
 
 def check_simulator(settings: Settings) -> list[Check]:
@@ -229,7 +241,8 @@ def check_simulator(settings: Settings) -> list[Check]:
 
 # Decoder layers of the backbones the aliases name (the loss-path check needs them without loading a config).
 KNOWN_LAYERS = {"Qwen/Qwen3-VL-2B-Instruct": 28, "Qwen/Qwen3-VL-4B-Instruct": 36, "Qwen/Qwen3-VL-8B-Instruct": 36,
-                "Qwen/Qwen2.5-VL-3B-Instruct": 36, "random-qwen3-vl-2b": 28, "random-qwen3-vl-4b": 36, "tiny": 2}
+                "Qwen/Qwen2.5-VL-3B-Instruct": 36, "random-qwen3-vl-2b": 28, "random-qwen3-vl-4b": 36,
+                "random-qwen3-vl-mid": 4, "tiny": 2}
 
 
 def backbone_layers(name: str) -> int | None:
@@ -279,18 +292,5 @@ def run_checks(settings: Settings, per_experiment: dict[str, Settings]) -> list[
     checks = check_versions() + check_device() + check_loss_paths(settings, per_experiment)
     data_checks, ds = check_dataset(settings)
     checks += data_checks + check_latents(settings, ds, needs_world) + check_coc(settings, ds, needs_coc)
-    checks += check_disk(settings) + check_simulator(settings)
-    try:
-        gib, how = estimate_memory_gib(settings)
-        detail = f"~{gib:.1f} GiB per training process ({how})" if gib == gib else how
-        status = "ok"
-        import torch
-
-        if torch.cuda.is_available() and gib == gib:
-            total = torch.cuda.get_device_properties(0).total_memory / 2**30
-            status = "ok" if gib < 0.9 * total else "fail"
-            detail += f" of {total:.0f} GiB"
-        checks.append(Check("est. memory", status, detail))
-    except FplusError as err:
-        checks.append(Check("est. memory", "fail", str(err)))
+    checks += check_disk(settings) + check_simulator(settings) + check_memory(settings, per_experiment)
     return checks

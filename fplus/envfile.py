@@ -158,7 +158,8 @@ def read_env_file(path: Path, environ: Mapping[str, str] | None = None, *,
 NO_ENV_CHECK_ENV = "FPLUS_NO_ENV_CHECK"
 _ENV_STYLE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
 # Variables of shells, Python, CUDA, the HF hub, MuJoCo, launchers, schedulers and CI: never near-misses, even when
-# they happen to be close to a setting name (no setting starts with one of these prefixes; a test checks it).
+# they happen to be close to a setting name. A prefix that some setting shares (WANDB_PROJECT, SLURM_PARTITION) does
+# not exempt: those variables are checked like any other, so a misspelt setting is never hidden (a test checks it).
 _ENV_CHECK_EXEMPT_PREFIXES = (
     "FPLUS_", "PROFILE", "LC_", "XDG_", "SSH_", "GPG_", "DBUS_", "TERM", "TMUX", "SUDO_", "LS_", "LESS", "HIST",
     "PYTHON", "PIP_", "UV_", "CONDA", "MAMBA", "VIRTUAL_ENV", "PYENV", "POETRY_", "PYTEST_", "COV_", "COVERAGE_",
@@ -211,9 +212,10 @@ def env_near_misses(environ: Mapping[str, str], known: Mapping[str, Any]) -> dic
     within edit distance 2 of a setting name (1 for settings of at most 5 characters, e.g. SEED, COC). `known`: the
     settings by name (fplus.settings.env_vars())."""
     out: dict[str, str] = {}
+    exempt = tuple(p for p in _ENV_CHECK_EXEMPT_PREFIXES if not any(k.startswith(p) for k in known))
     for name in environ:
         if (name in known or len(name) < 4 or not _ENV_STYLE.fullmatch(name) or name in _ENV_CHECK_EXEMPT
-                or name.startswith(_ENV_CHECK_EXEMPT_PREFIXES)):
+                or name.startswith(exempt)):
             continue
         best: tuple[int, str] | None = None
         for setting in known:

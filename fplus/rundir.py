@@ -1,9 +1,10 @@
 """The run directory contract (torch-free): its files, the settings a run was started with, and `load_run`, the one
 loader every consumer uses (train resume, offline eval, closed loop, report, matrix, a policy server).
 
-    RUN/config.json        resolved settings (flat names), policy config, dataset fingerprint, steps: resume and
-                           eval read them from here, never from the current environment
-    RUN/split.json         train/validation episodes
+    RUN/config.json        resolved settings (flat names), policy config, dataset fingerprint (a mixture: also
+                           `dataset_members`, each dataset's name, weight, fingerprint), steps: resume and eval
+                           read them from here, never from the current environment
+    RUN/split.json         train/validation episodes (a mixture: also each dataset's own split, `members`)
     RUN/latent_stats.json  per-dimension mean and std of the world latents over the training split
     RUN/metrics.jsonl      one JSON line per log step and per validation
     RUN/checkpoints/       atomic, verified checkpoints (fplus.checkpoint), the newest KEEP_LAST kept
@@ -135,14 +136,51 @@ class Run:
     def split_path(self) -> Path:
         return self.dir / SPLIT
 
-    def check_dataset(self, fingerprint: str, dataset: str) -> None:
-        """Refuse a dataset whose fingerprint is not the one the run was trained on."""
+    def check_dataset(self, fingerprint: str, dataset: str, members: list[dict] | None = None,
+                      content: bool = True) -> None:
+        """Refuse a dataset whose fingerprint is not the one the run was trained on.
+
+        A mixture (`members`: fplus.data.mixture.MixtureDataset.member_records, None for one dataset) is compared
+        member by member, in order, with the run's `dataset_members`: the same number of datasets, each with its
+        weight and fingerprint; the error names the dataset that differs. `content` False: the number of datasets
+        and the weights only (what resuming needs to draw the same samples)."""
+        recorded_members = self.config.get("dataset_members")  # absent: a run on one dataset
+        if members is not None or recorded_members is not None:
+            problems = _member_differences(recorded_members, members, content)
+            if problems:
+                raise DataError(f"the datasets changed since {self.dir} was trained: {'; '.join(problems)}; use the "
+                                "datasets (and the mixture's weights) the run was trained on")
+        if not content:
+            return
         recorded = self.config.get("dataset_fingerprint")
         if recorded is None:
             raise CheckpointError(f"{self.dir / CONFIG} records no `dataset_fingerprint`; restore it from a copy")
         if fingerprint != recorded:
             raise DataError(f"the dataset {dataset} changed since {self.dir} was trained (fingerprint "
                             f"{fingerprint} != {recorded}); evaluate on the dataset the run was trained on")
+
+
+def _member_differences(recorded: list[dict] | None, members: list[dict] | None, content: bool) -> list[str]:
+    """How the datasets of a mixture differ from the ones a run recorded (`dataset_members`), in order."""
+    if recorded is None:
+        return [f"the run was trained on one dataset, DATASET now names a mixture of {len(members or [])}"]
+    if members is None:
+        return [f"the run was trained on a mixture of {len(recorded)} datasets "
+                f"({', '.join(str(r['dataset']) for r in recorded)}), DATASET now names one"]
+    if len(members) != len(recorded):
+        return [f"the run was trained on a mixture of {len(recorded)} datasets "
+                f"({', '.join(str(r['dataset']) for r in recorded)}), DATASET now names {len(members)} "
+                f"({', '.join(str(m['dataset']) for m in members)})"]
+    problems = []
+    for i, (was, now) in enumerate(zip(recorded, members, strict=True), 1):
+        name = now["dataset"] if now["dataset"] == was["dataset"] else f"{now['dataset']} (was {was['dataset']})"
+        if content and now["fingerprint"] != was["fingerprint"]:
+            problems.append(f"dataset {i} of the mixture, {name}, changed (fingerprint {now['fingerprint']} != "
+                            f"{was['fingerprint']})")
+        if abs(float(now["weight"]) - float(was["weight"])) > 1e-9:
+            problems.append(f"dataset {i} of the mixture, {name}, has weight {now['weight']:.6g}, the run was "
+                            f"trained with {float(was['weight']):.6g}")
+    return problems
 
 
 def _check_experiment(config: dict[str, Any], experiment: Experiment, run_dir: Path) -> None:

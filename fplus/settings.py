@@ -15,7 +15,9 @@ Data keys (IMAGE_KEY, ACTION_KEY, INSTRUCTION_KEY) have no defaults: a profile o
 from __future__ import annotations
 
 import difflib
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,10 +57,145 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+MIXTURE_SUFFIXES = (".yaml", ".yml", ".json")
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:e[+-]?\d+)?|[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
+_MEMBER_KEYS = ("path", "repo", "weight", "revision")
+
+
+@dataclass(frozen=True)
+class DatasetMember:
+    """One dataset of DATASET: `source` (a local path, absolute for a mixture file's `path`, or a hub repo id),
+    its normalised mixture `weight` (the weights of a DATASET sum to 1) and hub `revision` (None: main)."""
+
+    source: str
+    weight: float
+    revision: str | None = None
+
+
+def parse_dataset(text: str, revision: str | None = None) -> tuple[DatasetMember, ...]:
+    """The datasets DATASET names (docs/data.md, "Mixtures"), in order:
+
+    - an existing local path that is not a mixture file: that one dataset, verbatim (colons and commas included);
+    - a path ending in .yaml, .yml or .json: a mixture file (`datasets:` a list of {path | repo, weight, revision});
+    - else a comma-separated list of SOURCE[:WEIGHT], WEIGHT being the text after the last colon when it reads as
+      a number (0.7, 3, 1e-2); every member has one or none has (equal weights). One member without a weight is
+      today's single dataset, with `revision` (DATASET_REVISION), which a list of several does not take.
+
+    Weights must be positive and finite; they are normalised to sum to 1. Raises ConfigError (one line)."""
+    text = text.strip()
+    path = Path(text).expanduser()
+    if path.suffix.lower() in MIXTURE_SUFFIXES and not path.is_dir():
+        return _normalised(_read_mixture_file(path), f"mixture file {text}: ")
+    if path.exists():
+        return (DatasetMember(text, 1.0, revision),)
+    parts = [part.strip() for part in text.split(",")]
+    if any(not part for part in parts):
+        raise ConfigError("an empty entry in the list of datasets: separate datasets with single commas "
+                          "(path_a:0.7,user/b:0.3)")
+    members = []
+    for part in parts:
+        source, colon, tail = part.rpartition(":")
+        if colon and source and _NUMBER.fullmatch(tail.strip()):
+            members.append((source.strip(), _weight(tail.strip(), source.strip(), ""), None))
+        else:
+            members.append((part, None, None))
+    if len(members) == 1:
+        return (DatasetMember(members[0][0], 1.0, revision),)
+    if revision is not None:
+        raise ConfigError(f"the revision of one dataset, but DATASET names {len(members)} ({text}): give each hub "
+                          "dataset its revision in a mixture file (docs/data.md)")
+    return _normalised(members, "")
+
+
+def _weight(value: Any, source: str, where: str) -> float:
+    try:
+        weight = float(value)
+    except (TypeError, ValueError):
+        weight = math.nan
+    if isinstance(value, bool) or not math.isfinite(weight) or weight <= 0:
+        raise ConfigError(f"{where}the weight {value!r} of {source!r} is not a positive finite number "
+                          "(weights such as 0.7 and 0.3; they are normalised to sum to 1)")
+    return weight
+
+
+def _normalised(members: list[tuple[str, float | None, str | None]], where: str) -> tuple[DatasetMember, ...]:
+    """Members with their weights normalised (all None: equal weights); mixed weights and duplicates are errors."""
+    if not members:
+        raise ConfigError(f"{where}no dataset listed")
+    unweighted = [source for source, weight, _ in members if weight is None]
+    if unweighted and len(unweighted) < len(members):
+        raise ConfigError(f"{where}{', '.join(map(repr, unweighted))} {'has' if len(unweighted) == 1 else 'have'} "
+                          "no weight but others do: give every dataset a weight, or none (equal weights)")
+    seen: set[tuple[str, str | None]] = set()
+    for source, _, rev in members:
+        if (source, rev) in seen:
+            raise ConfigError(f"{where}{source!r} is listed twice; list each dataset once, with its total weight")
+        seen.add((source, rev))
+    weights = [1.0 if weight is None else weight for _, weight, _ in members]
+    total = math.fsum(weights)
+    return tuple(DatasetMember(source, w / total, rev) for (source, _, rev), w in zip(members, weights, strict=True))
+
+
+def _read_mixture_file(path: Path) -> list[tuple[str, float | None, str | None]]:
+    """The entries of a mixture file: `path` entries made absolute (relative to the file's directory)."""
+    if not path.is_file():
+        raise ConfigError(f"mixture file {path} not found (DATASET ending in {', '.join(MIXTURE_SUFFIXES)} names a "
+                          "mixture file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"mixture file {path} cannot be read ({err})") from None
+    if path.suffix.lower() == ".json":
+        import json
+
+        try:
+            raw = json.loads(text)
+        except ValueError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err})") from None
+    else:
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{path}: reading YAML needs PyYAML (`pip install pyyaml`); or write the mixture as "
+                              ".json") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ConfigError(f"{path} is not valid YAML ({first})") from None
+    entries = raw.get("datasets") if isinstance(raw, dict) and set(raw) == {"datasets"} else None
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected one key `datasets`, a list of {{path | repo, weight, revision}}")
+    members = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{path} dataset {i}"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected {{path | repo, weight, revision}}, got {entry!r}")
+        unknown = sorted(set(entry) - set(_MEMBER_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(_MEMBER_KEYS)}")
+        if ("path" in entry) == ("repo" in entry):
+            raise ConfigError(f"{where}: give exactly one of `path` (a local directory, relative to the file) and "
+                              "`repo` (a hub dataset repo id)")
+        name = entry.get("path", entry.get("repo"))
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"{where}: `{'path' if 'path' in entry else 'repo'}` must be a non-empty string")
+        revision = entry.get("revision")
+        if revision is not None and ("path" in entry or not isinstance(revision, str)):
+            raise ConfigError(f"{where}: `revision` is a string, and only a hub dataset (`repo`) has one")
+        source = name.strip()
+        if "path" in entry:
+            source = os.path.normpath(path.parent.absolute() / Path(source).expanduser())
+        weight = None if entry.get("weight") is None else _weight(entry["weight"], source, f"{where}: ")
+        members.append((source, weight, revision))
+    return members
+
+
 class DataSettings(Section):
     """Which dataset, which keys, how to split it, and the embedded Meta-World demo dataset."""
 
-    dataset: str | None = env("DATASET", None, "LeRobot v3.0 dataset: local directory or hub repo id")
+    dataset: str | None = env("DATASET", None, "LeRobot v3.0 dataset: local directory or hub repo id; or several "
+                              "with weights (path_a:0.7,user/b:0.3) or a mixture file (.yaml/.json): docs/data.md")
     revision: str | None = env("DATASET_REVISION", None, "hub revision (branch, tag or commit) of DATASET")
     image_key: str | None = env("IMAGE_KEY", None, "main camera feature, e.g. observation.images.image")
     wrist_image_key: str | None = env("WRIST_IMAGE_KEY", None, "optional second camera feature")
@@ -69,6 +206,25 @@ class DataSettings(Section):
     )
     val_fraction: float = env("VAL_FRACTION", 0.1, "fraction of episodes held out for validation", ge=0, lt=1)
     split_seed: int = env("SPLIT_SEED", 0, "seed of the train/validation episode split")
+    augment: Literal["none", "default"] = env(
+        "AUGMENT", "none", "training image augmentation: none, or default (the AUG_* settings below, whose defaults "
+        "are the preset); validation and evaluation never augment")
+    aug_crop_scale_min: float = env("AUG_CROP_SCALE_MIN", 0.85, "AUGMENT=default: smallest random crop, as a "
+                                    "fraction of the image area (aspect ratio kept)", gt=0, le=1)
+    aug_crop_scale_max: float = env("AUG_CROP_SCALE_MAX", 1.0, "AUGMENT=default: largest random crop, as a "
+                                    "fraction of the image area", gt=0, le=1)
+    aug_shift: float = env("AUG_SHIFT", 0.04, "AUGMENT=default: largest extra shift of the crop window, as a "
+                           "fraction of the image side (edges replicated)", ge=0, le=0.5)
+    aug_rotation: float = env("AUG_ROTATION", 5.0, "AUGMENT=default: largest rotation in degrees (either way)",
+                              ge=0, le=180)
+    aug_brightness: float = env("AUG_BRIGHTNESS", 0.2, "AUGMENT=default: brightness factor drawn in "
+                                "[1 - x, 1 + x]", ge=0, le=1)
+    aug_contrast: float = env("AUG_CONTRAST", 0.2, "AUGMENT=default: contrast factor drawn in [1 - x, 1 + x]",
+                              ge=0, le=1)
+    aug_saturation: float = env("AUG_SATURATION", 0.2, "AUGMENT=default: saturation factor drawn in "
+                                "[1 - x, 1 + x]", ge=0, le=1)
+    aug_hue: float = env("AUG_HUE", 0.05, "AUGMENT=default: hue shift drawn in [-x, x], in turns of the colour "
+                         "circle (0.5 = 180 degrees)", ge=0, le=0.5)
     demo_tasks: list[str] = env(
         "DEMO_TASKS",
         ["reach-v3", "push-v3", "drawer-open-v3", "button-press-topdown-v3"],
@@ -80,6 +236,41 @@ class DataSettings(Section):
     demo_seed: int = env("DEMO_SEED", 0, "seed of the demo episodes")
 
     _csv = field_validator("demo_tasks", mode="before")(_split_csv)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_spec(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_dataset(value)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    @field_validator("revision")
+    @classmethod
+    def _one_revision(cls, value: str | None, info) -> str | None:
+        dataset = info.data.get("dataset")
+        if value is not None and dataset is not None:
+            try:
+                parse_dataset(dataset, value)
+            except ConfigError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    def members(self) -> tuple[DatasetMember, ...]:
+        """The datasets DATASET names with their normalised weights and revisions (`parse_dataset`); one member is
+        a single-dataset run. ConfigError: DATASET is unset."""
+        if self.dataset is None:
+            raise ConfigError("no dataset: set DATASET (or use a profile that does)")
+        return parse_dataset(self.dataset, self.revision)
+
+    @model_validator(mode="after")
+    def _crop_range(self) -> DataSettings:
+        if self.aug_crop_scale_min > self.aug_crop_scale_max:
+            raise ValueError(f"AUG_CROP_SCALE_MIN={self.aug_crop_scale_min} is above AUG_CROP_SCALE_MAX="
+                             f"{self.aug_crop_scale_max}; the crop scale range must be MIN <= MAX")
+        return self
 
 
 class WorldSettings(Section):
@@ -178,10 +369,22 @@ class TrainSettings(Section):
     val_batches: int | None = env("VAL_BATCHES", None, "validation batches (unset: all)", ge=1)
     val_every: int | None = env("VAL_EVERY", None, "steps between validations (unset: at the end of every epoch); "
                                 "the last step is always validated", ge=1)
-    logger: Literal["none", "tensorboard", "trackio"] = env("LOGGER", "none", "extra metrics logger")
+    logger: Literal["none", "tensorboard", "trackio", "wandb"] = env(
+        "LOGGER", "none", "extra metrics logger (wandb: also the closed-loop results of `fplus eval --sim`)")
+    wandb_project: str = env("WANDB_PROJECT", "fplus", "LOGGER=wandb: the W&B project")
+    wandb_entity: str | None = env("WANDB_ENTITY", None, "LOGGER=wandb: the W&B entity (unset: your default one)")
+    wandb_run_name: str | None = env("WANDB_RUN_NAME", None,
+                                     "LOGGER=wandb: display name of the W&B run (unset: the run directory's name)")
+    wandb_tags: list[str] = env("WANDB_TAGS", [], "LOGGER=wandb: tags of the W&B run, comma separated (the "
+                                "experiment id is always one)")
     frame_cache_gb: float = env("FRAME_CACHE_GB", 4.0, "decode all frames into RAM when they fit in this", ge=0)
     nonfinite: Literal["error", "skip"] = env("NONFINITE", "error", "a non-finite loss or gradient: stop training "
                                               "(error) or skip that batch, counting it (skip)")
+
+    @field_validator("wandb_tags", mode="before")
+    @classmethod
+    def _tags(cls, value: Any) -> Any:
+        return [] if value is None else _split_csv(value)  # WANDB_TAGS= (empty) is no tags
 
 
 class EvalSettings(Section):
@@ -207,18 +410,78 @@ class CocSettings(Section):
 
 
 class RunSettings(Section):
-    """Naming of the run directory and what `fplus matrix` runs."""
+    """Naming of the run directory, what `fplus matrix` runs and where (MATRIX_DEVICES, Slurm)."""
 
     name: str | None = env("RUN_NAME", None, "run directory name under OUTPUT_DIR (unset: the experiment id)")
     experiments: list[str] = env("MATRIX_EXPERIMENTS", ["E0", "E2", "E4"], "experiments of `fplus matrix`")
+    seeds: list[int] | None = env(
+        "MATRIX_SEEDS", None, "training seeds of `fplus matrix` (e.g. 0,1,2): each experiment runs once per seed, "
+        "in OUTPUT_DIR/<experiment>-seed<N>, and the report aggregates them (unset: SEED alone, in "
+        "OUTPUT_DIR/<experiment>)")
     missing_coc: Literal["error", "skip", "generate"] = env(
         "MATRIX_MISSING_COC", "error",
         "CoC experiments without COC_JSONL in `fplus matrix`: fail, skip with a warning, or generate labels")
 
     make_demo_data: bool = env("MATRIX_MAKE_DEMO_DATA", False,
                                "`fplus matrix` records the Meta-World demo dataset into DATASET when it is missing")
+    devices: list[str] = env(
+        "MATRIX_DEVICES", ["auto"], "where `fplus matrix` places its runs: auto (every visible CUDA GPU, "
+        "cuda:0,cuda:1,...; without one: cpu), or a comma list of devices (cpu, cuda:N) and GPU groups (cuda:0+cuda:1: "
+        "one run on 2 GPUs through accelerate launch); several: runs in parallel, one per entry, each in its own "
+        "process; one cpu or the one GPU of auto: in-process, one after another")
+    launcher: Literal["local", "slurm"] = env(
+        "MATRIX_LAUNCHER", "local", "`fplus matrix` runs on this machine (MATRIX_DEVICES), or submits each run as a "
+        "Slurm job through submitit (the SLURM_* settings; needs the `slurm` extra)")
+    accelerate_config: str = env(
+        "MATRIX_ACCELERATE_CONFIG", "ddp", "accelerate config of a run on several GPUs (a MATRIX_DEVICES group, "
+        "SLURM_GPUS_PER_JOB > 1): a name in profiles/accelerate/ (ddp, fsdp, deepspeed) or a .yaml path")
+    slurm_partition: str | None = env("SLURM_PARTITION", None, "Slurm partition of the matrix's jobs (unset: the "
+                                      "cluster's default)")
+    slurm_gpus_per_job: int = env("SLURM_GPUS_PER_JOB", 1, "GPUs of each matrix job (one run; more than 1: DDP "
+                                  "through accelerate launch on one node; 0: a CPU job)", ge=0)
+    slurm_time_min: int = env("SLURM_TIME_MIN", 240, "time limit of each matrix job in minutes; a job that reaches "
+                              "it saves a checkpoint and is requeued (at most 3 times)", ge=1)
+    slurm_account: str | None = env("SLURM_ACCOUNT", None, "Slurm account charged for the matrix's jobs (unset: "
+                                    "your default)")
+    slurm_cpus_per_job: int | None = env("SLURM_CPUS_PER_JOB", None, "CPUs of each matrix job, e.g. NUM_WORKERS + 2 "
+                                         "(unset: the partition's default)", ge=1)
+    slurm_mem_gb: float | None = env("SLURM_MEM_GB", None, "memory of each matrix job in GB (unset: the "
+                                     "partition's default)", gt=0)
 
-    _csv = field_validator("experiments", mode="before")(_split_csv)
+    _csv = field_validator("experiments", "seeds", "devices", mode="before")(_split_csv)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: list[str]) -> list[str]:
+        hint = "e.g. MATRIX_DEVICES=cuda:0,cuda:1 or cuda:0+cuda:1,cuda:2+cuda:3 or cpu,cpu (or auto)"
+        if not value:
+            raise ValueError(f"MATRIX_DEVICES lists no device; {hint}")
+        if "auto" in value:
+            if len(value) > 1:
+                raise ValueError(f"MATRIX_DEVICES=auto stands alone (got {','.join(value)}); {hint}")
+            return value
+        seen: set[str] = set()
+        for group in value:
+            parts = group.split("+")
+            if parts == ["cpu"]:
+                continue
+            for part in parts:
+                kind, _, index = part.partition(":")
+                if kind != "cuda" or not index.isdigit():
+                    what = "cpu stands alone, it joins no group" if part == "cpu" else f"{part!r} is not cpu or cuda:N"
+                    raise ValueError(f"MATRIX_DEVICES entry {group!r}: {what} (a GPU group joins cuda:N devices "
+                                     f"with +); {hint}")
+                if part in seen:
+                    raise ValueError(f"MATRIX_DEVICES names {part} twice: a GPU runs one run at a time; {hint}")
+                seen.add(part)
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError(f"MATRIX_SEEDS must list distinct seeds, e.g. 0,1,2 (got {value})")
+        return value
 
 
 class ServeSettings(Section):
@@ -440,6 +703,13 @@ def settings_to_flat(settings: Settings) -> dict[str, Any]:
     return {v.name: dumped[v.section][v.field] for v in env_vars().values()}
 
 
+def settings_to_environ(settings: Settings) -> dict[str, str]:
+    """The settings as environment variables that load back to the same values: {ENV_NAME: text}, lists
+    comma-separated, unset (None) values left out (for a subprocess's environment)."""
+    return {k: ",".join(str(x) for x in v) if isinstance(v, list) else str(v)
+            for k, v in settings_to_flat(settings).items() if v is not None}
+
+
 def render_env_example() -> str:
     """The text of `.env.example`: every variable with its description and default."""
     lines = [
@@ -463,14 +733,23 @@ def render_env_example() -> str:
 
 
 def matrix_settings(profile: str | None, overrides: Mapping[str, Any] | None = None,
-                    experiments: list[str] | None = None, **kwargs: Any) -> tuple[Settings, dict[str, Settings]]:
-    """The base settings of a profile and, per matrix experiment (`experiments`, default MATRIX_EXPERIMENTS), the
-    settings that experiment runs with: every layer and override applied, the experiment's own on top. `kwargs` go
-    to `load_settings` (environ, dotenv). An unknown experiment is a ConfigError naming the valid ones."""
+                    experiments: list[str] | None = None, seeds: list[int] | None = None,
+                    **kwargs: Any) -> tuple[Settings, dict[str, Settings]]:
+    """The base settings of a profile and, per matrix run, the settings it runs with: every layer and override
+    applied, the experiment's own (and its seed's) on top. Runs are the experiments (`experiments`, default
+    MATRIX_EXPERIMENTS) times the seeds (`seeds`, default MATRIX_SEEDS), keyed by run name: the experiment id when no
+    seeds are set (SEED as resolved), else `<experiment>-seed<N>` (SEED=N, RUN_NAME the key). `kwargs` go to
+    `load_settings` (environ, dotenv). An unknown experiment is a ConfigError naming the valid ones."""
     from fplus.experiments import check_experiments
 
     overrides = dict(overrides or {})
+    if seeds is not None:
+        overrides["MATRIX_SEEDS"] = ",".join(str(seed) for seed in seeds)
     base = load_settings(profile, overrides, **kwargs)
     names = list(experiments or base.run.experiments)
     check_experiments(names)
-    return base, {e: load_settings(profile, {**overrides, "EXPERIMENT": e}, **kwargs) for e in names}
+    if base.run.seeds is None:
+        return base, {e: load_settings(profile, {**overrides, "EXPERIMENT": e}, **kwargs) for e in names}
+    return base, {f"{e}-seed{seed}": load_settings(profile, {**overrides, "EXPERIMENT": e, "SEED": seed,
+                                                             "RUN_NAME": f"{e}-seed{seed}"}, **kwargs)
+                  for e in names for seed in base.run.seeds}

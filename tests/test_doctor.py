@@ -1,9 +1,8 @@
 import re
 
 import numpy as np
-import pytest
 
-from fplus.doctor import estimate_memory_gib, run_checks
+from fplus.doctor import check_memory, run_checks
 from fplus.settings import load_settings, settings_to_flat
 from tests.helpers import run_cli, toy_settings, write_toy_dataset
 
@@ -36,33 +35,31 @@ def test_wrong_key_and_missing_coc_fail(tmp_path):
     assert checks["CoC"].status == "fail" and "COC_JSONL unset" in checks["CoC"].detail
 
 
-def test_memory_estimate_grows_with_batch_and_full_finetuning():
-    lora = load_settings("l40s", environ={})
-    full = load_settings("l40s", {"FINETUNE": "full", "BATCH_SIZE": 32}, environ={})
-    a, _ = estimate_memory_gib(lora)
-    b, how = estimate_memory_gib(full)
-    assert 3 < a < b and "2.1B params" in how
+def test_memory_check_reports_the_largest_experiment_from_the_config():
+    """l40s offline: Qwen3-VL-2B's released sizes (fplus.memory), LoRA, bf16, batch 16, 2 cameras, checkpointing;
+    E4 is the largest (its CoC logits: 16 x 128 labelled tokens x 151,936 x 4 bytes x 3 = 3.48 GiB)."""
+    from fplus.memory import estimate_memory
+
+    per_experiment = {e: load_settings("l40s", {"EXPERIMENT": e}, environ={}) for e in ("E0", "E2", "E4")}
+    (check,) = check_memory(per_experiment["E0"], per_experiment)
+    need = {e: estimate_memory(s).gpu_total for e, s in per_experiment.items()}
+    assert need["E4"] > need["E2"] > need["E0"]
+    assert check.status == "ok" and check.detail.startswith(
+        f"~{need['E4'] / 2**30:.1f} GiB per training process on a GPU for E4 (the largest of E0, E2, E4): ")
+    assert "CoC logits 3.48 GiB" in check.detail and "2.18B params" in check.detail
+    assert "lora, bf16, batch 16, 2 camera(s) at 224 px" in check.detail and "activation checkpointing" in check.detail
+    full = load_settings("l40s", {"EXPERIMENT": "E2", "FINETUNE": "full", "BATCH_SIZE": 32}, environ={})
+    assert estimate_memory(full).gpu_total > 2 * need["E2"]
 
 
-def test_memory_estimate_of_a_hand_computed_case():
-    """Qwen3-VL-2B (2.13e9 parameters, hidden 2048, 28 layers) in bf16, 224 px (49 visual tokens) + ~40 text tokens
-    + 8 ACT tokens = 97 tokens a sample; x 1.2 for the allocator and the rest."""
-    common = {"BACKBONE": "qwen3-vl-2b", "PRECISION": "bf16", "IMAGE_SIZE": 224, "ACTION_HORIZON": 8}
-    lora = load_settings(None, {**common, "FINETUNE": "lora", "BATCH_SIZE": 16, "GRADIENT_CHECKPOINTING": True},
-                         environ={}, dotenv=None)
-    weights = 2.13e9 * 2  # bf16
-    adam = 0.01 * 2.13e9 * 12  # LoRA trains ~1%: fp32 gradient + two moments
-    activations = 16 * 97 * 2048 * 28 * 34 / 8  # batch x tokens x hidden x layers x 34 bytes, / 8 checkpointed
-    gib, how = estimate_memory_gib(lora)
-    assert gib == pytest.approx((weights + adam + activations) / 2**30 * 1.2, rel=1e-12)
-    assert gib == pytest.approx(5.469, abs=1e-3)  # (4.26e9 + 2.556e8 + 3.782e8) B = 4.558 GiB, x 1.2
-    assert how == "2.1B params, lora, batch 16, ~97 tokens/sample"
-    full = load_settings(None, {**common, "FINETUNE": "full", "BATCH_SIZE": 32, "GRADIENT_CHECKPOINTING": False},
-                         environ={}, dotenv=None)
-    expected = (weights + 2.13e9 * 12 + 32 * 97 * 2048 * 28 * 34) / 2**30 * 1.2
-    assert estimate_memory_gib(full)[0] == pytest.approx(expected, rel=1e-12)
-    tiny = load_settings(None, {"BACKBONE": "tiny"}, environ={}, dotenv=None)
-    assert estimate_memory_gib(tiny) == (0.1, "tiny backbone")
+def test_memory_check_of_an_uncached_backbone_says_so(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))
+    (check,) = check_memory(load_settings("l40s", {"BACKBONE": "qwen3-vl-8b"}, environ={}), {})
+    assert check.status == "warn" and check.detail == (
+        "not estimated: the config of Qwen/Qwen3-VL-8B-Instruct is not in the local hub cache (download the backbone "
+        "once, or set BACKBONE to a local directory); at least 33 GiB for the float32 weights of its ~8.8B parameters")
 
 
 def test_cli_exit_code(tmp_path, monkeypatch):
@@ -74,7 +71,7 @@ def test_cli_exit_code(tmp_path, monkeypatch):
     assert summary, out.stdout
     failed = summary.group(2).split(", ")
     assert int(summary.group(1)) == len(failed) and {"dataset", "CoC"} <= set(failed)
-    assert "~5.5 GiB per training process (2.1B params, lora, batch 16, ~97 tokens/sample)" in out.stdout
+    assert "GiB per training process on a GPU for E4 (the largest of E0, E2, E4)" in out.stdout
 
 
 def test_simulator_check_names_the_install_command(tmp_path, monkeypatch):

@@ -242,10 +242,17 @@ def test_a_realistic_environment_never_warns(capsys):
 
 
 def test_exempt_prefixes_never_hide_a_setting():
-    names = list(env_vars())
-    hidden = [n for n in names if n.startswith(settings_module._ENV_CHECK_EXEMPT_PREFIXES)
-              or n in settings_module._ENV_CHECK_EXEMPT]
-    assert hidden == []
+    """A one-letter slip of every setting is reported, even of those sharing a tool's prefix (WANDB_, SLURM_)."""
+    from fplus.envfile import env_near_misses
+
+    known = env_vars()
+    assert not [n for n in known if n in settings_module._ENV_CHECK_EXEMPT]
+    slips = {n[:-1] + ("X" if n[-1] != "X" else "Y"): n for n in known if len(n) >= 4}  # shorter: never checked
+    assert env_near_misses(dict.fromkeys(slips, "1"), known) == slips
+    # the tools' own variables next to fplus's settings of the same prefix are not near misses
+    tools = ["WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_NAME", "SLURM_JOB_ID", "SLURM_PROCID",
+             "SLURM_CPUS_PER_TASK", "SLURM_GPUS_PER_NODE", "SLURM_JOB_ACCOUNT", "SLURM_NTASKS"]
+    assert env_near_misses(dict.fromkeys(tools, "1"), known) == {}
 
 
 def test_opt_out_silences_the_check(monkeypatch, capsys):

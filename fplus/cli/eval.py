@@ -11,8 +11,8 @@ from fplus.cli.options import Chunking, Device, Experiment, InferenceDelay, Prof
 
 
 def eval_command(
-    run: Annotated[Path | None, typer.Argument(help="run directory (default: OUTPUT_DIR/<EXPERIMENT or RUN_NAME>)")]
-    = None,
+    run: Annotated[Path | None, typer.Argument(help="run directory (default: OUTPUT_DIR/<EXPERIMENT or RUN_NAME>) "
+                                                    "or an exported folder (fplus export)")] = None,
     profile: Profile = None,
     experiment: Experiment = None,
     corruption: Annotated[str, typer.Option(help="none|zero|random|shuffle|oracle|history|all, or a comma list "
@@ -49,6 +49,9 @@ def eval_command(
     task and corruption mode with 95% intervals; writes RUN/eval/sim-<sim>-step-XXXXXX.json. With
     --inference-delay / --chunking (comma lists: every pair) each latency setting is also rolled out under `none`:
     success and smoothness per strategy and delay, in the file's `latency` section and a second table.
+    An exported folder (fplus export) is evaluated offline like its run, on the dataset it records unless DATASET
+    (DATASET_REVISION, CACHE_DIR for world latents) is set; results go to OUT/eval/. The closed loop needs the run
+    directory.
     """
     from rich.console import Console
 
@@ -69,6 +72,18 @@ def eval_command(
         if run_state(run) == "new":
             raise CheckpointError(f"no run at {run}: pass RUN, or --profile/--experiment of a trained run "
                                   "(fplus train / fplus matrix make them)")
+    from fplus.model.pretrained import is_exported
+
+    local = None
+    if is_exported(run):
+        if sim is not None:
+            from fplus.errors import ConfigError
+
+            raise ConfigError(f"{run} is an exported folder: the closed loop (--sim) evaluates run directories only; "
+                              "run it on the run directory the folder was exported from")
+        from fplus.deploy.loader import local_settings
+
+        local = local_settings(profile)
     if sim is not None:
         from fplus.deploy.chunking import parse_delays, parse_strategies
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, latency_table, results_table
@@ -93,7 +108,8 @@ def eval_command(
         return
     from fplus.eval.offline import evaluate_run, results_table
 
+    exported = {} if local is None else {"local": local}  # this machine's DATASET/CACHE_DIR: exported folders only
     result, path = evaluate_run(run, modes, step=checkpoint, batch_size=batch_size, max_batches=max_batches,
-                                device=device)
+                                device=device, **exported)
     console.print(results_table(result))
     console.print(f"wrote {path}", markup=False)

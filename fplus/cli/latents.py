@@ -1,4 +1,5 @@
-"""`fplus latents`: precompute world latents for every frame of a dataset; `fplus latents info PATH`.
+"""`fplus latents`: precompute world latents for every frame of a dataset (every dataset of a mixture, each into
+its own cache entry); `fplus latents info PATH`.
 
 SIGINT and SIGTERM stop a computation between writes: the batches done stay in the (resumable) cache, one line
 says how far it got and how to resume, and the exit status is 130 (SIGINT) or 143 (SIGTERM).
@@ -34,13 +35,15 @@ def compute(
     profile: Profile = None,
     overwrite: Overwrite = False,
 ) -> None:
-    """Encode every frame of IMAGE_KEY; resumes an interrupted run, does nothing for a finished cache."""
+    """Encode every frame of IMAGE_KEY (of every dataset of a mixture); resumes an interrupted run, does nothing for
+    a finished cache."""
     if ctx.invoked_subcommand is not None:
         return
     from rich.console import Console
 
     from fplus.cli.output import same_command, say_interrupted
-    from fplus.data.lerobot import LeRobotDataset, keys_from_settings
+    from fplus.data.lerobot import keys_from_settings
+    from fplus.data.mixture import members_of, open_dataset
     from fplus.device import resolve_device
     from fplus.errors import ConfigError
     from fplus.signals import signal_exit, sigterm_as_interrupt
@@ -60,13 +63,15 @@ def compute(
         raise ConfigError("no dataset: pass --dataset or set DATASET")
     keys = keys_from_settings(d, require=("image",))
     console = Console()
+    results = []
     with sigterm_as_interrupt():
         try:
-            ds = LeRobotDataset.open(d.dataset, keys, revision=d.revision)
+            ds = open_dataset(d, keys)  # a mixture: each of its datasets has its own cache entry
             enc = build_encoder(w.source, dino_model=w.dino_model, vjepa_model=w.vjepa_model, pooling=w.pooling,
                                 temporal_window=w.temporal_window, device=resolve_device(device))
-            result = compute_latents(ds, keys.image, enc, w.cache_dir, w.batch_size, overwrite=overwrite,
-                                     console=console)
+            for member in members_of(ds):
+                results.append(compute_latents(member, keys.image, enc, w.cache_dir, w.batch_size,
+                                               overwrite=overwrite, console=console))
         except LatentsInterrupted as err:
             name, code = signal_exit(err)
             raise say_interrupted(
@@ -74,15 +79,17 @@ def compute(
                 f"kept in {err.entry}: resume with `{same_command()}`", code) from None
         except KeyboardInterrupt as err:
             name, code = signal_exit(err)
-            raise say_interrupted(f"{name} before any latents were computed: run `{same_command()}` again",
+            done = "" if not results else f" (the latents of {len(results)} dataset(s) of the mixture are complete)"
+            raise say_interrupted(f"{name} before any latents were computed{done}: run `{same_command()}` again",
                                   code) from None
-    if result.status == "complete":
-        console.print(f"latents already complete at {result.entry} (nothing to do; --overwrite to recompute)",
-                      markup=False)
-    else:
-        rate = result.frames_computed / max(result.seconds, 1e-9)
-        console.print(f"{result.status}: {result.frames_computed} frames in {result.seconds:.1f} s "
-                      f"({rate:.1f} frames/s) -> {result.entry}", markup=False)
+    for result in results:
+        if result.status == "complete":
+            console.print(f"latents already complete at {result.entry} (nothing to do; --overwrite to recompute)",
+                          markup=False)
+        else:
+            rate = result.frames_computed / max(result.seconds, 1e-9)
+            console.print(f"{result.status}: {result.frames_computed} frames in {result.seconds:.1f} s "
+                          f"({rate:.1f} frames/s) -> {result.entry}", markup=False)
 
 
 @app.command()

@@ -13,7 +13,7 @@ import errno
 import typer
 from typer.core import TyperGroup
 
-from fplus.cli import coc, data, doctor, eval, latents, matrix, report, serve, train
+from fplus.cli import coc, data, doctor, eval, export, latents, matrix, report, serve, train
 from fplus.cli.output import debug, print_error
 
 
@@ -50,6 +50,7 @@ app.command("matrix")(matrix.matrix)
 app.command("doctor")(doctor.doctor)
 app.command("report")(report.report)
 app.command("serve")(serve.serve)
+app.command("export")(export.export)
 
 
 def main() -> None:

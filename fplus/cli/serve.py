@@ -11,7 +11,8 @@ from fplus.cli.options import Device, Host, Port, Profile, settings_from_cli
 
 
 def serve(
-    run: Annotated[Path, typer.Argument(help="run directory (OUTPUT_DIR/<EXPERIMENT or RUN_NAME>)")],
+    run: Annotated[Path, typer.Argument(help="run directory (OUTPUT_DIR/<EXPERIMENT or RUN_NAME>) or an exported "
+                                             "folder (fplus export)")],
     host: Host = None,
     port: Port = None,
     checkpoint: Annotated[int | None, typer.Option(help="checkpoint step (default: the newest valid)")] = None,
@@ -26,6 +27,7 @@ def serve(
     the connection stays open. A connection is one episode (world-latent history); `reset: True` starts another.
     Binds to 127.0.0.1 unless --host / SERVE_HOST say otherwise. Ctrl-C or SIGTERM closes the connections and
     stops (exit 0). The serving settings come from --profile, .env and the environment, not from the run.
+    An exported folder (fplus export) is served without its dataset (its fplus_export.json records the frame size).
     """
     from datetime import datetime
 

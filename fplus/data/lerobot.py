@@ -27,6 +27,7 @@ import numpy as np
 from fplus.data import format as fmt
 from fplus.data.hub import resolve_root
 from fplus.data.stats import from_jsonable
+from fplus.data.v21 import v30_root
 from fplus.errors import ConfigError, DataError
 
 FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -169,9 +170,10 @@ class LeRobotDataset:
 
     @classmethod
     def open(cls, source: str | Path, keys: DataKeys | None = None, revision: str | None = None) -> LeRobotDataset:
-        """Open a dataset and validate `keys` against it (and its task strings when the instruction is `task`)."""
+        """Open a dataset and validate `keys` against it (and its task strings when the instruction is `task`).
+        A LeRobot v2.1 dataset is read through its v3.0 copy, made on the first open (fplus.data.v21)."""
         root, repo_id = resolve_root(source, revision)
-        ds = cls(root, repo_id)
+        ds = cls(v30_root(root, repo_id), repo_id)
         if keys is not None:
             ds.validate_keys(keys)
         return ds

@@ -13,25 +13,45 @@ from fplus.io import read_json, write_text_atomic
 
 
 @dataclass(frozen=True)
+class MemberSplit:
+    """The split of one dataset of a mixture: its `dataset` (as DATASET names it), `episode_offset` (its episode i is
+    the mixture's episode_offset + i) and its own episode indices of each part, sorted."""
+
+    dataset: str
+    episode_offset: int
+    train: tuple[int, ...]
+    val: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Split:
-    """Episode indices of each part, sorted; `seed` and `val_fraction` record how it was drawn."""
+    """Episode indices of each part, sorted; `seed` and `val_fraction` record how it was drawn. For a mixture the
+    indices are the mixture's (fplus.data.mixture) and `members` holds each dataset's own split (empty for one
+    dataset, whose split.json has no `members`)."""
 
     train: tuple[int, ...]
     val: tuple[int, ...]
     seed: int
     val_fraction: float
+    members: tuple[MemberSplit, ...] = ()
 
     def save(self, path: Path) -> None:
         """Write the split as JSON, atomically."""
-        write_text_atomic(path, json.dumps(asdict(self), indent=2))
+        data = asdict(self)
+        if not self.members:
+            del data["members"]
+        write_text_atomic(path, json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, path: Path) -> Split:
         """A saved split (an FplusError naming the file when it is missing or damaged)."""
         raw = read_json(path, "the run's train/validation split", "restore it, or start the run again")
         try:
+            members = tuple(MemberSplit(str(m["dataset"]), int(m["episode_offset"]),
+                                        tuple(int(e) for e in m["train"]), tuple(int(e) for e in m["val"]))
+                            for m in raw.get("members", ()))  # absent: one dataset
             return cls(tuple(int(e) for e in raw["train"]), tuple(int(e) for e in raw["val"]), int(raw["seed"]),
-                       float(raw["val_fraction"]))
+                       float(raw["val_fraction"]), members)
         except (KeyError, TypeError, ValueError) as err:
             raise DataError(f"{path} is not a train/validation split ({type(err).__name__}: {err}); restore it, "
                              "or start the run again") from None

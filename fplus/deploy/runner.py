@@ -31,7 +31,7 @@ from fplus.deploy.episode import OnlineLatents, observation_batch
 from fplus.deploy.observation import Observation, ObservationSpec
 
 if TYPE_CHECKING:
-    from fplus.deploy.loader import OpenedRun
+    from fplus.deploy.loader import ExportedRun, OpenedRun
     from fplus.settings import ServeSettings
 
 EPISODE_SEED = 0
@@ -63,12 +63,12 @@ class PolicyRunner:
     """A run's policy ready to answer observations (`load_runner` builds it).
 
     Attributes: opened (fplus.deploy.loader.OpenedRun), encoder (the world encoder of the online latents, or None),
-    spec (what an observation must hold), supports_prefix (the policy's predict takes an action prefix for
-    real-time chunking).
+    spec (what an observation must hold), tasks (the training dataset's task sentences), supports_prefix (the
+    policy's predict takes an action prefix for real-time chunking).
     """
 
-    def __init__(self, opened: OpenedRun, encoder: Any | None, spec: ObservationSpec):
-        self.opened, self.encoder, self.spec = opened, encoder, spec
+    def __init__(self, opened: OpenedRun, encoder: Any | None, spec: ObservationSpec, tasks: list[str]):
+        self.opened, self.encoder, self.spec, self.tasks = opened, encoder, spec, tasks
         self.policy = opened.policy
         self.supports_prefix = supports_inpainting(self.policy)
 
@@ -83,7 +83,7 @@ class PolicyRunner:
                 "experiment": run.experiment.id, "step": run.step, "action_horizon": config.model.action_horizon,
                 "action_dim": config.action_dim, "state_dim": config.state_dim,
                 "world_memory": self.encoder is not None, "observation": self.spec.describe(),
-                "action_prefix": self.supports_prefix, "tasks": list(self.opened.dataset.tasks)}
+                "action_prefix": self.supports_prefix, "tasks": list(self.tasks)}
 
     def infer(self, episode: Episode, obs: Observation) -> dict[str, Any]:
         """The reply to one checked observation: {"actions": (H, A) float32 raw, "episode_step": frames seen in
@@ -126,22 +126,45 @@ def load_runner(run_dir: Path, step: int | None, device: str | None, serve: Serv
     """Open the run for serving: `fplus.rundir.load_run` (settings, the checkpoint `step`, default the newest valid
     one), `fplus.deploy.loader.open_run` (the training dataset, fingerprint-checked; the policy on `device`, default
     the run's EVAL_DEVICE), the world encoder of its online latents, and the observation layout: the run's cameras
-    (main, then wrist when it has WRIST_IMAGE_KEY) at its dataset's frame size, its state when it has STATE_KEY."""
-    from fplus.deploy.loader import open_run
-    from fplus.rundir import load_run
+    (main, then wrist when it has WRIST_IMAGE_KEY) at its dataset's frame size, its state when it has STATE_KEY.
+
+    An exported folder (fplus export) is served without its dataset: the frame size and the tasks are the ones its
+    fplus_export.json records, and the world encoder must be the one it names (same id and revision)."""
+    from fplus.deploy.loader import ExportedRun, load_any, open_run
     from fplus.world.encoders import build_encoder
 
-    run = load_run(Path(run_dir), step)
-    opened = open_run(run, device)
+    run = load_any(Path(run_dir), step)
+    exported = isinstance(run, ExportedRun)
+    opened = open_run(run, device, dataset=not exported)
     data, world, config = run.settings.data, run.settings.world, opened.policy.config
     encoder = None
     if config.world_dim:
         encoder = build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
                                 pooling=world.pooling, temporal_window=world.temporal_window, device=opened.device)
-    frame = opened.dataset.frame_at(opened.keys.image, 0)  # the frame size the run was trained on
+        if exported:
+            _check_encoder(run, encoder)
+    if exported:
+        observation = run.export["observation"]
+        image_shape, tasks = tuple(observation["image_shape"]), list(observation["tasks"])
+    else:
+        frame = opened.dataset.frame_at(opened.keys.image, 0)  # the frame size the run was trained on
+        image_shape, tasks = tuple(int(n) for n in frame.shape), list(opened.dataset.tasks)
     image_keys = (serve.image_key,) + ((serve.wrist_image_key,) if data.wrist_image_key else ())
-    spec = ObservationSpec(image_keys=image_keys, image_shape=tuple(int(n) for n in frame.shape),
+    spec = ObservationSpec(image_keys=image_keys, image_shape=image_shape,
                            state_key=serve.state_key if config.state_dim is not None else None,
                            state_dim=config.state_dim, prompt_key=serve.prompt_key, action_dim=config.action_dim,
                            horizon=config.model.action_horizon)
-    return PolicyRunner(opened, encoder, spec)
+    return PolicyRunner(opened, encoder, spec, tasks)
+
+
+def _check_encoder(run: ExportedRun, encoder: Any) -> None:
+    """The online encoder of an exported world policy must be the one its latents were computed with."""
+    from fplus.errors import CheckpointError
+
+    recorded = run.export["world_encoder"]
+    if recorded is None or (recorded["encoder_id"], recorded["revision"]) != (encoder.model_id, encoder.revision):
+        got = f"{encoder.model_id!r} at revision {encoder.revision!r}"
+        want = "none" if recorded is None else f"{recorded['encoder_id']!r} at revision {recorded['revision']!r}"
+        raise CheckpointError(f"{run.dir}: the world encoder loaded here is {got}, the policy was trained on latents "
+                              f"of {want} (fplus_export.json `world_encoder`); make that revision the one "
+                              "loaded (hub cache or a local directory)")

@@ -67,6 +67,7 @@ from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
 from fplus.rundir import sim_result
+from fplus.train.loggers import closed_loop_logger
 
 if TYPE_CHECKING:
     from fplus.data.lerobot import LeRobotDataset
@@ -189,6 +190,7 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     if bad:
         raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
     loaded = _load(Path(run_dir), step, suite, device)
+    log = closed_loop_logger(loaded.settings, loaded.run_dir, video_dir)  # LOGGER=wandb: into the training's run
     out = sim_result(loaded.run_dir, sim, loaded.step)
     earlier = _earlier(out)  # read before the rollouts: a damaged file fails now, not after them
     plan = _plan(simulator, loaded, tasks, modes, episodes, corrupted_episodes, n_action_steps, max_steps,
@@ -207,6 +209,8 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                 latency.setdefault(setting, {})[task.name] = cell
     result = _aggregate(simulator, loaded, plan, episodes, per_task, earlier, latency)
     write_text_atomic(out, json.dumps(result, indent=2))
+    if log is not None:
+        log(result)
     return result, out
 
 

@@ -16,17 +16,20 @@ from fplus.train.validation import evaluate_modes, memory_modes
 
 
 def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None, batch_size: int | None = None,
-                 max_batches: int | None = None, device: str | None = None) -> tuple[dict, Path]:
+                 max_batches: int | None = None, device: str | None = None,
+                 local: dict | None = None) -> tuple[dict, Path]:
     """Evaluate a run's checkpoint (default: the newest valid) on its own validation episodes with its own
     settings (from config.json), and write RUN/eval/offline-step-XXXXXX.json (merged with the modes an earlier
     evaluation of that checkpoint wrote). Returns (result for all modes in the file, path). The run is read by
     `fplus.rundir.load_run` and opened by `fplus.deploy.loader.open_run` (a checkpoint copied from another run and a
-    changed dataset are refused). `device` None: the run's EVAL_DEVICE (auto: cuda when available)."""
+    changed dataset are refused). `device` None: the run's EVAL_DEVICE (auto: cuda when available). An exported
+    folder (fplus export) is evaluated the same way (`fplus.deploy.loader.load_any`, with this machine's `local`
+    DATASET / DATASET_REVISION / CACHE_DIR) and its results go to OUT/eval/offline-step-XXXXXX.json."""
     from fplus.data.split import Split
-    from fplus.deploy.loader import open_run
-    from fplus.rundir import load_run, offline_result
+    from fplus.deploy.loader import load_any, open_run
+    from fplus.rundir import offline_result
 
-    run = load_run(run_dir, step)
+    run = load_any(Path(run_dir), step, local)
     out = offline_result(run.dir, run.step)
     earlier = _earlier_modes(out)  # read before the evaluation: a damaged file fails now, not after it
     opened = open_run(run, device)

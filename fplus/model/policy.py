@@ -94,7 +94,8 @@ class ChunkPrefix:
 
 
 class FPlusPolicy(nn.Module):
-    """The policy. Build with `FPlusPolicy.build(config, stats)`; reload with `FPlusPolicy.load(dir)`.
+    """The policy. Build with `FPlusPolicy.build(config, stats)`; reload with `FPlusPolicy.load(dir)`, or an exported
+    folder / hub id with `FPlusPolicy.from_pretrained(path_or_hub_id)`.
 
     Args:
         config: PolicyConfig. backbone: a loaded Backbone with H ACT (and M FUT, STATE) tokens.
@@ -502,3 +503,14 @@ class FPlusPolicy(nn.Module):
         policy = cls(config, backbone, action_norm, state_norm, processor)
         policy.load_weights(directory)
         return policy.to(device)
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None,
+                        device: str | torch.device = "cpu") -> FPlusPolicy:
+        """Load an exported model folder (`fplus export RUN OUT`) or a hub model id holding one (fetched with
+        huggingface_hub, offline from the local cache): its files are checked against fplus_export.json, then
+        `load` (fplus.model.pretrained). A world policy takes raw world latents (`z_hist`) from the encoder that
+        fplus_export.json names."""
+        from fplus.model.pretrained import resolve_pretrained
+
+        return cls.load(resolve_pretrained(path_or_hub_id, revision), device=device)

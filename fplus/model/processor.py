@@ -7,7 +7,9 @@
 It holds the tokenizer (with the added <ACT_i>/<FUT_j>/<STATE> tokens) and the image processor, not the model, so it
 runs in the DataLoader workers during training (the collate function calls it; outputs are pinned with the batch)
 and in every inference path (offline eval, the closed loop, a policy server) before `policy.forward`, which takes
-tensors only. State normalisation stays in the policy (its statistics are weights of the checkpoint).
+tensors only. State normalisation stays in the policy (its statistics are weights of the checkpoint). It never
+augments: training-time augmentation (AUGMENT, fplus.model.augment) is an argument of the training collate
+(`fplus.train.data.Collate(augment=...)`), applied to the raw frames before the processor; no inference path has it.
 
 Saved as CHECKPOINT/policy/processor/: the tokenizer and image processor (`save_pretrained`) and
 `fplus_processor.json` (image size, token names, CoC mode, state); `from_pretrained` rebuilds it from there alone.

@@ -96,23 +96,31 @@ def build_tiny_image_processor() -> Any:
 
 
 # Sizes of full Qwen3-VL architectures (from their released configs), built with random weights for speed and
-# memory measurements without downloading them: `random-qwen3-vl-2b`, `random-qwen3-vl-4b`.
-def _qwen3vl_sizes(hidden: int, intermediate: int, layers: int, heads: int) -> tuple[dict, dict]:
-    """(text, vision) config of a released Qwen3-VL size; the vision tower is the same for 2B and 4B."""
+# memory measurements without downloading them: `random-qwen3-vl-2b`, `random-qwen3-vl-4b`; and `random-qwen3-vl-mid`
+# (text hidden 512, 4 layers; vision 256 x 4; the released vocabulary), a CPU-sized stand-in whose cost split between
+# backbone, Prophet and CoC text is closer to the real models' than the tiny backbone's.
+def _qwen3vl_sizes(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int = 8, head_dim: int = 128,
+                   vision: tuple[int, int, int, int] = (1024, 4096, 24, 16),
+                   deepstack: tuple[int, ...] = (5, 11, 17)) -> tuple[dict, dict]:
+    """(text, vision) config; vision = (hidden, intermediate, depth, heads), the same for 2B and 4B."""
     text = {"vocab_size": 151936, "hidden_size": hidden, "intermediate_size": intermediate,
-            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 8, "head_dim": 128,
-            "max_position_embeddings": 262144,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+            "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+            "head_dim": head_dim, "max_position_embeddings": 262144,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0,
+                                "mrope_section": [head_dim * 3 // 16, head_dim * 5 // 32, head_dim * 5 // 32],
                                 "mrope_interleaved": True}}
-    vision = {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16, "patch_size": 16,
-              "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden,
-              "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]}
+    v_hidden, v_intermediate, depth, v_heads = vision
+    vision = {"depth": depth, "hidden_size": v_hidden, "intermediate_size": v_intermediate, "num_heads": v_heads,
+              "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": hidden,
+              "num_position_embeddings": 2304, "deepstack_visual_indexes": list(deepstack)}
     return text, vision
 
 
 RANDOM_SIZES: dict[str, tuple[dict, dict]] = {
     "random-qwen3-vl-2b": _qwen3vl_sizes(hidden=2048, intermediate=6144, layers=28, heads=16),
     "random-qwen3-vl-4b": _qwen3vl_sizes(hidden=2560, intermediate=9728, layers=36, heads=32),
+    "random-qwen3-vl-mid": _qwen3vl_sizes(hidden=512, intermediate=1536, layers=4, heads=8, kv_heads=4, head_dim=64,
+                                          vision=(256, 1024, 4, 4), deepstack=(1, 2)),
 }
 
 

@@ -33,6 +33,7 @@ from fplus.checkpoint import policy_differences
 from fplus.errors import CheckpointError
 from fplus.experiments import EXPERIMENTS
 from fplus.io import read_json
+from fplus.report.seeds import DEFAULT_BASELINE, aggregate
 from fplus.rundir import (
     CHECKPOINT_RE,
     CHECKPOINTS,
@@ -330,7 +331,8 @@ def foreign_checkpoints(path: Path, config: Record) -> dict[int, str]:
 def collect_run(path: Path) -> Record:
     """Everything the report shows about one run directory, as JSON-ready numbers (None = not available).
 
-    Keys: name, path, experiment, description, complete, steps, total_steps, has_memory (an injected memory:
+    Keys: name, path, experiment, seed and split_seed (config.json settings.SEED, SPLIT_SEED; None if absent),
+    description, complete, steps, total_steps, has_memory (an injected memory:
     config.json `policy.injection`, else whether memory modes were evaluated), has_prophet, final_train
     {term: value}, final_gate, val_latest {step, epoch, gate, modes {mode: {mse, delta}}}, val_history [{step,
     epoch, gate, modes {mode: mse}}], world {latest {step, prophet, mean, copy, prophet_raw, mean_raw, copy_raw} |
@@ -408,7 +410,8 @@ def collect_run(path: Path) -> Record:
             notes.append(f"no injected memory (config.json policy.injection is false): the {', '.join(modes)} "
                          f"results of {where} are not shown")
 
-    return {"name": path.name, "path": str(path), "experiment": experiment,
+    return {"name": path.name, "path": str(path), "experiment": experiment, "seed": settings.get("SEED"),
+            "split_seed": settings.get("SPLIT_SEED"),
             "description": EXPERIMENTS[experiment].description if experiment in EXPERIMENTS
             else ("custom run" if experiment is None else ""),
             "dataset": settings.get("DATASET"), "backbone": settings.get("BACKBONE"),
@@ -419,9 +422,11 @@ def collect_run(path: Path) -> Record:
             "foreign_checkpoints": [{"step": k, "differs": v} for k, v in foreign.items()], "notes": notes}
 
 
-def collect(runs: list[Path]) -> Record:
+def collect(runs: list[Path], baseline: str = DEFAULT_BASELINE) -> Record:
     """The report's numbers for several runs, each labelled uniquely (the experiment id, or the directory name
-    when two runs share an id). Raises FplusError on the first path that is not a run directory."""
+    when two runs share an id), and `seeds`: the runs grouped by experiment with their aggregates over seeds and
+    the paired differences against `baseline` (fplus.report.seeds.aggregate). Raises FplusError on the first path
+    that is not a run directory."""
     if not runs:
         raise CheckpointError("no runs given: pass one or more run directories (OUTPUT_DIR/<experiment>)")
     collected = [collect_run(Path(r)) for r in runs]
@@ -436,7 +441,8 @@ def collect(runs: list[Path]) -> Record:
     for r in collected:
         modes |= set((r["val_latest"] or {}).get("modes", {})) | set((r["offline"] or {}).get("modes", {}))
     return {"runs": collected, "modes": _ordered_modes(modes), "loss_terms": [
-        t for t in LOSS_TERMS if any(t in r["final_train"] for r in collected)]}
+        t for t in LOSS_TERMS if any(t in r["final_train"] for r in collected)],
+        "seeds": aggregate(collected, MODES, baseline)}
 
 
 def train_series(path: Path) -> tuple[list[Record], list[Record]]:

@@ -315,8 +315,9 @@ def latency_tables(data: Record, simulator: str, figure: Path | None = None) -> 
     return blocks
 
 
-def build_document(data: Record, plots: Plots) -> list[Block]:
-    """Every section of the report, in order."""
+def build_document(data: Record, plots: Plots, seeds: list[Block] | None = None) -> list[Block]:
+    """Every section of the report, in order; `seeds` (the "Across seeds" section, fplus.report.render_seeds)
+    follows the Runs section."""
     runs = data["runs"]
     doc: list[Block] = [
         Heading(1, "fplus report"),
@@ -333,6 +334,7 @@ def build_document(data: Record, plots: Plots) -> list[Block]:
     if plots.gate:
         doc.append(Figure(plots.gate, "gate over steps", "tanh(gate) of the injection: how much of the predicted "
                           "future reaches the action tokens (0 at init)."))
+    doc += seeds or []
 
     doc += [Heading(2, "Action error under corruption of the future memory"),
             Para("Expected: corrupting the memory hurts more as the gate opens; the oracle (true future) helps. "

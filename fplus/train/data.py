@@ -3,6 +3,9 @@
     samples = PolicySamples(ds, keys, episodes, horizon=H, history=T, future=K, latents=z, coc=texts)
     loader  = DataLoader(samples, batch_size, sampler=EpochSampler(len(samples), seed, ...),
                          collate_fn=Collate(policy.processor))    # prompts built in the workers
+    mixture = WeightedEpochSampler(ds.member_of_rows(samples.rows), ds.weights, seed, ...)  # a MixtureDataset
+    train   = Collate(policy.processor, with_coc=True, augment=ImageAugment.from_settings(data, seed), epoch=e)
+                                                                  # training only: augmented images (AUGMENT)
 
 Frames come from a `FrameStore`: all frames of the episodes decoded once into RAM when they fit in
 FRAME_CACHE_GB, else each frame decoded alone when asked for (seek to its keyframe, decode forward).
@@ -119,20 +122,28 @@ def collate(samples: list[dict]) -> dict:
 
 
 class Collate:
-    """The DataLoader's collate function: `collate`, then the policy's processor (prompt building: tokenizer, image
-    resize and normalisation), so that it runs in the worker processes and the batch arrives as tensors.
+    """The DataLoader's collate function: `collate`, then (training only) the image augmentation, then the policy's
+    processor (prompt building: tokenizer, image resize and normalisation), so that it runs in the worker
+    processes and the batch arrives as tensors.
 
     Args:
         processor: a fplus.model.processor.PolicyProcessor (or None: no prompt). with_coc: build the CoC prompt
             (training of a CoC experiment; validation and evaluation predict actions only).
+        augment: a fplus.model.augment.ImageAugment, or None (no augmentation: validation, evaluation, AUGMENT=none).
+            Only the training loader passes one. epoch: the training epoch of this loader (a key of the draws, with
+            SEED, each sample's global frame row and the camera: the batches do not depend on the workers).
     """
 
-    def __init__(self, processor=None, with_coc: bool = False):
+    def __init__(self, processor=None, with_coc: bool = False, augment=None, epoch: int = 0):
         self.processor = processor
         self.with_coc = with_coc
+        self.augment = augment
+        self.epoch = epoch
 
     def __call__(self, samples: list[dict]) -> dict:
         batch = collate(samples)
+        if self.augment is not None:
+            batch[K.IMAGES] = self.augment(batch[K.IMAGES], batch["index"], self.epoch)
         return batch if self.processor is None else self.processor(batch, with_coc=self.with_coc)
 
 
@@ -151,11 +162,14 @@ class EpochSampler(Sampler[int]):
     def per_process(self) -> int:
         return -(-self.size // self.world)
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> torch.Tensor:
+        """The epoch's sample order (size,) before sharding: a permutation drawn from seed + epoch (or 0..size-1)."""
         if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            order = torch.arange(self.size)
+            return torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.arange(self.size)
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
         total = self.per_process() * self.world
         order = torch.cat([order, order[: total - self.size]]) if total > self.size else order
         mine = order[self.rank::self.world].tolist()
@@ -163,6 +177,51 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_process() - self.start
+
+
+class WeightedEpochSampler(EpochSampler):
+    """An EpochSampler over the samples of a mixture that draws each member in proportion to its weight.
+
+    An epoch is `len(groups)` draws (as many as the training samples, so steps per epoch are as without weights).
+    Member i gets `quotas()[i]` of them: weight_i x size, rounded by largest remainder (the quotas sum to the size).
+    Its draws are its samples in a seeded random order, without replacement when the quota is at most its sample
+    count, else whole permutations of them repeated and then part of one more (every sample drawn floor or ceil of
+    quota / count times). The epoch's order is a seeded permutation of all draws. Every draw is a function of (seed,
+    epoch) alone (a numpy SeedSequence), so sharding over processes (rank r of W takes positions r, r+W, ...) and
+    `start` (resume mid-epoch) work as in EpochSampler.
+
+    Args:
+        groups: (size,) the member of each sample (0..M-1; every member has at least one sample).
+        weights: (M,) the members' mixture weights (normalised here).
+    """
+
+    def __init__(self, groups: np.ndarray, weights: Sequence[float], seed: int, epoch: int = 0, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        super().__init__(len(groups), seed, epoch, start, rank, world, shuffle=True)
+        self.groups = np.asarray(groups, dtype=np.int64)
+        w = np.asarray(weights, dtype=np.float64)
+        counts = np.bincount(self.groups, minlength=len(w))
+        if len(counts) != len(w) or (w <= 0).any() or not np.isfinite(w).all() or (counts == 0).any():
+            raise DataError(f"a weighted sampler needs a positive weight and at least one sample per member (samples "
+                            f"per member {counts.tolist()}, weights {w.tolist()})")
+        self.weights = w / w.sum()
+
+    def quotas(self) -> np.ndarray:
+        """(M,) draws per member in an epoch: weight x size, rounded by largest remainder (ties: the earlier member)."""
+        raw = self.weights * self.size
+        quotas = np.floor(raw).astype(np.int64)
+        order = np.argsort(-(raw - quotas), kind="stable")
+        quotas[order[: self.size - int(quotas.sum())]] += 1
+        return quotas
+
+    def order(self) -> torch.Tensor:
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed % 2**64, self.epoch]))
+        draws = []
+        for member, quota in enumerate(self.quotas()):
+            pool = np.nonzero(self.groups == member)[0]
+            repeats, rest = divmod(int(quota), len(pool))
+            draws += [rng.permutation(pool) for _ in range(repeats)] + [rng.permutation(pool)[:rest]]
+        return torch.from_numpy(rng.permutation(np.concatenate(draws)))
 
 
 def latent_stats(latents: np.ndarray, ds: LeRobotDataset, episodes) -> tuple[torch.Tensor, torch.Tensor]:

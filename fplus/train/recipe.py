@@ -34,16 +34,18 @@ from torch.utils.data import DataLoader
 
 from fplus import checkpoint as ckpt
 from fplus.data.lerobot import LeRobotDataset, keys_from_settings
-from fplus.data.split import Split, split_episodes
+from fplus.data.mixture import MixtureDataset, check_split, member_records, open_dataset, split_dataset
+from fplus.data.split import Split
 from fplus.errors import CheckpointError, ConfigError, FplusError
 from fplus.experiments import Experiment
 from fplus.io import write_text_atomic
+from fplus.model.augment import ImageAugment
 from fplus.model.config import PolicyConfig
 from fplus.model.corruption import MODES
 from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy
 from fplus.rundir import COMPLETE, CONFIG, LATENT_STATS, METRICS, SPLIT, load_run
 from fplus.settings import Settings, settings_to_flat
-from fplus.train.data import Collate, EpochSampler, PolicySamples, fits_in_ram, latent_stats
+from fplus.train.data import Collate, EpochSampler, PolicySamples, WeightedEpochSampler, fits_in_ram, latent_stats
 from fplus.train.state import (
     TrainingAborted,
     TrainingInterrupted,
@@ -124,8 +126,11 @@ class TrainRecipe:
         if s.data.dataset is None:
             raise ConfigError("no dataset: set DATASET (or use a profile that does)")
         self.keys = keys_from_settings(s.data)
-        ds = LeRobotDataset.open(s.data.dataset, self.keys, revision=s.data.revision)
+        ds = open_dataset(s.data, self.keys)  # one dataset, or a weighted mixture (fplus.data.mixture)
         self.ds = ds
+        if self.resume and isinstance(ds, MixtureDataset):  # the same datasets and weights draw the same samples
+            load_run(self.run_dir, checkpoint=False).check_dataset(ds.fingerprint, s.data.dataset,
+                                                                   member_records(ds), content=False)
         self.split = self._split(ds)
         latents = self._latents(ds)
         coc = self._coc()
@@ -172,29 +177,41 @@ class TrainRecipe:
             self._write_config(ds)
             from fplus.train.loggers import MetricLogger
 
-            self.logger = MetricLogger(s.train.logger, self.run_dir, self.run_dir.name, settings_to_flat(s))
+            self.logger = MetricLogger(s, self.run_dir)  # LOGGER (W&B: resumes the run's own W&B run)
         if self.resume:
             self._restore()
 
-    def _split(self, ds: LeRobotDataset) -> Split:
+    def _split(self, ds: LeRobotDataset | MixtureDataset) -> Split:
         path = self.run_dir / SPLIT
         if path.is_file():
-            return Split.load(path)
-        split = split_episodes([e.index for e in ds.episodes], self.settings.data.val_fraction,
-                               self.settings.data.split_seed)
+            split = Split.load(path)
+            check_split(split, ds, path)
+            return split
+        split = split_dataset(ds, self.settings.data.val_fraction, self.settings.data.split_seed)  # per member
         if self.accelerator.is_main_process:
             split.save(path)
         return split
 
-    def _latents(self, ds: LeRobotDataset) -> np.ndarray | None:
+    def _latents(self, ds: LeRobotDataset | MixtureDataset) -> np.ndarray | None:
         w = self.settings.world
         if not self.experiment.needs_world:
             return None
-        from fplus.world.cache import find_latents
+        from fplus.world.cache import find_dataset_latents
 
         encoder = w.dino_model if w.source == "dino" else w.vjepa_model
-        _, latents = find_latents(w.cache_dir, ds, self.keys.image, w.source, encoder, w.pooling, w.temporal_window)
+        _, latents = find_dataset_latents(w.cache_dir, ds, self.keys.image, w.source, encoder, w.pooling,
+                                          w.temporal_window)  # a mixture: each member's cache entry, concatenated
         return np.asarray(latents)
+
+    def _sampler(self, epoch: int, start: int = 0) -> EpochSampler:
+        """The training order of an epoch on this process, from sample `start` of its share (resume): a seeded
+        permutation, or for a mixture draws that follow the weights (WeightedEpochSampler); both of (SEED, epoch)."""
+        acc, seed = self.accelerator, self.settings.train.seed
+        if isinstance(self.ds, MixtureDataset):
+            return WeightedEpochSampler(self.ds.member_of_rows(self.train_set.rows), self.ds.weights, seed, epoch,
+                                        start=start, rank=acc.process_index, world=acc.num_processes)
+        return EpochSampler(len(self.train_set), seed, epoch, start=start, rank=acc.process_index,
+                            world=acc.num_processes)
 
     def _coc(self) -> dict[int, str] | None:
         if not self.experiment.needs_coc:
@@ -205,6 +222,9 @@ class TrainRecipe:
         if path is None:
             raise ConfigError(f"experiment {self.experiment.id} trains a CoC loss but "
                              "COC_JSONL is not set; write labels with `fplus coc generate`")
+        if isinstance(self.ds, MixtureDataset):
+            raise ConfigError(f"experiment {self.experiment.id} trains a CoC loss, whose labels (COC_JSONL) name the "
+                              "episodes of one dataset: train it on one dataset, not on a mixture")
         return load_coc(path, [*self.split.train, *self.split.val], max_tokens=self.settings.coc.max_tokens)
 
     def _param_groups(self, policy: FPlusPolicy) -> list[dict]:
@@ -223,7 +243,7 @@ class TrainRecipe:
                   ("prophet", prophet, t.lr_prophet)]
         return [{"name": n, "params": ps, "lr": lr} for n, ps, lr in groups if ps]
 
-    def _write_config(self, ds: LeRobotDataset) -> None:
+    def _write_config(self, ds: LeRobotDataset | MixtureDataset) -> None:
         from fplus import __version__
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -233,12 +253,16 @@ class TrainRecipe:
         data = {"settings": settings_to_flat(self.settings), "policy": self.policy_config.to_json(),
                 "dataset_fingerprint": ds.fingerprint, "fplus_version": __version__,
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps}
+        if isinstance(ds, MixtureDataset):
+            data["dataset_members"] = ds.member_records()  # Run.check_dataset names the one that changed
         write_text_atomic(path, json.dumps(data, indent=2))
 
     # ----- train ------------------------------------------------------------------------------------------------
 
     def train_step(self, batches: list[dict]) -> dict[str, float]:
-        """One optimiser step over GRAD_ACCUM micro-batches; returns the mean of each metric.
+        """One optimiser step over GRAD_ACCUM micro-batches; returns the mean of each loss metric over them and
+        `grad_norm`, the global L2 norm of the accumulated (all-reduced) gradient at the optimiser step, before
+        clipping (what `clip_grad_norm_` returns; not averaged over the micro-batches).
 
         A non-finite loss term (of any micro-batch) or gradient norm either raises an FplusError before anything
         of the step is applied (NONFINITE=error) or skips the optimiser step (NONFINITE=skip: gradients zeroed,
@@ -250,6 +274,7 @@ class TrainRecipe:
         sums: dict[str, float] = {}
         bad: tuple[list[str], dict[str, float]] | None = None  # the first micro-batch with a non-finite term
         skipped = False
+        grad_norm = math.nan  # set at the last micro-batch (the optimiser step)
         self.model.train()
         for batch in batches:
             with acc.accumulate(self.model):
@@ -260,8 +285,7 @@ class TrainRecipe:
                     bad = (nonfinite, metrics)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    norm = float(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
-                    metrics["grad_norm"] = norm
+                    norm = grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
                     elsewhere = self._agree([] if bad is None else bad[0])
                     if bad is not None or elsewhere or not math.isfinite(norm):
                         self._nonfinite(bad, metrics, norm, elsewhere)  # raises under NONFINITE=error
@@ -275,6 +299,7 @@ class TrainRecipe:
         self.progress.step += 1
         self.progress.position += len(batches)
         out = {k: v / len(batches) for k, v in sums.items()}
+        out["grad_norm"] = grad_norm
         out["p_oracle"] = p
         out["skipped_nonfinite"] = self.progress.skipped_nonfinite
         if skipped:
@@ -325,9 +350,12 @@ class TrainRecipe:
         raise FplusError(f"step {step}: {what} ({terms}); the run is not complete; {last}. {NONFINITE_HINT}")
 
     def _loader(self, dataset: PolicySamples, sampler) -> DataLoader:
-        """Batches with their prompts built in the worker processes (the policy's processor runs in `Collate`)."""
+        """Training batches, augmented (AUGMENT) and with their prompts built in the worker processes (the image
+        augmentation and the policy's processor run in `Collate`; the draws are keyed by the sampler's epoch)."""
         workers = self.settings.train.num_workers
-        collate = Collate(self.accelerator.unwrap_model(self.model).processor, with_coc=True)
+        augment = ImageAugment.from_settings(self.settings.data, self.settings.train.seed)
+        collate = Collate(self.accelerator.unwrap_model(self.model).processor, with_coc=True, augment=augment,
+                          epoch=sampler.epoch)
         return DataLoader(dataset, batch_size=self.settings.train.batch_size, sampler=sampler, collate_fn=collate,
                           num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
 
@@ -349,9 +377,7 @@ class TrainRecipe:
             task = bar.add_task(f"train {s.experiment or 'custom'}", total=self.total_steps,
                                 completed=self.progress.step, info="")
             while self.progress.step < self.total_steps:
-                sampler = EpochSampler(len(self.train_set), s.seed, self.progress.epoch,
-                                       start=self.progress.position * s.batch_size,
-                                       rank=acc.process_index, world=acc.num_processes)
+                sampler = self._sampler(self.progress.epoch, start=self.progress.position * s.batch_size)
                 micro_left = (self.steps_per_epoch * accum) - self.progress.position
                 pending: list[dict] = []
                 t0, samples = time.perf_counter(), 0

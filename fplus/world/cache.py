@@ -13,6 +13,9 @@ unfinished batch and ends with the same bytes as an uninterrupted run. latents.n
 entry starts (a disk too small fails at once) and written with pwrite, so a full disk is an error naming the file,
 never a SIGBUS. Every batch is checked for NaN/inf before it is written.
 
+A mixture of datasets (fplus.data.mixture) has no entry of its own: each member has its entry, and
+`find_dataset_latents` concatenates the members' latents in mixture row order.
+
 Loading (`load_latents`) checks the manifest against the dataset, the file's size and header, that every value is
 finite, and the content hash: a cache changed or damaged since it was written is refused, as is one written before
 fplus recorded content hashes.
@@ -36,6 +39,7 @@ import numpy as np
 
 from fplus.data import format as fmt
 from fplus.data.lerobot import LeRobotDataset
+from fplus.data.mixture import members_of
 from fplus.data.windows import causal_window, episode_bounds
 from fplus.errors import DataError, FplusError
 from fplus.io import write_text_atomic
@@ -443,3 +447,20 @@ def find_latents(cache_dir: Path, ds: LeRobotDataset, image_key: str, source: st
     raise DataError(f"no {source} latents of {encoder_id!r} for {image_key!r} of {dataset_id(ds)} under "
                      f"{cache_dir}; compute them first: fplus latents --dataset {ds.root} --image-key {image_key} "
                      f"--source {source} (or `fplus latents --profile <profile>`)")
+
+
+def find_dataset_latents(cache_dir: Path, ds, image_key: str, source: str, encoder_id: str, pooling: str,
+                         temporal_window: int) -> tuple[list[Path], np.ndarray]:
+    """`find_latents` of a LeRobotDataset (([entry], its memory-mapped latents), unchanged) or of each member of a
+    fplus.data.mixture.MixtureDataset, every member having its own cache entry: (entries, the members' latents
+    concatenated in mixture row order, (N, D) float16 in memory). The first member whose latents are missing or do
+    not fit is the error."""
+    found = [find_latents(cache_dir, m, image_key, source, encoder_id, pooling, temporal_window)
+             for m in members_of(ds)]
+    if len(found) == 1:
+        return [found[0][0]], found[0][1]
+    dims = sorted({z.shape[1] for _, z in found})
+    if len(dims) > 1:
+        raise DataError(f"the latents of the mixture's datasets have different sizes ({', '.join(map(str, dims))}): "
+                        f"{RECOMPUTE} for every dataset with one encoder")
+    return [e for e, _ in found], np.concatenate([np.asarray(z) for _, z in found])

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from fplus import checkpoint as ckpt
-from fplus.settings import settings_to_flat
+from fplus.settings import settings_to_environ, settings_to_flat
 from fplus.train.run import train_run
 from tests.helpers import toy_settings
 
@@ -60,7 +60,7 @@ def lines(run_dir: Path, kind: str) -> list[dict]:
 def test_ddp_two_processes_equal_one_process_on_the_same_samples(toy, tmp_path):
     ddp = toy_settings(toy, toy / "ds", OUTPUT_DIR=tmp_path / "ddp", BATCH_SIZE=B, **SAME_SAMPLES)
     env = {k: v for k, v in os.environ.items() if k not in ("FPLUS_PROFILE",)}
-    env.update({k: str(v) for k, v in settings_to_flat(ddp).items() if v is not None})
+    env.update(settings_to_environ(ddp))
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     out = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "fplus.cli.main", "train"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)

@@ -46,3 +46,29 @@ def test_missing_simulator_fails_before_any_training(tmp_path, monkeypatch):
     with pytest.raises(FplusError, match=r"LIBERO is not installed .*\.\[libero\]"):
         run_matrix(profile, console=Console(record=True))
     assert not (tmp_path / "runs").exists()
+
+
+def test_matrix_seeds_run_each_experiment_once_per_seed(tmp_path):
+    import json
+
+    profile = profile_file(tmp_path, MATRIX_EXPERIMENTS="E0")
+    first = run_matrix(profile, console=Console(record=True), seeds=[0, 1])
+    assert first.runs == {"E0-seed0": "trained", "E0-seed1": "trained"}
+    losses = {}
+    for seed in (0, 1):
+        run = tmp_path / "runs" / f"E0-seed{seed}"
+        config = json.loads((run / "config.json").read_text())
+        assert config["settings"]["SEED"] == seed and config["settings"]["EXPERIMENT"] == "E0"
+        assert config["policy"]["init_seed"] == seed
+        losses[seed] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                        if json.loads(line)["kind"] == "train"]
+    assert losses[0] != losses[1]  # the seed reaches initialisation and sampling
+    assert not (tmp_path / "runs" / "E0").exists()
+    again = run_matrix(profile, console=Console(record=True), seeds=[0, 1])
+    assert again.runs == {"E0-seed0": "complete", "E0-seed1": "complete"} and not again.did_work
+
+
+def test_matrix_seeds_must_be_distinct(tmp_path):
+    profile = profile_file(tmp_path, MATRIX_EXPERIMENTS="E0")
+    with pytest.raises(FplusError, match=r"MATRIX_SEEDS must list distinct seeds"):
+        run_matrix(profile, console=Console(record=True), seeds=[1, 1])

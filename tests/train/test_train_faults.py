@@ -23,7 +23,7 @@ from fplus.errors import FplusError
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
 from fplus.rundir import METRICS, run_dir_for, run_state, settings_from_run
-from fplus.settings import settings_to_flat
+from fplus.settings import settings_to_environ
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
 from fplus.train.state import TrainingInterrupted
@@ -311,7 +311,7 @@ def test_a_signal_during_setup_stops_at_once(toy, tmp_path, monkeypatch):
 
 def _cli(args, s, cwd, **popen):
     env = {k: v for k, v in os.environ.items() if k != "FPLUS_PROFILE"}
-    env.update({k: str(v) for k, v in settings_to_flat(s).items() if v is not None})
+    env.update(settings_to_environ(s))
     env["PYTHONPATH"] = REPO
     env["COLUMNS"] = "400"
     return [sys.executable, "-m", "fplus.cli.main", *args], dict(env=env, cwd=cwd, text=True, **popen)
