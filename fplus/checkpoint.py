@@ -18,14 +18,13 @@ This module imports no torch: the report and the CLI read run files through it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
 from fplus.errors import CheckpointError, FplusError
-from fplus.io import read_json
+from fplus.io import file_sha256, read_json
 
 MANIFEST = "checkpoint.json"
 PREFIX = "step-"
@@ -37,13 +36,6 @@ UNUSABLE = "unusable-"
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files(root: Path) -> list[Path]:
@@ -76,7 +68,7 @@ def remove_stale(run_dir: Path) -> list[str]:
 
 def commit(run_dir: Path, tmp: Path, step: int, keep_last: int) -> Path:
     """Hash the files, write checkpoint.json, rename into place, prune old checkpoints. Returns the final dir."""
-    manifest = {"step": step, "files": {str(p.relative_to(tmp)): _sha256(p) for p in _files(tmp)}}
+    manifest = {"step": step, "files": {str(p.relative_to(tmp)): file_sha256(p) for p in _files(tmp)}}
     with (tmp / MANIFEST).open("w") as f:
         json.dump(manifest, f, indent=2)
         f.flush()
@@ -156,7 +148,7 @@ def verify(path: Path) -> str | None:
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
-        if _sha256(file) != digest:
+        if file_sha256(file) != digest:
             return f"{name} does not match its recorded hash"
     return None
 

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
 from fplus.errors import FplusError
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes, read in chunks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:

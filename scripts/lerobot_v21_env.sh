@@ -17,15 +17,17 @@
 # - pandas 2.3.3: datasets 3.6.0 predates pandas 3.
 # - torchvision: PyPI's Linux wheels are CUDA builds that cannot be imported next to the CPU torch; lerobot 0.3.3's
 #   datasets/utils.py and video_utils.py import it at module level and use only transforms.ToTensor (for `image`
-#   features). A small stand-in package is written instead.
-# Idempotent: a finished venv whose pins match is only smoke-tested. Needs root (or sudo) for apt if the FFmpeg
-# libraries are missing.
+#   features). A small stand-in package is copied in instead (scripts/torchvision_stub/).
+# The steps shared with the other venv scripts are in scripts/venv_lib.sh. Idempotent: a finished venv whose pins
+# (and shared steps) match is only smoke-tested. Needs root (or sudo) for apt if the FFmpeg libraries are missing.
 set -euo pipefail
 
 VENV="${1:-/tmp/lerobot-v21-venv}"
 PYTHON="${PYTHON:-python3.11}"
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 start=$(date +%s)
+# shellcheck source=scripts/venv_lib.sh
+source "$HERE/venv_lib.sh"
 
 # Every package of the venv, pinned (the closure of the top-level list below, resolved 2026-12 with Python 3.11).
 CONSTRAINTS="
@@ -74,7 +76,7 @@ yarl==1.25.1
 "
 TOP_LEVEL="datasets huggingface-hub av jsonlines pandas numpy pyarrow pillow packaging torchcodec"
 STAMP="$VENV/.fplus-lerobot-v21"
-want_stamp="$(printf '%s\n%s\n' "$CONSTRAINTS" "$TOP_LEVEL" | sha256sum | cut -c1-16)"
+want_stamp="$(printf '%s\n%s\n' "$CONSTRAINTS" "$TOP_LEVEL" | venv_stamp)"
 
 smoke_test() {
     HF_HUB_OFFLINE=1 "$VENV/bin/python" - "$HERE/../tests/fixtures/lerobot_v21_av1" <<'EOF'
@@ -94,71 +96,25 @@ if (root / "meta" / "info.json").is_file():
 EOF
 }
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && smoke_test >/dev/null 2>&1; then
+if venv_is_current "$STAMP" "$want_stamp" smoke_test; then
     echo "lerobot v2.1 venv $VENV is up to date"
     exit 0
 fi
 echo "building the lerobot v2.1 venv $VENV"
 
 # 1. FFmpeg shared libraries for torchcodec (PyAV's wheel bundles its own, torchcodec does not).
-if ! ldconfig -p | grep -q 'libavdevice\.so\.' || ! ldconfig -p | grep -q 'libavfilter\.so\.'; then
-    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
-fi
+ensure_ffmpeg_libs
 
 # 2. The venv, the CPU torch, lerobot without its dependencies, what lerobot.datasets needs.
-[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-constraints_file="$(mktemp)"
-trap 'rm -f "$constraints_file"' EXIT
-printf '%s\n' "$CONSTRAINTS" | grep -v '^$' > "$constraints_file"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install -c "$constraints_file" torch==2.13.0
+make_venv_with_constraints "$VENV" "$PYTHON" "$CONSTRAINTS"
 "${PIP[@]}" install --no-deps lerobot==0.3.3
 echo "(pip's notes that lerobot 0.3.3 requires torch<2.8, torchvision, wandb, ... are expected: see the top of this file)"
-"${PIP[@]}" install -c "$constraints_file" $TOP_LEVEL
+# shellcheck disable=SC2086  # TOP_LEVEL is a list of package names
+"${PIP[@]}" install -c "$VENV_CONSTRAINTS_FILE" $TOP_LEVEL
 
-# 3. The torchvision stand-in (remove a real one if present: it cannot be imported here).
-"${PIP[@]}" uninstall -y torchvision 2>/dev/null || true
-site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-mkdir -p "$site/torchvision"
-cat > "$site/torchvision/__init__.py" <<'EOF'
-"""Stand-in for torchvision in fplus's lerobot v2.1 venv (written by scripts/lerobot_v21_env.sh): PyPI's Linux
-torchvision wheels are CUDA builds that cannot be imported next to the CPU torch. lerobot 0.3.3's dataset code needs
-only `transforms.ToTensor`; its videos are decoded with torchcodec here."""
-
-from . import io, transforms
-
-__version__ = "0.0.0+lerobot-v21-stub"
-
-
-def set_video_backend(backend):
-    raise RuntimeError(f"video backend {backend!r} needs torchvision.io.VideoReader (stub); use torchcodec")
-EOF
-cat > "$site/torchvision/io.py" <<'EOF'
-"""No video IO in the stand-in; see torchvision/__init__.py."""
-
-
-class VideoReader:
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("torchvision.io.VideoReader is not available (lerobot-v21 stub); use torchcodec")
-EOF
-cat > "$site/torchvision/transforms.py" <<'EOF'
-"""`ToTensor` with torchvision's semantics for PIL images and (H, W[, C]) arrays: (C, H, W), uint8 -> [0, 1]."""
-
-import numpy as np
-import torch
-
-
-class ToTensor:
-    def __call__(self, pic):
-        arr = np.asarray(pic) if not isinstance(pic, np.ndarray) else pic
-        arr = arr[:, :, None] if arr.ndim == 2 else arr
-        img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        return img.to(torch.float32).div(255) if img.dtype == torch.uint8 else img
-EOF
+# 3. The torchvision stand-in (a real one is removed if present: it cannot be imported here).
+install_torchvision_stub "$VENV" lerobot-v21
 
 # 4. Check and stamp.
 smoke_test
-echo "$want_stamp" > "$STAMP"
-echo "lerobot v2.1 venv ready: $VENV ($(du -sh "$VENV" | cut -f1), $(( $(date +%s) - start )) s)"
+finish_venv "lerobot v2.1 venv" "$VENV" "$STAMP" "$want_stamp" "$start"

@@ -20,15 +20,18 @@
 #     the system FFmpeg shared libraries (installed with apt when missing), as in scripts/lerobot_compat_env.sh.
 #   * torchvision: PyPI's Linux wheels are CUDA builds that cannot be imported next to the CPU torch. ledataset's
 #     reading path uses only transforms.ToTensor (for `image` features) and set_video_backend/io.VideoReader (the
-#     pyav backend), so a small stand-in package is written (the same one as lerobot_compat_env.sh writes).
-# Idempotent: a finished venv whose stamp (a hash of this file) matches is only smoke-tested. Needs root (or sudo)
-# for apt if the FFmpeg libraries are missing.
+#     pyav backend), so a small stand-in package is copied in (scripts/torchvision_stub/, as for the lerobot venvs).
+# The steps shared with the other venv scripts are in scripts/venv_lib.sh. Idempotent: a finished venv whose stamp (a
+# hash of this file, scripts/venv_lib.sh and scripts/torchvision_stub/) matches is only smoke-tested. Needs root (or
+# sudo) for apt if the FFmpeg libraries are missing.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="${1:-$(dirname "$HERE")/.outside-venv}"
 PYTHON="${PYTHON:-python3.11}"
 start=$(date +%s)
+# shellcheck source=scripts/venv_lib.sh
+source "$HERE/venv_lib.sh"
 
 # Every package of the venv, pinned (the full closure of TOP_LEVEL, as resolved on 2026-12 with Python 3.11).
 # Used as pip constraints, so a resolve can neither drift nor pull a CUDA torch. (huggingface-hub's `hf-transfer`
@@ -97,7 +100,7 @@ yarl==1.25.1
 "
 TOP_LEVEL="lerobot-doctor lerobot-dataset torchcodec"
 STAMP="$VENV/.fplus-outside-checkers"
-want_stamp="$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)"
+want_stamp="$(venv_stamp < "${BASH_SOURCE[0]}")"
 
 smoke_test() {
     HF_HUB_OFFLINE=1 "$VENV/bin/python" - "$HERE/../tests/fixtures/lerobot_v30_av1_multicam" <<'EOF'
@@ -123,97 +126,24 @@ if (root / "meta" / "info.json").is_file():
 EOF
 }
 
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want_stamp" ]] && smoke_test >/dev/null 2>&1; then
+if venv_is_current "$STAMP" "$want_stamp" smoke_test; then
     echo "outside checkers venv $VENV is up to date"
     exit 0
 fi
 echo "building the outside checkers venv $VENV"
 
 # 1. FFmpeg shared libraries for torchcodec (system packages; PyAV's wheel bundles its own, torchcodec does not).
-if ! ldconfig -p | grep -q 'libavdevice\.so\.' || ! ldconfig -p | grep -q 'libavfilter\.so\.'; then
-    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends ffmpeg >/dev/null
-fi
+ensure_ffmpeg_libs
 
 # 2. The venv: the CPU torch first, then the two tools with all their declared dependencies, all pinned.
-[[ -x "$VENV/bin/python" ]] || "$PYTHON" -m venv "$VENV"
-constraints_file="$(mktemp)"
-trap 'rm -f "$constraints_file"' EXIT
-printf '%s\n' "$CONSTRAINTS" | grep -v '^$' > "$constraints_file"
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
-"${PIP[@]}" install -c "$constraints_file" torch==2.13.0
+make_venv_with_constraints "$VENV" "$PYTHON" "$CONSTRAINTS"
 # shellcheck disable=SC2086  # TOP_LEVEL is a list of package names
-"${PIP[@]}" install -c "$constraints_file" $TOP_LEVEL
+"${PIP[@]}" install -c "$VENV_CONSTRAINTS_FILE" $TOP_LEVEL
 "${PIP[@]}" check
 
-# 3. The torchvision stand-in (a CUDA torchvision from PyPI cannot be imported here; remove one if present).
-"${PIP[@]}" uninstall -y torchvision 2>/dev/null || true
-site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-mkdir -p "$site/torchvision"
-cat > "$site/torchvision/__init__.py" <<'EOF'
-"""Stand-in for torchvision in the outside-checkers venv (written by fplus scripts/outside_checkers_env.sh).
-
-PyPI's Linux torchvision wheels are CUDA builds: `import torchvision` fails next to the CPU torch wheel
-("operator torchvision::nms does not exist"), and no CPU torchvision is on PyPI. lerobot-dataset 0.4.4 (ledataset)
-needs only `transforms.ToTensor` (for `image` features) and, for its "pyav" video backend, `io.VideoReader`, which
-torchvision itself no longer ships. Videos are decoded with torchcodec (ledataset's default backend) here.
-"""
-
-from . import io, transforms
-
-__version__ = "0.0.0+outside-checkers-stub"
-_video_backend = "pyav"
-
-
-def set_video_backend(backend):
-    raise RuntimeError(
-        f"video backend {backend!r} needs torchvision.io.VideoReader, which this venv does not have "
-        "(outside-checkers stub); use video_backend='torchcodec'"
-    )
-
-
-def get_video_backend():
-    return _video_backend
-EOF
-cat > "$site/torchvision/io.py" <<'EOF'
-"""No video or image IO in the outside-checkers torchvision stand-in; see torchvision/__init__.py."""
-
-
-class VideoReader:
-    def __init__(self, *args, **kwargs):
-        raise RuntimeError("torchvision.io.VideoReader is not available (outside-checkers stub); use torchcodec")
-EOF
-cat > "$site/torchvision/transforms.py" <<'EOF'
-"""`ToTensor` with torchvision's semantics for what ledataset passes it: PIL images and HWC arrays."""
-
-import numpy as np
-import torch
-
-
-class ToTensor:
-    """PIL image or (H, W[, C]) ndarray -> (C, H, W) tensor; uint8 data becomes float32 scaled to [0, 1]."""
-
-    def __call__(self, pic):
-        if isinstance(pic, np.ndarray):
-            arr = pic if pic.ndim == 3 else pic[:, :, None]
-        else:
-            if pic.mode == "1":
-                arr = 255 * np.array(pic, dtype=np.uint8, copy=True)
-            else:
-                dtype = {"I": np.int32, "I;16": np.int16, "F": np.float32}.get(pic.mode, np.uint8)
-                arr = np.array(pic, dtype=dtype, copy=True)
-            arr = arr.reshape(pic.size[1], pic.size[0], -1)
-        img = torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
-        if img.dtype == torch.uint8:
-            return img.to(torch.float32).div(255)
-        return img
-
-    def __repr__(self):
-        return f"{self.__class__.__name__}()"
-EOF
+# 3. The torchvision stand-in (a CUDA torchvision from PyPI cannot be imported here; one is removed if present).
+install_torchvision_stub "$VENV" outside-checkers
 
 # 4. Check and stamp.
 smoke_test
-echo "$want_stamp" > "$STAMP"
-echo "outside checkers venv ready: $VENV ($(du -sh "$VENV" | cut -f1), $(( $(date +%s) - start )) s)"
+finish_venv "outside checkers venv" "$VENV" "$STAMP" "$want_stamp" "$start"

@@ -23,14 +23,13 @@ checks every file against the marker's hashes (`resolve_pretrained`). fplus.depl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 from fplus.errors import CheckpointError, ConfigError, FplusError
-from fplus.io import read_json
+from fplus.io import file_sha256, read_json
 
 MARKER = "fplus_export.json"
 FORMAT = "fplus-export"
@@ -46,13 +45,6 @@ REQUIRED = ("format", "format_version", "fplus_version", "run", "experiment", "s
             "dataset", "observation", "files")
 _AGAIN = "export it again (fplus export RUN OUT --overwrite) or download it again"
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _hashed_files(folder: Path) -> list[Path]:
@@ -75,7 +67,7 @@ def is_exported(path: str | Path) -> bool:
 def write_marker(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write OUT/fplus_export.json: `meta` (every REQUIRED key but format, format_version and files) and the sha256
     of every file now in `folder` (call it last, before the model card). Returns what was written."""
-    files = {str(p.relative_to(folder)): _sha256(p) for p in _hashed_files(folder)}
+    files = {str(p.relative_to(folder)): file_sha256(p) for p in _hashed_files(folder)}
     marker = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "files": files}
     missing = [k for k in REQUIRED if k not in marker]
     if missing:
@@ -117,7 +109,7 @@ def verify_folder(folder: str | Path) -> dict[str, Any]:
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{path} is missing (recorded in {folder / MARKER}); {_AGAIN}")
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             raise CheckpointError(f"{path} does not match its hash in {folder / MARKER}: the folder is damaged or "
                                   f"was edited; {_AGAIN}")
     return marker

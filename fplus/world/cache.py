@@ -42,7 +42,7 @@ from fplus.data.lerobot import LeRobotDataset
 from fplus.data.mixture import members_of
 from fplus.data.windows import causal_window, episode_bounds
 from fplus.errors import DataError, FplusError
-from fplus.io import write_text_atomic
+from fplus.io import file_sha256, write_text_atomic
 from fplus.lock import exclusive_lock
 
 MANIFEST = "manifest.json"
@@ -102,13 +102,7 @@ def read_manifest(entry: Path) -> dict:
 
 def content_hash(path: Path) -> str:
     """sha256 hex digest of a file's bytes, read in chunks (never the whole file in memory)."""
-    h = hashlib.sha256()
-    buffer = bytearray(HASH_CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])
-    return h.hexdigest()
+    return file_sha256(path, HASH_CHUNK_BYTES)
 
 
 def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:

@@ -262,3 +262,13 @@ def test_the_weighted_order_is_a_function_of_seed_and_epoch_and_shards_and_resum
     with pytest.raises(DataError, match="at least one sample per member"):
         WeightedEpochSampler(np.zeros(10, np.int64), WEIGHTS, 0)
     assert math.isclose(sum(WeightedEpochSampler(GROUPS, (7, 2, 1), 0).weights), 1.0)
+
+
+def test_a_mixture_file_that_does_not_parse_is_named_with_its_format(tmp_path):
+    for name, text, message in [("mix.json", '{"datasets": [', "is not valid JSON"),
+                                ("mix.yaml", "datasets: [a, {path: b", "is not valid YAML")]:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="invalid settings: DATASET=") as err:
+            settings(DATASET=path)
+        assert f"{path} {message}" in str(err.value) and len(str(err.value).splitlines()) == 1

@@ -148,3 +148,17 @@ def test_fplus_latents_computes_every_member_into_its_own_cache_entry(mix, tmp_p
                         w.temporal_window) for n in ("a", "b")]
     assert entries == [e for e, _ in own] and entries[0] != entries[1]
     assert np.array_equal(latents, np.concatenate([z for _, z in own]))
+
+
+def test_a_coc_experiment_on_a_mixture_is_refused_before_training(mix, tmp_path):
+    from fplus.errors import ConfigError
+
+    coc = tmp_path / "coc.jsonl"
+    coc.write_text("")  # never read: the mixture is refused first
+    s = toy_settings(tmp_path, mix / "a", DATASET=f"{mix / 'a'}:0.5,{mix / 'b'}:0.5", EXPERIMENT="E3",
+                     COC_JSONL=coc, CACHE_DIR=mix / "cache")
+    with pytest.raises(ConfigError, match=r"experiment E3 trains a CoC loss, whose labels \(COC_JSONL\) name the "
+                                          r"episodes of one dataset: train it on one dataset, not on a mixture"):
+        train_run(s, run_dir_for(s), progress_bar=False)
+    reset_accelerate()
+    assert run_state(run_dir_for(s)) == "new"
