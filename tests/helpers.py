@@ -13,6 +13,14 @@ from fplus.settings import Settings, load_settings
 CAM = "observation.images.image"
 
 
+def reset_accelerate() -> None:
+    """Accelerate keeps process-wide singletons (DESIGN 9): reset them between runs in one test process."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
 def write_toy_dataset(root: Path, lengths=(12, 9, 15, 11, 10), size: int = 64, seed: int = 0) -> LeRobotDataset:
     """Episodes where a bright square moves; the action is the square's next displacement (learnable)."""
     rng = np.random.default_rng(seed)

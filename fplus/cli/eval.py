@@ -76,30 +76,25 @@ def eval_command(
 
     local = None
     if is_exported(run):
-        if sim is not None:
-            from fplus.errors import ConfigError
-
-            raise ConfigError(f"{run} is an exported folder: the closed loop (--sim) evaluates run directories only; "
-                              "run it on the run directory the folder was exported from")
         from fplus.deploy.loader import local_settings
 
         local = local_settings(profile)
     if sim is not None:
         from fplus.deploy.chunking import parse_delays, parse_strategies
+        from fplus.deploy.loader import load_any
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, latency_table, results_table
-        from fplus.rundir import settings_from_run
 
         delays = parse_delays(inference_delay) if inference_delay is not None else 0
         strategies = parse_strategies(chunking) if chunking is not None else "sync"
 
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
         if episodes is None or corrupted_episodes is None:  # the run's own EVAL_EPISODES[_CORRUPTED]
-            own = settings_from_run(run).eval
+            own = load_any(run, checkpoint, local).settings.eval
             episodes, corrupted_episodes = episodes or own.episodes, corrupted_episodes or own.corrupted_episodes
         result, path = evaluate_closed_loop(
             run, sim, [t.strip() for t in tasks.split(",")] if tasks else None, episodes, chosen, n_action_steps,
             max_steps, checkpoint, video_dir=video, console=console, suite=suite, device=device,
-            corrupted_episodes=corrupted_episodes, inference_delay=delays, chunking=strategies)
+            corrupted_episodes=corrupted_episodes, inference_delay=delays, chunking=strategies, local=local)
         console.print(results_table(result))
         latency = latency_table(result)
         if latency is not None:

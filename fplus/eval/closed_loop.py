@@ -165,8 +165,11 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                          video_dir: Path | None = None, progress: bool = True, console=None,
                          suite: str | None = None, device: str | None = None,
                          corrupted_episodes: int | None = None, inference_delay: int | Sequence[int] = 0,
-                         chunking: str | Sequence[str] = "sync") -> tuple[dict, Path]:
-    """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json.
+                         chunking: str | Sequence[str] = "sync", local: dict | None = None) -> tuple[dict, Path]:
+    """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json. An exported model
+    folder (fplus export) is rolled out the same way (`fplus.deploy.loader.load_any`, with this machine's `local`
+    settings: DATASET, CACHE_DIR, ...), into OUT/eval/ (never hashed), and never logs to W&B (the folder is not
+    the training's run directory).
 
     Args:
         sim: metaworld or libero (the `libero` extra).
@@ -189,8 +192,9 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}")
-    loaded = _load(Path(run_dir), step, suite, device)
-    log = closed_loop_logger(loaded.settings, loaded.run_dir, video_dir)  # LOGGER=wandb: into the training's run
+    loaded = _load(Path(run_dir), step, suite, device, local)
+    log = None if loaded.exported else \
+        closed_loop_logger(loaded.settings, loaded.run_dir, video_dir)  # LOGGER=wandb: into the training's run
     out = sim_result(loaded.run_dir, sim, loaded.step)
     earlier = _earlier(out)  # read before the rollouts: a damaged file fails now, not after them
     plan = _plan(simulator, loaded, tasks, modes, episodes, corrupted_episodes, n_action_steps, max_steps,
@@ -224,17 +228,19 @@ class _Loaded:
     policy: FPlusPolicy  # in eval mode on the evaluation device
     dataset: LeRobotDataset  # the training dataset (image sizes, task sentences)
     encoder: Any | None  # the world encoder of the online latents; None when the policy reads no world latents
+    exported: bool = False  # an exported model folder (fplus export), not a run directory
 
 
-def _load(run_dir: Path, step: int | None, suite: str | None, device: str | None) -> _Loaded:
+def _load(run_dir: Path, step: int | None, suite: str | None, device: str | None,
+          local: dict | None = None) -> _Loaded:
     """The run (fplus.rundir.load_run: its settings, its checkpoint `step`, default the latest valid one, refused
-    when it was copied from another run), opened by fplus.deploy.loader.open_run (the training dataset, refused when
-    its fingerprint changed; the policy on `device`, default EVAL_DEVICE), and the world encoder."""
-    from fplus.deploy.loader import open_run
-    from fplus.rundir import load_run
+    when it was copied from another run; or an exported folder, fplus.deploy.loader.load_any), opened by
+    fplus.deploy.loader.open_run (the training dataset, refused when its fingerprint changed; the policy on
+    `device`, default EVAL_DEVICE), and the world encoder."""
+    from fplus.deploy.loader import ExportedRun, load_any, open_run
     from fplus.world.encoders import build_encoder
 
-    run = load_run(run_dir, step)
+    run = load_any(Path(run_dir), step, local)
     opened = open_run(run, device)
     settings = run.settings
     if suite is not None:
@@ -244,7 +250,7 @@ def _load(run_dir: Path, step: int | None, suite: str | None, device: str | None
     if opened.policy.config.world_dim:
         encoder = build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
                                 pooling=world.pooling, temporal_window=world.temporal_window, device=opened.device)
-    return _Loaded(run.dir, settings, run.step, opened.policy, opened.dataset, encoder)
+    return _Loaded(run.dir, settings, run.step, opened.policy, opened.dataset, encoder, isinstance(run, ExportedRun))
 
 
 @dataclass

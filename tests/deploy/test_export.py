@@ -24,6 +24,7 @@ from fplus.model.policy import FPlusPolicy
 from fplus.model.pretrained import MARKER, verify_folder
 from tests.deploy.serve_helpers import PROMPTS, ServedRun, ServeProcess, toy_frame, toy_observation
 from tests.helpers import compute_toy_latents, run_cli, toy_settings, write_toy_dataset
+from tests.helpers import reset_accelerate as _reset_accelerate
 
 SIM_RESULT = {  # the closed-loop result file's layout (fplus.eval.closed_loop._aggregate), numbers made up
     "run": "E2", "experiment": "E2", "step": 2, "simulator": "metaworld", "episodes_per_task": 3,
@@ -35,11 +36,6 @@ SIM_RESULT = {  # the closed-loop result file's layout (fplus.eval.closed_loop._
 }
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
@@ -321,8 +317,6 @@ def test_fplus_eval_of_the_folder_gives_the_runs_numbers(runs, exported, tmp_pat
     write_toy_dataset(tmp_path / "other", lengths=(5, 5, 5, 5), seed=3)
     other = run_cli("eval", folder, "--corruption", "none", env={"DATASET": str(tmp_path / "other")})
     assert other.exit_code == 1 and "changed since" in other.stderr
-    sim = run_cli("eval", folder, "--sim", "metaworld")
-    assert sim.exit_code == 1 and "the closed loop (--sim) evaluates run directories only" in sim.stderr
     step = run_cli("eval", folder, "--checkpoint", "1")
     assert step.exit_code == 1 and "holds the checkpoint of step 2 only" in step.stderr
 

@@ -169,3 +169,40 @@ def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path, monkeypatch):
     # a Meta-World run cannot drive LIBERO's arm: refused before any simulator is built
     with pytest.raises(FplusError, match="the run's actions have 4 dimensions, libero takes 7"):
         evaluate_closed_loop(run_dir_for(s), "libero", None, episodes=1, progress=False)
+
+
+def test_an_exported_folder_rolls_out_the_runs_actions_bit_for_bit(tmp_path, monkeypatch):
+    """`fplus eval OUT --sim`: the folder's policy drives the simulator exactly as the run's checkpoint does, and
+    its results go to OUT/eval/ without breaking the folder's hashes."""
+    from fplus.data.demo import make_demo_dataset
+    from fplus.deploy.export import export_run
+    from fplus.model.pretrained import verify_folder
+    from fplus.rundir import run_dir_for
+    from fplus.sim.metaworld import MetaWorldEnv
+    from fplus.train.run import train_run
+    from tests.helpers import compute_toy_latents, reset_accelerate, toy_settings
+
+    make_demo_dataset(tmp_path / "ds", tasks=["reach-v3"], episodes_per_task=3, image_size=64, seed=0,
+                      max_steps=100, progress=False)
+    s = toy_settings(tmp_path, tmp_path / "ds", IMAGE_KEY="observation.images.image", EXPERIMENT="E2",
+                     MAX_STEPS=2, VAL_FRACTION=0.34, DEMO_MAX_STEPS=8)
+    compute_toy_latents(s)
+    train_run(s, run_dir_for(s), progress_bar=False)
+    reset_accelerate()
+    folder, _ = export_run(run_dir_for(s), tmp_path / "exported")
+    actions: list[np.ndarray] = []
+    step = MetaWorldEnv.step
+    monkeypatch.setattr(MetaWorldEnv, "step", lambda env, action: actions.append(np.array(action)) or step(env, action))
+    results = {}
+    for name, where in (("run", run_dir_for(s)), ("export", folder)):
+        actions.clear()
+        result, path = evaluate_closed_loop(where, "metaworld", None, episodes=1, modes=("none", "zero"),
+                                            progress=False, corrupted_episodes=1)
+        results[name] = (np.stack(actions), result, path)
+    run_actions, run_result, _ = results["run"]
+    export_actions, export_result, export_path = results["export"]
+    assert run_actions.shape == (16, 4)  # 8 steps of `none`, 8 of `zero`
+    np.testing.assert_array_equal(export_actions, run_actions)
+    assert export_path == folder / "eval" / "sim-metaworld-step-000002.json"
+    assert export_result["tasks"] == run_result["tasks"] and export_result["step"] == 2
+    verify_folder(folder)  # eval/ is not part of the hashed files

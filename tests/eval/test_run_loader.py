@@ -14,14 +14,8 @@ from fplus.errors import CheckpointError, DataError
 from fplus.model.processor import PolicyProcessor
 from fplus.rundir import load_run, run_dir_for
 from fplus.train.run import train_run
+from tests.helpers import reset_accelerate as _reset_accelerate
 from tests.helpers import toy_settings, write_toy_dataset
-
-
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")

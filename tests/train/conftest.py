@@ -1,18 +1,14 @@
 import pytest
 
-from tests.helpers import compute_toy_latents, toy_settings, write_toy_dataset
+from tests.helpers import compute_toy_latents, reset_accelerate, toy_settings, write_toy_dataset
 
 
 @pytest.fixture(autouse=True)
 def _reset_accelerate():
     """Accelerate keeps process-wide singletons: reset them around every training test."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 @pytest.fixture(scope="module")

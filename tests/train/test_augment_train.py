@@ -15,6 +15,7 @@ from fplus.rundir import run_dir_for, run_state
 from fplus.train.data import Collate, EpochSampler
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
+from tests.helpers import reset_accelerate as _reset_accelerate
 from tests.helpers import toy_settings, write_toy_dataset
 
 
@@ -26,11 +27,6 @@ def toy_ds(tmp_path_factory):
     return root
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 def recipe(root, out, **values) -> TrainRecipe:

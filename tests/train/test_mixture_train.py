@@ -18,15 +18,8 @@ from fplus.train.data import WeightedEpochSampler
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
 from fplus.world.cache import find_dataset_latents, find_latents
-from tests.helpers import CAM, compute_toy_latents, run_cli, toy_settings, write_toy_dataset
+from tests.helpers import CAM, compute_toy_latents, reset_accelerate, run_cli, toy_settings, write_toy_dataset
 from tests.train.test_recipe import weights
-
-
-def reset_accelerate():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")

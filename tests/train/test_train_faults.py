@@ -27,17 +27,13 @@ from fplus.settings import settings_to_environ
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
 from fplus.train.state import TrainingInterrupted
+from tests.helpers import reset_accelerate as _reset_accelerate
 from tests.helpers import toy_settings
 
 COMMON = dict(EXPERIMENT="E2", MAX_STEPS=8, SAVE_EVERY=2, BATCH_SIZE=2, KEEP_LAST=5)
 REPO = str(Path(__file__).resolve().parents[2])
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, PartialState
-
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
 
 
 @pytest.fixture(scope="module")
