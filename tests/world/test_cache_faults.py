@@ -376,14 +376,15 @@ def _wait_for_progress(cache_dir: Path, at_least: int, proc: subprocess.Popen) -
 def test_a_second_writer_fails_at_once_naming_the_holder(toy, tmp_path):
     ds, clean = toy
     args = _cli(tmp_path, ds, tmp_path / "c")
-    holder = _start_slow(args, tmp_path, seconds=3)  # busy for longer than the second command takes to start
+    # busy (8 s per batch of 8, 57 frames) for longer than the second command takes to start, even on a loaded machine
+    holder = _start_slow(args, tmp_path, seconds=8)
     try:
         entry = _wait_for_progress(tmp_path / "c", 8, holder)
         with pytest.raises(FplusError, match=rf"^latents cache {re.escape(str(entry))} is in use by pid "
                                              rf"{holder.pid} on host \S+ since .* \(fplus latents --dataset .*\) "
                                              rf"\(lock file {re.escape(str(entry / '.lock'))}\); wait for it"):
             compute_latents(ds, CAM, encoder(), tmp_path / "c", batch_size=8, overwrite=True, progress=False)
-        # it failed at once, not after waiting for the lock: the holder (3 s per batch of 8) is still at work
+        # it failed at once, not after waiting for the lock: the holder (8 s per batch of 8) is still at work
         assert holder.poll() is None
         assert json.loads((entry / PROGRESS).read_text())["frames_done"] < N
         second = subprocess.run([FPLUS, *args[2:]], capture_output=True, text=True, timeout=120,
