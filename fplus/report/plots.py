@@ -138,13 +138,18 @@ def gate_curves(runs: list[Record], series: dict[str, tuple[list[Record], list[R
         drawn += 1
     if not drawn:
         return None
+    gate_axes(ax, "injection gate over training")
+    return _save(fig, path)
+
+
+def gate_axes(ax, title: str) -> None:
+    """The gate plot's axes (zero line, labels, grid, legend): one look for the per-run and the seed plots."""
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("step")
     ax.set_ylabel("gate  tanh(g)")
-    ax.set_title("injection gate over training", fontsize=10)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9, frameon=False)
-    return _save(fig, path)
 
 
 def _shared_legend(fig, axes, title: str | None = None) -> None:

@@ -84,12 +84,7 @@ def gate_bands(groups: list[Record], series: Series, path: Path) -> Path | None:
     ax = fig.subplots()
     for i, group, band in bands:
         _band(ax, band, p.run_color(i), _label(group, band))
-    ax.axhline(0, color="black", lw=0.6)
-    ax.set_xlabel("step")
-    ax.set_ylabel("gate  tanh(g)")
-    ax.set_title("injection gate over training (mean over seeds, min-max band)", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, frameon=False)
+    p.gate_axes(ax, "injection gate over training (mean over seeds, min-max band)")
     return p._save(fig, path)
 
 

@@ -37,15 +37,21 @@ def _n_suffix(stat: Record, n_group: int | None) -> str:
     return f" (n={stat['n']})" if n_group is not None and stat["n"] < n_group else ""
 
 
+def _mean_interval(stat: Record, spec: str, scale: float = 1.0, unit: str = "") -> str:
+    """`mean [lo, hi]` (each times `scale`, formatted with `spec`; `unit` after the mean), or the mean alone
+    without an interval (one seed)."""
+    text = f"{scale * stat['mean']:{spec}}{unit}"
+    if stat["ci95"] is not None:
+        lo, hi = stat["ci95"]
+        text += f" [{scale * lo:{spec}}, {scale * hi:{spec}}]"
+    return text
+
+
 def stat_cell(stat: Record | None, n_group: int | None = None, missing: str = NA, spec: str = ".4g") -> Cell:
     """`mean [lo, hi]` of a statistic (fplus.report.seeds.stat); `(n=k)` when k < n_group seeds contribute."""
     if stat is None:
         return Cell(missing, "na")
-    text = f"{stat['mean']:{spec}}"
-    if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" [{lo:{spec}}, {hi:{spec}}]"
-    return Cell(text + _n_suffix(stat, n_group))
+    return Cell(_mean_interval(stat, spec) + _n_suffix(stat, n_group))
 
 
 def _significance(stat: Record, higher_is_better: bool) -> str:
@@ -62,21 +68,15 @@ def delta_cell(stat: Record | None, n_group: int | None = None, missing: str = N
     """A difference: `+mean [+lo, +hi]` (times `scale`, then `unit`), coloured when its interval excludes 0."""
     if stat is None:
         return Cell(missing, "na")
-    text = f"{scale * stat['mean']:{spec}}{unit}"
-    if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" [{scale * lo:{spec}}, {scale * hi:{spec}}]"
-    return Cell(text + _n_suffix(stat, n_group), _significance(stat, higher_is_better))
+    return Cell(_mean_interval(stat, spec, scale, unit) + _n_suffix(stat, n_group),
+                _significance(stat, higher_is_better))
 
 
 def rate_cell(stat: Record | None, n_group: int | None = None, missing: str = NA) -> Cell:
     """A success rate over seeds: `50% [33, 67] (45/90)`: mean of the per-seed rates, t interval, pooled counts."""
     if stat is None:
         return Cell(missing, "na")
-    text = f"{100 * stat['mean']:.0f}%"
-    if stat["ci95"] is not None:
-        lo, hi = stat["ci95"]
-        text += f" [{100 * lo:.0f}, {100 * hi:.0f}]"
+    text = _mean_interval(stat, ".0f", 100, "%")
     if stat.get("episodes"):
         text += f" ({stat['successes']}/{stat['episodes']})"
     return Cell(text + _n_suffix(stat, n_group))

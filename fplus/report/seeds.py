@@ -150,6 +150,20 @@ def _sim_stats(runs: list[Record], sim: str, modes: list[str], tasks: list[str])
             "latency": _latency_stats(runs, sim)}
 
 
+def _eval_stats(runs: list[Record], section: str, keys: Sequence[str], order: Sequence[str], label: str,
+                what: str, notes: list[str]) -> Record | None:
+    """{steps, gate, modes {mode: {key: stat}}} of one evaluation section of the runs (`val_latest`: the last
+    validation line, `offline`: the offline eval), None when no run has it; the seeds it misses go to `notes`."""
+    if not any(r[section] for r in runs):
+        return None
+    modes = _ordered({m for r in runs for m in (_dig(r, section, "modes") or {})}, order)
+    notes += _coverage(label, what, runs, lambda r: _dig(r, section, "step"), lambda r: r[section] is not None)
+    return {"steps": [_dig(r, section, "step") for r in runs],
+            "gate": stat(runs, lambda r: _dig(r, section, "gate")),
+            "modes": {m: {k: stat(runs, lambda r, m=m, k=k: _dig(r, section, "modes", m, k)) for k in keys}
+                      for m in modes}}
+
+
 def aggregate_group(group: Record, order: Sequence[str]) -> Record:
     """Every number of the report over a group's runs (see the module docstring for a stat):
 
@@ -175,29 +189,10 @@ def aggregate_group(group: Record, order: Sequence[str]) -> Record:
         notes.append(f"{label}: training not complete for seed "
                      + _seeds_text([r["seed"] for r in runs if not r["complete"]]))
 
-    val = None
-    if any(r["val_latest"] for r in runs):
-        modes = _ordered({m for r in runs for m in (_dig(r, "val_latest", "modes") or {})}, order)
-        val = {"steps": [_dig(r, "val_latest", "step") for r in runs],
-               "gate": stat(runs, lambda r: _dig(r, "val_latest", "gate")),
-               "modes": {m: {k: stat(runs, lambda r, m=m, k=k: _dig(r, "val_latest", "modes", m, k))
-                             for k in ("mse", "delta")} for m in modes}}
-        notes += _coverage(label, "validation line", runs, lambda r: _dig(r, "val_latest", "step"),
-                           lambda r: r["val_latest"] is not None)
-    out["val_latest"] = val
+    out["val_latest"] = _eval_stats(runs, "val_latest", ("mse", "delta"), order, label, "validation line", notes)
     out["world"] = {"validation": _world_stats(runs, lambda r: _dig(r, "world", "latest")),
                     "offline": _world_stats(runs, lambda r: _dig(r, "offline", "world"))}
-
-    offline = None
-    if any(r["offline"] for r in runs):
-        modes = _ordered({m for r in runs for m in (_dig(r, "offline", "modes") or {})}, order)
-        offline = {"steps": [_dig(r, "offline", "step") for r in runs],
-                   "gate": stat(runs, lambda r: _dig(r, "offline", "gate")),
-                   "modes": {m: {k: stat(runs, lambda r, m=m, k=k: _dig(r, "offline", "modes", m, k))
-                                 for k in OFFLINE_KEYS} for m in modes}}
-        notes += _coverage(label, "offline eval", runs, lambda r: _dig(r, "offline", "step"),
-                           lambda r: r["offline"] is not None)
-    out["offline"] = offline
+    out["offline"] = _eval_stats(runs, "offline", OFFLINE_KEYS, order, label, "offline eval", notes)
 
     out["sim"] = {}
     for sim in sorted({s for r in runs for s in r["sim"]}):

@@ -110,23 +110,28 @@ def test_the_closed_loop_with_the_expert_succeeds_where_the_demo_episode_does():
 
 
 @pytest.mark.slow
-def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, PartialState
-
+def tiny_metaworld_run(tmp_path, demo_max_steps: int):
+    """The settings of a tiny E2 run (2 optimiser steps) on a 3-episode reach-v3 demo dataset, trained."""
     from fplus.data.demo import make_demo_dataset
     from fplus.rundir import run_dir_for
     from fplus.train.run import train_run
-    from tests.helpers import compute_toy_latents, toy_settings
+    from tests.helpers import compute_toy_latents, reset_accelerate, toy_settings
 
     make_demo_dataset(tmp_path / "ds", tasks=["reach-v3"], episodes_per_task=3, image_size=64, seed=0,
                       max_steps=100, progress=False)
     s = toy_settings(tmp_path, tmp_path / "ds", IMAGE_KEY="observation.images.image", EXPERIMENT="E2",
-                     MAX_STEPS=2, VAL_FRACTION=0.34, DEMO_MAX_STEPS=12)
+                     MAX_STEPS=2, VAL_FRACTION=0.34, DEMO_MAX_STEPS=demo_max_steps)
     compute_toy_latents(s)
     train_run(s, run_dir_for(s), progress_bar=False)
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
+    return s
+
+
+def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path, monkeypatch):
+    from fplus.rundir import run_dir_for
     from fplus.sim.metaworld import MetaWorldEnv
+
+    s = tiny_metaworld_run(tmp_path, demo_max_steps=12)
 
     episodes = []  # [seed, object and goal position at reset, steps taken] of every rollout
     reset, step = MetaWorldEnv.reset, MetaWorldEnv.step
@@ -174,21 +179,12 @@ def test_closed_loop_metaworld_with_a_tiny_policy(tmp_path, monkeypatch):
 def test_an_exported_folder_rolls_out_the_runs_actions_bit_for_bit(tmp_path, monkeypatch):
     """`fplus eval OUT --sim`: the folder's policy drives the simulator exactly as the run's checkpoint does, and
     its results go to OUT/eval/ without breaking the folder's hashes."""
-    from fplus.data.demo import make_demo_dataset
     from fplus.deploy.export import export_run
     from fplus.model.pretrained import verify_folder
     from fplus.rundir import run_dir_for
     from fplus.sim.metaworld import MetaWorldEnv
-    from fplus.train.run import train_run
-    from tests.helpers import compute_toy_latents, reset_accelerate, toy_settings
 
-    make_demo_dataset(tmp_path / "ds", tasks=["reach-v3"], episodes_per_task=3, image_size=64, seed=0,
-                      max_steps=100, progress=False)
-    s = toy_settings(tmp_path, tmp_path / "ds", IMAGE_KEY="observation.images.image", EXPERIMENT="E2",
-                     MAX_STEPS=2, VAL_FRACTION=0.34, DEMO_MAX_STEPS=8)
-    compute_toy_latents(s)
-    train_run(s, run_dir_for(s), progress_bar=False)
-    reset_accelerate()
+    s = tiny_metaworld_run(tmp_path, demo_max_steps=8)
     folder, _ = export_run(run_dir_for(s), tmp_path / "exported")
     actions: list[np.ndarray] = []
     step = MetaWorldEnv.step
