@@ -81,7 +81,7 @@ def eval_command(
         local = local_settings(profile)
     if sim is not None:
         from fplus.deploy.chunking import parse_delays, parse_strategies
-        from fplus.deploy.loader import load_any
+        from fplus.deploy.loader import run_settings
         from fplus.eval.closed_loop import CLOSED_LOOP_MODES, evaluate_closed_loop, latency_table, results_table
 
         delays = parse_delays(inference_delay) if inference_delay is not None else 0
@@ -89,7 +89,7 @@ def eval_command(
 
         chosen = CLOSED_LOOP_MODES if corruption == "all" else modes
         if episodes is None or corrupted_episodes is None:  # the run's own EVAL_EPISODES[_CORRUPTED]
-            own = load_any(run, checkpoint, local).settings.eval
+            own = run_settings(run, local).eval
             episodes, corrupted_episodes = episodes or own.episodes, corrupted_episodes or own.corrupted_episodes
         result, path = evaluate_closed_loop(
             run, sim, [t.strip() for t in tasks.split(",")] if tasks else None, episodes, chosen, n_action_steps,

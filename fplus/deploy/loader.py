@@ -25,7 +25,8 @@ from fplus.data.lerobot import DataKeys, LeRobotDataset, keys_from_settings
 from fplus.data.mixture import MixtureDataset, member_records, open_dataset
 from fplus.device import resolve_device
 from fplus.model.policy import FPlusPolicy
-from fplus.rundir import Run, load_run, settings_from_config
+from fplus.rundir import Run, load_run, settings_from_config, settings_from_run
+from fplus.settings import Settings
 
 LOCAL_SETTINGS = ("DATASET", "DATASET_REVISION", "CACHE_DIR")
 """Settings that name where things are on this machine: an exported folder takes them from the user's settings
@@ -73,16 +74,26 @@ def open_export(folder: Path, step: int | None = None, local: Mapping[str, Any] 
     """Read an exported folder as a run: its files checked (fplus.model.pretrained.verify_folder), the run's
     settings from training_config.json with `local` (LOCAL_SETTINGS by flat name) replacing the recorded ones.
     CheckpointError: a damaged folder, a `step` that is not the exported one."""
-    from fplus.errors import CheckpointError, FplusError
+    from fplus.errors import CheckpointError
     from fplus.experiments import Experiment
-    from fplus.io import read_json
-    from fplus.model.pretrained import TRAINING_CONFIG, verify_folder
+    from fplus.model.pretrained import verify_folder
 
     folder = Path(folder)
     marker = verify_folder(folder)
     if step is not None and step != marker["step"]:
         raise CheckpointError(f"{folder} holds the checkpoint of step {marker['step']} only (exported from "
                               f"{marker['run']}); drop --checkpoint or export step {step}")
+    config, settings = _export_config(folder, local)
+    return ExportedRun(folder, config, settings, Experiment.of(settings), folder, marker["step"], marker)
+
+
+def _export_config(folder: Path, local: Mapping[str, Any] | None) -> tuple[dict[str, Any], Settings]:
+    """(training_config.json, the run's settings with `local` replacing the recorded LOCAL_SETTINGS) of an
+    exported folder, files not checked."""
+    from fplus.errors import CheckpointError, FplusError
+    from fplus.io import read_json
+    from fplus.model.pretrained import TRAINING_CONFIG
+
     try:
         config = read_json(folder / TRAINING_CONFIG, "the exported training configuration")
     except FplusError as err:
@@ -91,8 +102,15 @@ def open_export(folder: Path, step: int | None = None, local: Mapping[str, Any] 
     if unknown:
         raise ValueError(f"not local settings: {unknown}")  # a caller's bug
     flat = {**config["settings"], **{k: v for k, v in (local or {}).items() if v is not None}}
-    settings = settings_from_config({**config, "settings": flat}, folder)
-    return ExportedRun(folder, config, settings, Experiment.of(settings), folder, marker["step"], marker)
+    return config, settings_from_config({**config, "settings": flat}, folder)
+
+
+def run_settings(path: Path, local: Mapping[str, Any] | None = None) -> Settings:
+    """The settings a run directory or an exported folder evaluates with, read from its config alone (nothing
+    verified or loaded: `load_any` does that once, when the run is opened)."""
+    from fplus.model.pretrained import is_exported
+
+    return _export_config(Path(path), local)[1] if is_exported(path) else settings_from_run(path)
 
 
 def load_any(path: Path, step: int | None = None, local: Mapping[str, Any] | None = None) -> Run:
