@@ -40,10 +40,9 @@ def _ensure_dataset(settings: Settings, console: Console) -> bool:
         return False
     if not settings.run.make_demo_data:
         return False  # a hub id, or a path that opening the dataset will report as missing
-    from fplus.settings import MIXTURE_SUFFIXES, parse_dataset
-
-    if len(parse_dataset(d.dataset)) > 1 or Path(d.dataset).suffix.lower() in MIXTURE_SUFFIXES:
-        return False  # a mixture: its members are opened (and reported when missing) one by one
+    members = d.members()
+    if len(members) > 1 or members[0].source != d.dataset:
+        return False  # a mixture (list or file): its members are opened (and reported when missing) one by one
     from fplus.data.demo import make_demo_dataset
 
     console.rule("demo data")
