@@ -298,7 +298,12 @@ class ModelSettings(Section):
     lora_rank: int = env("LORA_RANK", 16, "LoRA rank", ge=1)
     lora_layers: int = env("LORA_LAYERS", 8, "LoRA on the last N decoder layers", ge=1)
     gradient_checkpointing: bool = env("GRADIENT_CHECKPOINTING", False, "recompute activations in backward")
-    precision: Literal["fp32", "bf16"] = env("PRECISION", "bf16", "autocast precision on GPU (CPU runs in fp32)")
+    precision: Literal["fp32", "bf16"] = env("PRECISION", "bf16", "precision on GPU: bf16 stores the frozen "
+                                             "backbone weights in bf16 and autocasts (trainable weights stay fp32); "
+                                             "CPU runs in fp32")
+    attn_impl: Literal["auto", "sdpa", "flash_attention_2", "eager"] = env(
+        "ATTN_IMPL", "auto", "attention implementation of the backbone: auto (flash_attention_2 on CUDA when the "
+        "flash-attn package imports, else sdpa), sdpa, flash_attention_2 or eager")
     normalization: Literal["mean_std", "quantile"] = env("NORMALIZATION", "mean_std", "action/state normalisation")
     prophet: bool = env("PROPHET", False, "Prophet predicts future latents, trained with L_world (E1, E2, E4)")
     injection: bool = env("INJECTION", False, "inject the memory into the ACT states by gated cross-attention")
@@ -349,7 +354,8 @@ class TrainSettings(Section):
     max_epochs: int = env("MAX_EPOCHS", 10, "epochs over the training episodes", ge=1)
     log_every: int = env("LOG_EVERY", 10, "steps between metric lines", ge=1)
     seed: int = env("SEED", 0, "training seed")
-    num_workers: int = env("NUM_WORKERS", 0, "data loader worker processes", ge=0)
+    num_workers: int | None = env("NUM_WORKERS", None, "data loader worker processes (unset: from the CPU count, "
+                                  "fplus.train.data.default_workers)", ge=0)
     output_dir: Path = env("OUTPUT_DIR", Path("runs"), "parent directory of run directories")
     max_steps: int | None = env("MAX_STEPS", None, "stop after this many optimiser steps (unset: MAX_EPOCHS)", ge=1)
     grad_accum: int = env("GRAD_ACCUM", 1, "micro-batches per optimiser step", ge=1)
@@ -397,6 +403,8 @@ class EvalSettings(Section):
     suite: Literal["libero_spatial", "libero_object", "libero_goal", "libero_10"] = env(
         "EVAL_SUITE", "libero_spatial", "LIBERO suite of closed-loop evaluation")
     device: str = env("EVAL_DEVICE", "auto", "device of evaluation: auto (cuda when available), cpu, cuda, cuda:1")
+    processes: int = env("EVAL_PROCESSES", 1, "closed-loop episodes run in this many parallel processes (CPU: "
+                         "each with one torch thread); the results do not depend on it", ge=1)
 
 
 class CocSettings(Section):
@@ -407,6 +415,9 @@ class CocSettings(Section):
     mode: Literal["joint_after_act", "separate"] = env(
         "COC_MODE", "joint_after_act", "CoC tokens after the ACT tokens in one pass, or a separate pass"
     )
+    fraction: float = env("COC_FRACTION", 1.0, "fraction of each training batch that carries its CoC text (the "
+                          "first ceil(COC_FRACTION x BATCH_SIZE) samples of the shuffled batch; validation: all)",
+                          gt=0, le=1)
 
 
 class RunSettings(Section):

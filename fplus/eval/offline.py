@@ -11,7 +11,7 @@ from pathlib import Path
 from fplus.errors import CheckpointError
 from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
-from fplus.train.data import PolicySamples
+from fplus.train.data import PolicySamples, default_workers
 from fplus.train.validation import evaluate_modes, memory_modes
 
 
@@ -38,7 +38,7 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     samples = PolicySamples(ds, keys, split.val, policy.config.model.action_horizon, policy.config.history,
                             policy.config.future, latents=opened.latents())
     evaluated = evaluate_modes(policy, samples, modes, batch_size or settings.train.batch_size, max_batches,
-                               num_workers=settings.train.num_workers)
+                               num_workers=default_workers(settings.train.num_workers))
     results = evaluated["modes"]
     result = {"run": str(run.dir), "experiment": settings.train.experiment, "step": run.step,
               "gate": policy.injection.gate_value if policy.injection is not None else None,

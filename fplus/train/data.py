@@ -13,6 +13,7 @@ FRAME_CACHE_GB, else each frame decoded alone when asked for (seek to its keyfra
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -23,6 +24,15 @@ from fplus import batch as K
 from fplus.data.lerobot import DataKeys, LeRobotDataset
 from fplus.data.windows import episode_bounds, sample_windows
 from fplus.errors import DataError
+
+
+def default_workers(num_workers: int | None, processes: int = 1) -> int:
+    """NUM_WORKERS as set, or (unset) from the CPUs this process may use: one per CPU of its share of the machine
+    (`processes` training processes share it), less one for the training process itself, at most 8."""
+    if num_workers is not None:
+        return num_workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cpus // max(processes, 1) - 1))
 
 
 class FrameStore:

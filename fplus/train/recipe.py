@@ -45,7 +45,15 @@ from fplus.model.corruption import MODES
 from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy
 from fplus.rundir import COMPLETE, CONFIG, LATENT_STATS, METRICS, SPLIT, load_run
 from fplus.settings import Settings, settings_to_flat
-from fplus.train.data import Collate, EpochSampler, PolicySamples, WeightedEpochSampler, fits_in_ram, latent_stats
+from fplus.train.data import (
+    Collate,
+    EpochSampler,
+    PolicySamples,
+    WeightedEpochSampler,
+    default_workers,
+    fits_in_ram,
+    latent_stats,
+)
 from fplus.train.state import (
     TrainingAborted,
     TrainingInterrupted,
@@ -352,7 +360,7 @@ class TrainRecipe:
     def _loader(self, dataset: PolicySamples, sampler) -> DataLoader:
         """Training batches, augmented (AUGMENT) and with their prompts built in the worker processes (the image
         augmentation and the policy's processor run in `Collate`; the draws are keyed by the sampler's epoch)."""
-        workers = self.settings.train.num_workers
+        workers = default_workers(self.settings.train.num_workers, self.accelerator.num_processes)
         augment = ImageAugment.from_settings(self.settings.data, self.settings.train.seed)
         collate = Collate(self.accelerator.unwrap_model(self.model).processor, with_coc=True, augment=augment,
                           epoch=sampler.epoch)
@@ -519,7 +527,9 @@ class TrainRecipe:
             return out
         with self.accelerator.autocast():
             results = evaluate_modes(policy, self.val_set, MODES, self.settings.train.batch_size,
-                                     self.settings.train.val_batches, num_workers=self.settings.train.num_workers)
+                                     self.settings.train.val_batches,
+                                     num_workers=default_workers(self.settings.train.num_workers,
+                                                                 self.accelerator.num_processes))
         for mode, r in results["modes"].items():
             out[f"val_mse_{mode}"] = r["mse_norm"]
         for key, value in (results["world"] or {}).items():
