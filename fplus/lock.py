@@ -3,8 +3,10 @@
     with exclusive_lock(run_dir / ".lock", f"run directory {run_dir}", on_stale=print):
         ...   # train / resume
 
-The lock is `fcntl.flock` on the lock file: the OS releases it when the holder exits, however it exits (kill -9
-included), so a lock can never outlive its process. The file itself stays, holding the last holder's details; a
+The lock is a POSIX record lock (`fcntl.lockf`) on the lock file: the OS releases it when the holder exits, however
+it exits (kill -9 included), so a lock can never outlive its process; unlike `flock`, it is not inherited by
+forked children (DataLoader workers), so a worker that outlives a killed trainer for a few seconds does not keep
+the run locked. The file itself stays, holding the last holder's details; a
 new holder that finds details of a process that is gone reports it through `on_stale` ("took over the lock of pid
 1234, which is no longer running") and writes its own. A second process while the first runs fails at once with
 an FplusError naming the holder.
@@ -72,7 +74,7 @@ def exclusive_lock(path: Path, what: str, on_stale: Callable[[str], None] | None
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
@@ -93,6 +95,6 @@ def exclusive_lock(path: Path, what: str, on_stale: Callable[[str], None] | None
         yield
     finally:
         try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)

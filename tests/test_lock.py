@@ -46,3 +46,32 @@ def test_the_same_process_can_lock_again_after_release(tmp_path):
     for _ in range(2):
         with exclusive_lock(lock, "cache"):
             pass
+
+
+FORK_AND_HOLD = """
+import os, sys, time
+from pathlib import Path
+from fplus.lock import exclusive_lock
+with exclusive_lock(Path(sys.argv[1]), "run directory X"):
+    child = os.fork()  # like a DataLoader worker: inherits the open lock file
+    if child == 0:
+        time.sleep(30)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(30)
+"""
+
+
+def test_a_forked_child_of_a_killed_holder_does_not_keep_the_lock(tmp_path):
+    """kill -9 of a trainer whose DataLoader workers live on for a moment: the run can be resumed at once."""
+    lock = tmp_path / "run" / ".lock"
+    holder = subprocess.Popen([sys.executable, "-c", FORK_AND_HOLD, str(lock)], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.kill()
+        holder.wait()
+        os.kill(child, 0)  # the child still runs, with the lock file open
+        with exclusive_lock(lock, "run directory X"):
+            assert json.loads(lock.read_text())["pid"] == os.getpid()
+    finally:
+        os.kill(child, 9)

@@ -32,11 +32,13 @@ from torch import nn
 
 from fplus.errors import CheckpointError, ConfigError
 from fplus.model.chat import CHAT_TEMPLATE, PAD, STATE_TOKEN, act_token, fut_token
+from fplus.model.host_inputs import qwen3vl_inputs
 from fplus.model.tiny import RANDOM_SIZES, build_random, build_tiny
 
 if TYPE_CHECKING:
+    from fplus.model.host_inputs import qwen3vl_inputs
     from fplus.model.prompt import PromptBatch
-    from fplus.model.token_rows import TokenRows
+from fplus.model.token_rows import TokenRows
 
 ALIASES: dict[str, str] = {
     "qwen3-vl-2b": "Qwen/Qwen3-VL-2B-Instruct",
@@ -117,15 +119,19 @@ class Backbone:
         captured: dict[int, torch.Tensor] = {}
         with self._capture_layers(vlm, wanted, captured), \
                 self._edit_embeddings(vlm, batch, state_embeds, token_rows):
-            out = vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                            pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                            mm_token_type_ids=batch.mm_token_type_ids, use_cache=False)
+            if vlm.config.model_type == "qwen3_vl":  # every data-dependent input computed on the host
+                inputs = qwen3vl_inputs(vlm, batch, batch.input_ids.device)
+            else:  # the model derives positions and masks itself
+                inputs = {"attention_mask": batch.attention_mask,
+                          "image_grid_thw": batch.image_grid_thw.to(batch.input_ids.device)}
+            out = vlm.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                            mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **inputs)
         last = out.last_hidden_state
         loss = None
         if text_loss:
             if batch.labels is None:
                 raise ValueError("text_loss=True needs a batch with labels (CoC text)")
-            loss = lm_loss(vlm.get_output_embeddings(), last, batch.labels)
+            loss = lm_loss(vlm.get_output_embeddings(), last, batch.labels, batch.label_index, batch.label_targets)
         chosen = {layer: captured[number] for layer, number in zip(layers, wanted, strict=True)}
         return BackboneOutput(last_hidden=last, layers=chosen, text_loss=loss)
 
@@ -213,18 +219,22 @@ class Backbone:
             raise RuntimeError(f"the input embedding ran {len(calls)} times in one forward; expected exactly once")
 
 
-def lm_loss(lm_head: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def lm_loss(lm_head: nn.Module, last_hidden: torch.Tensor, labels: torch.Tensor, index: torch.Tensor | None = None,
+            targets: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy: position t predicts labels[:, t+1]; -100 is ignored. (B, L, d), (B, L) -> scalar.
 
-    Only the labelled positions go through the LM head (a full (B, L, vocab) logit tensor would be large).
-    Without any labelled token the loss is 0 (still attached to the graph).
+    Only the labelled positions go through the LM head (a full (B, L, vocab) logit tensor would be large). `index`,
+    `targets` (N,): those positions as flat indices into (B, L - 1) and their tokens, computed on the host by the
+    prompt builder (fplus.model.host_inputs.label_positions); without them they are found on the device (a host
+    sync). Without any labelled token the loss is 0 (still attached to the graph).
     """
-    targets = labels[:, 1:]
-    keep = targets != -100
-    if not keep.any():
+    if index is None or targets is None:
+        keep = labels[:, 1:] != -100
+        index, targets = keep.reshape(-1).nonzero().squeeze(1), labels[:, 1:][keep]
+    if index.numel() == 0:  # a shape: known on the host
         return last_hidden.sum() * 0.0
-    logits = lm_head(last_hidden[:, :-1][keep]).float()
-    return F.cross_entropy(logits, targets[keep])
+    rows = last_hidden[:, :-1].reshape(-1, last_hidden.shape[-1]).index_select(0, index)
+    return F.cross_entropy(lm_head(rows).float(), targets)
 
 
 # -- loading ---------------------------------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ class GatedCrossAttention(nn.Module):
         attn, _ = self.attn(self.norm(act_h), kv, kv, need_weights=False)
         return act_h + torch.tanh(self.gate).to(attn.dtype) * attn
 
+    def gate_tensor(self) -> torch.Tensor:
+        """tanh(gate) as a detached 0-d tensor on the gate's device (no host sync, for metrics)."""
+        return torch.tanh(self.gate.detach())
+
     @property
     def gate_value(self) -> float:
         """tanh(gate): the fraction of the attention output that reaches the ACT states."""

@@ -45,6 +45,7 @@ from fplus.model.finetune import apply_finetune, seeded
 from fplus.model.flow_head import FlowActionHead
 from fplus.model.injection import GatedCrossAttention
 from fplus.model.normalize import Normalizer
+from fplus.model.precision import bf16_on, in_policy_precision, store_frozen
 from fplus.model.processor import PolicyProcessor
 from fplus.model.prompt import PromptBatch
 from fplus.model.prophet import Prophet, world_loss
@@ -162,7 +163,15 @@ class FPlusPolicy(nn.Module):
         action_norm = Normalizer.from_stats(stats[action_key], config.model.normalization, action_key)
         state_norm = Normalizer.from_stats(stats[state_key], config.model.normalization, state_key) \
             if config.state_dim else None
-        return cls(config, backbone, action_norm, state_norm).to(device)
+        return cls(config, backbone, action_norm, state_norm).place(device)
+
+    def place(self, device: str | torch.device) -> FPlusPolicy:
+        """Move to `device` in the run's precision (fplus.model.precision): on CUDA with PRECISION=bf16 the frozen
+        backbone weights are stored in bf16, the trainable ones stay float32."""
+        self.to(device)
+        if bf16_on(self.config.model.precision, device):
+            store_frozen(self.backbone.model, torch.bfloat16)
+        return self
 
     def set_latent_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         """Per-dimension mean and std (D,) of the raw world latents over the training split: the standardisation."""
@@ -312,24 +321,24 @@ class FPlusPolicy(nn.Module):
         return torch.where(use_oracle.to(self.device)[:, None, None], enc.z_future.to(enc.z_pred.dtype), enc.z_pred)
 
     def losses(self, batch: dict[str, Any], p_oracle: float = 0.0, corruption: str | None = None,
-               generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+               generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The active loss terms {l_action, [l_world], [l_text], [l_align]} (unweighted scalars) and the metrics
-        that are not losses (cos_world, cos_align, gate)."""
+        that are not losses (cos_world, cos_align, gate: detached 0-d tensors on the policy's device)."""
         enc = self.encode(batch, with_coc=True)
         terms: dict[str, torch.Tensor] = {}
-        metrics: dict[str, float] = {}
+        metrics: dict[str, torch.Tensor] = {}
         act_h = enc.act_h
         # flow head: tau and noise come first from the generator, so every experiment draws the same ones
         flow_draws = self.action_head.draw(act_h.shape[0], generator, self.device) if self.is_flow else None
         if self.prophet is not None:
             terms["l_world"], cos = world_loss(enc.z_pred, enc.z_future, enc.future_valid)
-            metrics["cos_world"] = cos.item()
+            metrics["cos_world"] = cos.detach()
         memory = None
         if self.injection is not None:
             memory = self.memory(enc, corruption, self._donors(batch, corruption, generator), generator) \
                 if corruption \
                 else self._training_memory(enc, p_oracle, generator)
-            metrics["gate"] = self.injection.gate_value
+            metrics["gate"] = self.injection.gate_tensor()
         target = self.action_norm(batch[K.ACTIONS].to(self.device, torch.float32))
         pad = batch[K.ACTION_PAD].to(self.device)
         if self.is_flow:
@@ -344,7 +353,7 @@ class FPlusPolicy(nn.Module):
         if self.align is not None:
             fut_h = enc.prompt.gather(enc.out.layers[self.align.layer], enc.prompt.fut_positions)
             terms["l_align"], cos_align = self.align.loss(fut_h, enc.z_future, enc.future_valid)
-            metrics["cos_align"] = cos_align.item()
+            metrics["cos_align"] = cos_align.detach()
         return terms, metrics
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -355,22 +364,26 @@ class FPlusPolicy(nn.Module):
             total = total + (value if weight is None else getattr(self.config.model, weight) * value)
         return total
 
+    @in_policy_precision
     def forward(self, batch: dict[str, Any], p_oracle: float = 0.0, corruption: str | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Training/validation loss of a batch (keys in fplus.batch) -> (loss, metrics).
 
         Args:
             p_oracle: probability that a sample's injected memory is the true future (scheduled sampling).
             corruption: replace the memory by a corruption mode instead (validation under corruption).
-        Metrics: loss, l_action and, where they apply, l_world, cos_world, l_text, l_align, cos_align, gate.
+        Metrics: loss, l_action and, where they apply, l_world, cos_world, l_text, l_align, cos_align, gate, as
+        detached 0-d tensors on the policy's device: reading them (`float(m)`) waits for the device, so the
+        training loop reads them only at LOG_EVERY (fplus.train.recipe).
         """
         terms, metrics = self.losses(batch, p_oracle, corruption, generator)
         loss = self.weighted(terms)
-        metrics.update({name: value.item() for name, value in terms.items()})
-        metrics["loss"] = loss.item()
+        metrics.update({name: value.detach() for name, value in terms.items()})
+        metrics["loss"] = loss.detach()
         return loss, metrics
 
     @torch.no_grad()
+    @in_policy_precision
     def predict(self, obs: dict[str, Any], corruption: str = "none", generator: torch.Generator | None = None,
                 memory: torch.Tensor | None = None, prefix: torch.Tensor | None = None, inference_delay: int = 0,
                 execution_horizon: int | None = None,
@@ -408,6 +421,7 @@ class FPlusPolicy(nn.Module):
         return self.predict(obs, corruption, generator, **kwargs).actions
 
     @torch.no_grad()
+    @in_policy_precision
     def predict_modes(self, batch: dict[str, Any], modes: Sequence[str],
                       generators: dict[str, torch.Generator] | None = None,
                       donors: torch.Tensor | None = None,
@@ -437,36 +451,52 @@ class FPlusPolicy(nn.Module):
 
     # ----- persistence ------------------------------------------------------------------------------------------
 
-    def _own_state(self) -> dict[str, torch.Tensor]:
+    def _own_state(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weights and buffers outside the backbone (heads, Prophet, injection, token rows, normalisers, latent
-        statistics)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("vlm.")}
+        statistics), from `state` (a full state dict of this policy, e.g. gathered under FSDP) or its own."""
+        state = self.state_dict() if state is None else state
+        return {k: v for k, v in state.items() if not k.startswith("vlm.")}
 
-    def _backbone_trainable(self) -> dict[str, torch.Tensor]:
-        """The backbone weights that can differ from a fresh `load_backbone`: trainable ones (LoRA, or all)."""
-        return {k: p.detach() for k, p in self.vlm.named_parameters() if p.requires_grad}
+    def _backbone_trainable(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The backbone weights that can differ from a fresh `load_backbone`: trainable ones (LoRA, or all), from
+        `state` (its `vlm.` keys) or the parameters themselves."""
+        if state is None:
+            return {k: p.detach() for k, p in self.vlm.named_parameters() if p.requires_grad}
+        return {k: state[f"vlm.{k}"] for k, p in self.vlm.named_parameters() if p.requires_grad}
 
-    def save(self, directory: str | Path) -> Path:
-        """Write config.json, policy.safetensors, backbone_trainable.safetensors and processor/ into `directory`."""
+    def save(self, directory: str | Path, state: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write config.json, policy.safetensors, backbone_trainable.safetensors and processor/ into `directory`.
+
+        Args:
+            state: the full state dict to write instead of the policy's own (the unsharded weights gathered under
+                FSDP2: fplus.train.distributed.model_state), with the keys of `self.state_dict()`.
+        """
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_json(), indent=2))
-        save_file({k: v.contiguous().cpu() for k, v in self._own_state().items()}, str(directory / HEADS_FILE))
-        save_file({k: v.contiguous().cpu() for k, v in self._backbone_trainable().items()},
+        save_file({k: v.contiguous().cpu() for k, v in self._own_state(state).items()}, str(directory / HEADS_FILE))
+        save_file({k: v.contiguous().cpu() for k, v in self._backbone_trainable(state).items()},
                   str(directory / BACKBONE_FILE))
         self.processor.save_pretrained(directory / PROCESSOR_DIR)
         return directory
 
-    def load_weights(self, directory: str | Path) -> None:
-        """Load the weights of a `save` directory into this policy (same config), checking that they fit."""
+    def read_weights(self, directory: str | Path) -> dict[str, torch.Tensor]:
+        """The weights of a `save` directory as a partial state dict of this policy: its own state and the trainable
+        backbone weights (`vlm.` keys), checked against this policy's keys and (global) shapes; a saved 0-d tensor
+        for a 1-element entry is reshaped (FSDP2 shards no 0-d parameter).
+
+        Raises:
+            CheckpointError: a file that does not fit the config (missing, unexpected or misshaped weights).
+        """
         from safetensors.torch import load_file
 
         directory = Path(directory)
         own = load_file(str(directory / HEADS_FILE))
-        missing, unexpected = self.load_state_dict(own, strict=False)
-        missing = [k for k in missing if not k.startswith("vlm.")]
+        expected = self._own_state()
+        missing = [k for k in expected if k not in own]
+        unexpected = [k for k in own if k not in expected]
         if missing or unexpected:
             raise CheckpointError(f"{directory / HEADS_FILE} does not fit the config: missing {missing}, "
                              f"unexpected {unexpected}")
@@ -475,9 +505,22 @@ class FPlusPolicy(nn.Module):
         unknown = [k for k in trainable if k not in params]
         if unknown:
             raise CheckpointError(f"{directory / BACKBONE_FILE} has weights the backbone lacks: {unknown[:5]}")
+        state = {**own, **{f"vlm.{k}": v for k, v in trainable.items()}}
+        shapes = {**{k: v.shape for k, v in expected.items()}, **{f"vlm.{k}": params[k].shape for k in trainable}}
+        for k, v in state.items():
+            if v.dim() == 0 and tuple(shapes[k]) == (1,):
+                state[k] = v.reshape(1)
+        wrong = [f"{k} {tuple(v.shape)} (expected {tuple(shapes[k])})" for k, v in state.items()
+                 if v.shape != shapes[k]]
+        if wrong:
+            raise CheckpointError(f"{directory} holds weights of other shapes than the config's: {wrong[:5]}")
+        return state
+
+    def load_weights(self, directory: str | Path) -> None:
+        """Load the weights of a `save` directory into this policy (same config), checking that they fit."""
+        state = self.read_weights(directory)
         with torch.no_grad():
-            for k, v in trainable.items():
-                params[k].copy_(v)
+            self.load_state_dict(state, strict=False)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device = "cpu") -> FPlusPolicy:
@@ -502,7 +545,7 @@ class FPlusPolicy(nn.Module):
         state_norm = Normalizer(config.state_dim, config.model.normalization) if config.state_dim else None
         policy = cls(config, backbone, action_norm, state_norm, processor)
         policy.load_weights(directory)
-        return policy.to(device)
+        return policy.place(device)
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str | Path, revision: str | None = None,

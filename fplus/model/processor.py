@@ -18,6 +18,7 @@ Saved as CHECKPOINT/policy/processor/: the tokenizer and image processor (`save_
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from fplus.model.chat import STATE_TOKEN, act_token, fut_token
 from fplus.model.prompt import PromptBatch, PromptBuilder, PromptTokens
 
 PROCESSOR_CONFIG = "fplus_processor.json"
+
+
+def coc_samples(batch_size: int, fraction: float) -> int:
+    """The samples of a batch of `batch_size` that carry their CoC text under COC_FRACTION `fraction` (0 < f <= 1):
+    ceil(f x B), at least 1 (with a tolerance, so that 0.25 x 8 is 2, not 3 from rounding)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"COC_FRACTION={fraction}: must be in (0, 1]")
+    return max(1, math.ceil(fraction * batch_size - 1e-9))
 
 
 class PolicyProcessor:
@@ -49,15 +58,17 @@ class PolicyProcessor:
     def tokens(self) -> PromptTokens:
         return self.builder.tokens
 
-    def __call__(self, batch: dict[str, Any], with_coc: bool = False) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any], with_coc: bool = False, coc_fraction: float = 1.0) -> dict[str, Any]:
         """A copy of `batch` with K.PROMPT added. `with_coc`: append the batch's CoC texts (training of a CoC
-        experiment; an error when the processor has a CoC mode but the batch has no texts)."""
-        coc = None
+        experiment; an error when the processor has a CoC mode but the batch has no texts) to its first
+        ceil(coc_fraction x B) samples (COC_FRACTION; the training order is shuffled, so they are a random subset)."""
+        coc, samples = None, None
         if with_coc and self.builder.coc_mode is not None:
             coc = batch.get(K.COC_TEXT)
             if coc is None:
                 raise ConfigError("this experiment trains a CoC loss but the batch has no coc_text (set COC_JSONL)")
-        prompt: PromptBatch = self.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], coc)
+            samples = coc_samples(len(coc), coc_fraction)
+        prompt: PromptBatch = self.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], coc, coc_samples=samples)
         return {**batch, K.PROMPT: prompt}
 
     # ----- persistence ------------------------------------------------------------------------------------------

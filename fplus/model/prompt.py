@@ -39,10 +39,13 @@ import torch.nn.functional as F
 from fplus.errors import ConfigError
 from fplus.model.backbone import Backbone
 from fplus.model.chat import IM_END, IMAGE_PAD
+from fplus.model.host_inputs import causal_padding_mask, label_positions, mrope_positions
 
 CocMode = Literal["joint_after_act", "separate"]
 COC_MODES = ("joint_after_act", "separate")
 IGNORE = -100
+HOST_FIELDS = ("image_grid_thw",)
+"""PromptBatch fields that `to()` leaves on the host (read there by fplus.model.host_inputs, never on a device)."""
 SEPARATOR = "\n"
 """Follows the query tokens in a joint CoC prompt; it (not ACT_{H-1} or FUT_{M-1}) predicts the first CoC token."""
 ImageInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
@@ -91,6 +94,11 @@ class PromptBatch:
     act_positions: (B, H) long, or None in a CoC-only batch. fut_positions: (B, M) long or None.
     state_positions: (B,) long or None. labels: (B, L) long, -100 except the CoC text and its closing <|im_end|>,
         or None. coc: in `separate` mode with CoC texts, the CoC batch for its own pass, else None.
+    position_ids: (3, B, L) long, Qwen3-VL's M-RoPE positions, 0 at padding; causal_mask: (B, 1, L, L) bool, the
+        causal mask with padding. label_index, label_targets: (N,) long, the labelled next-token positions as flat
+        indices into (B, L - 1) and their target ids (with labels). All are built here (fplus.model.host_inputs)
+        so that nothing is derived on the device. image_grid_thw stays on the host in `to()` (HOST_FIELDS): the
+        backbone computes the vision encoder's grid-dependent inputs from it there.
     """
 
     input_ids: torch.Tensor
@@ -103,13 +111,21 @@ class PromptBatch:
     state_positions: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     coc: PromptBatch | None = None
+    position_ids: torch.Tensor | None = None
+    causal_mask: torch.Tensor | None = None
+    label_index: torch.Tensor | None = None
+    label_targets: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> PromptBatch:
-        """A copy with every tensor (and the CoC batch) on `device`."""
+        """A copy with every tensor (and the CoC batch) on `device`; copies from pinned memory do not block."""
         moved = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            moved[f.name] = value.to(device) if isinstance(value, (torch.Tensor, PromptBatch)) else value
+            if isinstance(value, torch.Tensor) and f.name not in HOST_FIELDS:
+                value = value.to(device, non_blocking=value.is_pinned())
+            elif isinstance(value, PromptBatch):
+                value = value.to(device)
+            moved[f.name] = value
         return replace(self, **moved)
 
     def pin_memory(self) -> PromptBatch:
@@ -190,6 +206,7 @@ class PromptBuilder:
         instructions: Sequence[str],
         coc_texts: Sequence[str] | None = None,
         pad_to: int | None = None,
+        coc_samples: int | None = None,
     ) -> PromptBatch:
         """The action prompt for B samples.
 
@@ -199,6 +216,8 @@ class PromptBuilder:
             coc_texts: B non-empty CoC texts; needs coc_mode. joint_after_act: appended after the ACT tokens and
                 labelled. separate: returned as `.coc`, a CoC-only batch sharing the pixel values.
             pad_to: pad the rows to at least this length (static shapes, or two batches of equal length).
+            coc_samples: only the first k samples carry their CoC text (COC_FRACTION; None: all): joint_after_act
+                rows k.. end after the query tokens; separate: `.coc` holds the first k samples.
         """
         cameras = self._cameras(images)
         self._check_texts("instruction", instructions, len(cameras[0]))
@@ -206,11 +225,21 @@ class PromptBuilder:
             if self.coc_mode is None:
                 raise ConfigError("CoC texts given but the prompt builder has coc_mode=None")
             self._check_texts("CoC text", coc_texts, len(instructions))
+        b = len(instructions)
+        k = b if coc_samples is None else coc_samples
+        if not 1 <= k <= b:
+            raise ConfigError(f"coc_samples={coc_samples} for a batch of {b}: need 1 <= coc_samples <= {b}")
         pixels = self._pixels(cameras)
-        joint = coc_texts if self.coc_mode == "joint_after_act" else None
+        joint = None
+        if coc_texts is not None and self.coc_mode == "joint_after_act":
+            joint = [*coc_texts[:k], *([None] * (b - k))]
         batch = self._build(pixels, len(cameras), instructions, joint, with_queries=True, pad_to=pad_to)
         if coc_texts is not None and self.coc_mode == "separate":
-            batch.coc = self._build(pixels, len(cameras), instructions, coc_texts, with_queries=False, pad_to=pad_to)
+            rows = len(pixels["pixel_values"]) // b  # pixel rows per sample (sample-major)
+            first = pixels if k == b else {"pixel_values": pixels["pixel_values"][: k * rows],
+                                           "image_grid_thw": pixels["image_grid_thw"][: k * len(cameras)]}
+            batch.coc = self._build(first, len(cameras), instructions[:k], coc_texts[:k], with_queries=False,
+                                    pad_to=pad_to)
         return batch
 
     def coc_batch(
@@ -239,11 +268,12 @@ class PromptBuilder:
         pixels: dict[str, torch.Tensor],
         num_cameras: int,
         instructions: Sequence[str],
-        coc_texts: Sequence[str] | None,
+        coc_texts: Sequence[str | None] | None,
         with_queries: bool,
         pad_to: int | None = None,
     ) -> PromptBatch:
-        """Token rows -> right-padded tensors. The prompt ids never depend on the CoC suffix (the causality test)."""
+        """Token rows -> right-padded tensors (a None CoC text: that row has none). The prompt ids never depend on
+        the CoC suffix (the causality test)."""
         bb = self.tokens
         rows, label_rows = [], []
         state_pos, fut_pos, act_pos = [], [], []
@@ -257,11 +287,12 @@ class PromptBuilder:
                 ids += bb.act_token_ids
                 fut_pos.append(list(range(len(ids), len(ids) + self.num_fut_tokens)))
                 ids += bb.fut_token_ids[: self.num_fut_tokens]
-            if coc_texts is not None and with_queries:
+            text = None if coc_texts is None else coc_texts[i]  # None: this sample carries no CoC (coc_samples)
+            if text is not None and with_queries:
                 ids.append(self.separator_id)  # unlabelled: the last query token predicts nothing
             labels = [IGNORE] * len(ids)
-            if coc_texts is not None:
-                text = self.tokenizer(coc_texts[i], add_special_tokens=False)["input_ids"] + [self.im_end_id]
+            if text is not None:
+                text = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.im_end_id]
                 ids += text
                 labels += text
             rows.append(ids)
@@ -277,6 +308,9 @@ class PromptBuilder:
             attention_mask[i, : len(ids)] = 1
             labels[i, : len(lab)] = torch.tensor(lab)
         mm_token_type_ids = (input_ids == self.image_token_id).to(torch.int32)
+        rope = mrope_positions(input_ids, attention_mask, pixels["image_grid_thw"], self.image_token_id,
+                               int(self.tokens.image_processor.merge_size))
+        mask = causal_padding_mask(attention_mask)
 
         def positions(values: list) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.long).reshape(b, -1)
@@ -291,6 +325,9 @@ class PromptBuilder:
             fut_positions=positions(fut_pos) if with_queries and self.num_fut_tokens else None,
             state_positions=positions(state_pos).reshape(b) if with_queries and self.use_state else None,
             labels=labels if coc_texts is not None else None,
+            position_ids=rope,
+            causal_mask=mask,
+            **(label_positions(labels) if coc_texts is not None else {}),
         )
 
     def _prefix_ids(self, num_cameras: int, instruction: str) -> list[int]:

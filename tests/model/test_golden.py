@@ -86,6 +86,7 @@ def golden_outputs() -> dict[str, list]:
         e2.train()
         train_batch = e2.processor(train_batch, with_coc=True)
         loss, metrics = e2(train_batch, p_oracle=0.5, generator=torch.Generator().manual_seed(7))
+        metrics = {k: float(v) for k, v in metrics.items()}  # 0-d tensors -> numbers
         out["train_step"] = [metrics["l_action"], metrics["l_world"], metrics["cos_world"], metrics["loss"]]
         optimizer = torch.optim.SGD([p for p in e2.parameters() if p.requires_grad], lr=0.05)
         optimizer.zero_grad()

@@ -114,6 +114,7 @@ def test_coc_suffix_leaves_act_states_and_actions_unchanged():
     padded = policy.processor.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], pad_to=with_coc.input_ids.shape[1])
     assert torch.equal(policy.encode({**batch, "prompt": padded}, False).act_h, h_with)
     loss, metrics = policy(policy.processor(batch, with_coc=True))
+    metrics = {k: float(v) for k, v in metrics.items()}  # 0-d tensors -> numbers
     assert metrics["l_text"] > 0 and torch.isfinite(loss)
     # l_text is the next-token cross-entropy of the labelled (CoC) tokens, from the full logits
     enc = policy.encode(policy.processor(batch, with_coc=True), with_coc=True)
@@ -127,6 +128,7 @@ def test_coc_suffix_leaves_act_states_and_actions_unchanged():
 def test_gate_gets_gradient_once_the_action_loss_depends_on_memory():
     policy = make(prophet=True, injection=True).train()
     loss, metrics = policy(policy.processor(make_batch(), with_coc=True), p_oracle=0.5)
+    metrics = {k: float(v) for k, v in metrics.items()}  # 0-d tensors -> numbers
     loss.backward()
     assert metrics["gate"] == 0.0
     assert policy.injection.gate.grad is not None and policy.injection.gate.grad.abs().item() > 0
@@ -212,6 +214,7 @@ def test_corruption_modes_change_the_memory_and_leave_e0_unaffected():
 def test_every_loss_term_of_e4():
     policy = make(prophet=True, injection=True, coc=True, flare_align=True).train()
     loss, m = policy(policy.processor(make_batch(), with_coc=True), p_oracle=0.9)
+    m = {k: float(v) for k, v in m.items()}  # 0-d tensors -> numbers
     assert set(m) == {"loss", "l_action", "l_world", "cos_world", "gate", "l_text", "l_align", "cos_align"}
     assert m["gate"] == 0.0
     expected = m["l_action"] + 1.0 * m["l_world"] + 0.1 * m["l_text"] + 0.5 * m["l_align"]
@@ -226,10 +229,12 @@ def test_coc_separate_mode_runs_its_own_pass():
     prompt = policy.processor.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], batch[K.COC_TEXT])
     assert prompt.labels is None and prompt.coc is not None
     _, metrics = policy(policy.processor(batch, with_coc=True))
+    metrics = {k: float(v) for k, v in metrics.items()}  # 0-d tensors -> numbers
     assert metrics["l_text"] > 0
     # the CoC pass is separate: the action loss is E0's bit for bit, the total adds lambda_text * l_text
     e0 = make()
     _, m0 = e0(e0.processor(batch, with_coc=True))
+    m0 = {k: float(v) for k, v in m0.items()}  # 0-d tensors -> numbers
     assert metrics["l_action"] == m0["l_action"]
     assert metrics["loss"] == pytest.approx(m0["loss"] + 0.1 * metrics["l_text"], rel=1e-6)
 
