@@ -295,7 +295,7 @@ def resolve_revision(source: str, revision: str | None = None) -> str | None:
 
 def load_backbone(name: str, *, action_horizon: int, num_fut_tokens: int, use_state: bool,
                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                  revision: str | None = None) -> Backbone:
+                  revision: str | None = None, attn_impl: str = "auto") -> Backbone:
     """Load a backbone and add its special tokens: H <ACT_i>, M <FUT_j> and, with use_state, one <STATE>.
 
     `name`: alias, hub id, local directory (from `save_backbone`), `tiny` or `random-*`. A hub id is read (config,
@@ -324,6 +324,7 @@ def load_backbone(name: str, *, action_horizon: int, num_fut_tokens: int, use_st
     add_special_tokens(model, tokenizer, act + fut + state)
 
     model.to(device=device, dtype=dtype)
+    model.set_attn_implementation(resolve_attention(attn_impl))
     text_config = model.config.get_text_config()
     return Backbone(
         model, tokenizer, image_processor, act_token_ids=tokenizer.convert_tokens_to_ids(act),
@@ -331,6 +332,22 @@ def load_backbone(name: str, *, action_horizon: int, num_fut_tokens: int, use_st
         state_token_id=tokenizer.convert_tokens_to_ids(STATE_TOKEN) if use_state else None,
         hidden_size=int(text_config.hidden_size), num_layers=int(text_config.num_hidden_layers),
         name=name, source=source, revision=commit)
+
+
+def resolve_attention(attn_impl: str) -> str:
+    """ATTN_IMPL -> the attention implementation: `auto` is flash_attention_2 on CUDA when the flash-attn package
+    imports, else sdpa; `flash_attention_2` without CUDA or flash-attn is a ConfigError (no silent fallback)."""
+    import importlib.util
+
+    has_flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    if attn_impl == "auto":
+        return "flash_attention_2" if has_flash else "sdpa"
+    if attn_impl == "flash_attention_2" and not has_flash:
+        raise ConfigError("ATTN_IMPL=flash_attention_2 needs CUDA and the flash-attn package (pip install flash-attn); "
+                          "use ATTN_IMPL=sdpa or auto")
+    if attn_impl not in ("sdpa", "eager", "flash_attention_2"):
+        raise ConfigError(f"ATTN_IMPL={attn_impl!r}: use auto, sdpa, flash_attention_2 or eager")
+    return attn_impl
 
 
 def save_backbone(backbone: Backbone, directory: str | Path) -> Path:

@@ -156,7 +156,7 @@ class FPlusPolicy(nn.Module):
         returned policy's config records the backbone's resolved revision (the commit of a hub id)."""
         backbone = load_backbone(config.model.backbone, action_horizon=config.model.action_horizon,
                                  num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None,
-                                 revision=config.backbone_revision)
+                                 revision=config.backbone_revision, attn_impl=config.model.attn_impl)
         config = config.model_copy(update={"backbone_revision": backbone.revision})
         apply_finetune(backbone, config.model.finetune, config.model.lora_rank, config.model.lora_layers,
                        config.model.gradient_checkpointing, config.init_seed)
@@ -537,7 +537,7 @@ class FPlusPolicy(nn.Module):
         processor = PolicyProcessor.from_pretrained(directory / PROCESSOR_DIR)
         backbone = load_backbone(config.model.backbone, action_horizon=config.model.action_horizon,
                                  num_fut_tokens=config.num_fut_tokens, use_state=config.state_dim is not None,
-                                 revision=config.backbone_revision)
+                                 revision=config.backbone_revision, attn_impl=config.model.attn_impl)
         processor.check_matches(backbone, directory / PROCESSOR_DIR)
         apply_finetune(backbone, config.model.finetune, config.model.lora_rank, config.model.lora_layers,
                        config.model.gradient_checkpointing, config.init_seed)

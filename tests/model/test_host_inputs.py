@@ -101,3 +101,18 @@ def test_separate_coc_batch_holds_the_first_k_samples_with_their_pixels(backbone
     assert torch.equal(part.input_ids, full.input_ids)
     with pytest.raises(ConfigError, match="coc_samples=4 for a batch of 3"):
         builder(images(3), INSTRUCTIONS, COC, coc_samples=4)
+
+
+def test_attn_impl_auto_is_sdpa_without_cuda_and_flash_is_refused_without_it(monkeypatch):
+    from fplus.model.backbone import resolve_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_attention("auto") == "sdpa" and resolve_attention("eager") == "eager"
+    with pytest.raises(ConfigError, match="ATTN_IMPL=flash_attention_2 needs CUDA and the flash-attn package"):
+        resolve_attention("flash_attention_2")
+
+
+def test_attn_impl_reaches_the_loaded_backbone():
+    eager = load_backbone("tiny", action_horizon=H, num_fut_tokens=0, use_state=False, attn_impl="eager")
+    assert eager.model.config._attn_implementation == "eager"
+    assert eager.model.model.visual.config._attn_implementation == "eager"

@@ -12,9 +12,10 @@ elements and nothing is drawn at random per process. The settings make that exac
 E2 keeps the Prophet (its context path) and the gated injection in the DDP graph. Gradient clipping (the norm of
 the averaged gradient), AdamW and the schedule then act on the same numbers.
 
-What is compared: metrics.jsonl is written by process 0 only, and its `loss` is process 0's half batch, so the
-losses cannot be compared; `grad_norm` (the norm of the all-reduced gradient, before clipping) and the learning
-rates can, step by step, as can the validation MSE of the final weights and the checkpoint's safetensors.
+What is compared: metrics.jsonl is written by process 0, with each metric averaged over the processes at logging
+steps (each holds the mean over its own half batch, and the halves hold equal counts), so the losses, `grad_norm`
+(the norm of the all-reduced gradient, before clipping) and the learning rates are compared step by step, as are
+the validation MSE of the final weights and the checkpoint's safetensors.
 """
 
 import json
@@ -85,6 +86,9 @@ def test_ddp_two_processes_equal_one_process_on_the_same_samples(toy, tmp_path):
     assert [r["step"] for r in train_ddp] == [r["step"] for r in train_one] == list(range(1, STEPS + 1))
     for a, b in zip(train_ddp, train_one, strict=True):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=METRIC_RTOL), a["step"]
+        # the logged losses are means over both processes' samples (each process's mean, averaged at LOG_EVERY)
+        for term in ("loss", "l_action"):  # (l_world: a mean over each half's valid future steps, unequal counts)
+            assert a[term] == pytest.approx(b[term], rel=METRIC_RTOL), (a["step"], term)
         assert {k: v for k, v in a.items() if k.startswith("lr_")} == \
             {k: v for k, v in b.items() if k.startswith("lr_")}
     assert len({round(r["grad_norm"], 4) for r in train_one}) == STEPS  # the steps see different batches
