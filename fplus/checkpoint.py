@@ -1,8 +1,11 @@
 """Atomic, verified checkpoints in a run directory.
 
     RUN/checkpoints/step-000120/
-        policy/            FPlusPolicy.save (config, weights, normalisation, processor)
-        trainer.pt         optimiser, scheduler, progress (epoch, step, position in epoch), RNG states
+        policy/            FPlusPolicy.save (config, weights, normalisation, processor); the full weights under
+                           FSDP2 too (gathered by every process, fplus.train.distributed)
+        trainer.pt         optimiser (under FSDP2: the full state keyed by parameter name, `optimizer_format`),
+                           scheduler, progress (epoch, step, position in epoch)
+        rng-<rank>.pt      each process's random states (a resume needs as many processes as there are files)
         checkpoint.json    step + sha256 of every file above, written last
 
 A checkpoint is written into `.tmp-step-N` and renamed into place, so a kill leaves either nothing or a whole

@@ -20,7 +20,7 @@ class GatedCrossAttention(nn.Module):
         self.norm = nn.LayerNorm(hidden_size)
         self.memory_proj = nn.Sequential(nn.LayerNorm(latent_dim), nn.Linear(latent_dim, hidden_size))
         self.attn = nn.MultiheadAttention(hidden_size, heads, batch_first=True)
-        self.gate = nn.Parameter(torch.zeros(()))
+        self.gate = nn.Parameter(torch.zeros(1))  # one element, not 0-d: FSDP2's fully_shard refuses 0-d parameters
 
     def forward(self, act_h: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """act_h (B, H, d), memory (B, K, D) -> (B, H, d)."""
@@ -29,7 +29,7 @@ class GatedCrossAttention(nn.Module):
         return act_h + torch.tanh(self.gate).to(attn.dtype) * attn
 
     def gate_tensor(self) -> torch.Tensor:
-        """tanh(gate) as a detached 0-d tensor on the gate's device (no host sync, for metrics)."""
+        """tanh(gate) as a detached 1-element tensor on the gate's device (no host sync, for metrics)."""
         return torch.tanh(self.gate.detach())
 
     @property

@@ -4,8 +4,10 @@
     loader  = DataLoader(samples, batch_size, sampler=EpochSampler(len(samples), seed, ...),
                          collate_fn=Collate(policy.processor))    # prompts built in the workers
     mixture = WeightedEpochSampler(ds.member_of_rows(samples.rows), ds.weights, seed, ...)  # a MixtureDataset
-    train   = Collate(policy.processor, with_coc=True, augment=ImageAugment.from_settings(data, seed), epoch=e)
-                                                                  # training only: augmented images (AUGMENT)
+    train   = DataLoader(samples, batch_size, sampler=EpochIndices(sampler), persistent_workers=True,
+                         collate_fn=Collate(policy.processor, with_coc=True, augment=ImageAugment.from_settings(...)))
+              # training: one loader for the whole run; each epoch sets train.sampler.epoch_sampler and iterates it
+              # again; the samples carry their epoch to Collate, which keys the augmentation draws (AUGMENT) with it
 
 Frames come from a `FrameStore`: all frames of the episodes decoded once into RAM when they fit in
 FRAME_CACHE_GB, else each frame decoded alone when asked for (seek to its keyframe, decode forward).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -98,7 +101,11 @@ class PolicySamples(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int | tuple[int, int]) -> dict:
+        """Sample i; an (epoch, i) pair (from `EpochIndices`) adds "epoch", which `Collate` takes for the draws."""
+        if isinstance(i, tuple):
+            epoch, i = i
+            return {**self[i], "epoch": epoch}
         t = self.rows[i]
         w = sample_windows(np.array([t]), self.start[[t]], self.stop[[t]], self.horizon, self.history, self.future)
         episode = int(self.episode_of[t])
@@ -140,21 +147,45 @@ class Collate:
         processor: a fplus.model.processor.PolicyProcessor (or None: no prompt). with_coc: build the CoC prompt
             (training of a CoC experiment; validation and evaluation predict actions only).
         augment: a fplus.model.augment.ImageAugment, or None (no augmentation: validation, evaluation, AUGMENT=none).
-            Only the training loader passes one. epoch: the training epoch of this loader (a key of the draws, with
-            SEED, each sample's global frame row and the camera: the batches do not depend on the workers).
+            Only the training loader passes one. epoch: the training epoch of the samples (a key of the draws, with
+            SEED, each sample's global frame row and the camera: the batches do not depend on the workers), used
+            when the samples do not carry theirs (those of an `EpochIndices` loader do).
+        coc_fraction: COC_FRACTION, the share of each training batch that carries its CoC text (with_coc).
     """
 
-    def __init__(self, processor=None, with_coc: bool = False, augment=None, epoch: int = 0):
+    def __init__(self, processor=None, with_coc: bool = False, augment=None, epoch: int = 0,
+                 coc_fraction: float = 1.0):
         self.processor = processor
         self.with_coc = with_coc
+        self.coc_fraction = coc_fraction
         self.augment = augment
         self.epoch = epoch
 
     def __call__(self, samples: list[dict]) -> dict:
-        batch = collate(samples)
-        if self.augment is not None:
-            batch[K.IMAGES] = self.augment(batch[K.IMAGES], batch["index"], self.epoch)
-        return batch if self.processor is None else self.processor(batch, with_coc=self.with_coc)
+        epoch = samples[0].get("epoch", self.epoch)  # samples of an EpochIndices loader carry their epoch
+        with one_thread():
+            batch = collate([{k: v for k, v in s.items() if k != "epoch"} for s in samples])
+            if self.augment is not None:
+                batch[K.IMAGES] = self.augment(batch[K.IMAGES], batch["index"], epoch)
+            if self.processor is None:
+                return batch
+            return self.processor(batch, with_coc=self.with_coc, coc_fraction=self.coc_fraction)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch's intra-op pool set to one thread for the block, then restored. The data pipeline's many small tensor
+    ops (augmentation, prompt building) run 3-7x slower on the pool than on one thread (benchmarks/data.py); a
+    DataLoader worker already runs on one, the training process (NUM_WORKERS=0: collate runs there) does not."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class EpochSampler(Sampler[int]):
@@ -187,6 +218,22 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.per_process() - self.start
+
+
+class EpochIndices(Sampler[tuple[int, int]]):
+    """The samples of an epoch's sampler as (epoch, sample) pairs, for one DataLoader that serves every epoch of a
+    run with the same (persistent) workers: set `epoch_sampler` to the next epoch's sampler before iterating the
+    loader again. The epoch travels with each index to the workers, where `Collate` keys the draws with it."""
+
+    def __init__(self, epoch_sampler: EpochSampler):
+        self.epoch_sampler = epoch_sampler
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch_sampler.epoch
+        return ((epoch, i) for i in self.epoch_sampler)
+
+    def __len__(self) -> int:
+        return len(self.epoch_sampler)
 
 
 class WeightedEpochSampler(EpochSampler):

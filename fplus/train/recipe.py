@@ -45,8 +45,10 @@ from fplus.model.corruption import MODES
 from fplus.model.policy import LOSS_WEIGHTS, FPlusPolicy
 from fplus.rundir import COMPLETE, CONFIG, LATENT_STATS, METRICS, SPLIT, load_run
 from fplus.settings import Settings, settings_to_flat
+from fplus.train import distributed
 from fplus.train.data import (
     Collate,
+    EpochIndices,
     EpochSampler,
     PolicySamples,
     WeightedEpochSampler,
@@ -68,6 +70,12 @@ from fplus.train.state import (
 LOSS_TERMS = ("loss", *LOSS_WEIGHTS)
 """The loss terms of a train step's metrics (the total and each of FPlusPolicy.losses), checked for finiteness."""
 NONFINITE_HINT = "Check the data (fplus data info) and the latents (fplus doctor), or set NONFINITE=skip"
+
+
+def _fused_adamw(policy: torch.nn.Module) -> bool:
+    """Whether torch's fused AdamW can step every trainable parameter (floating point, on CPU or CUDA)."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 class TrainRecipe:
@@ -115,12 +123,11 @@ class TrainRecipe:
 
     def setup(self) -> None:
         """Accelerator, dataset, split, latents, CoC, policy, optimiser, scheduler, data; restore a checkpoint."""
-        from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs
 
         s = self.settings
         cuda = torch.cuda.is_available()
-        self.accelerator = Accelerator(
+        self.accelerator = distributed.make_accelerator(  # FSDP2 on CPU too (fplus.train.distributed)
             mixed_precision="bf16" if (cuda and s.model.precision == "bf16") else "no",
             gradient_accumulation_steps=s.train.grad_accum, cpu=not cuda,
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -147,7 +154,8 @@ class TrainRecipe:
             state_dim=ds.features[self.keys.state]["shape"][0] if self.keys.state else None,
             world_dim=None if latents is None else latents.shape[1])
         torch.manual_seed(s.train.seed)
-        policy = FPlusPolicy.build(config, ds.stats, self.keys.action, self.keys.state)
+        # on the accelerator already: in the run's precision there (bf16 frozen weights, fplus.model.precision)
+        policy = FPlusPolicy.build(config, ds.stats, self.keys.action, self.keys.state, device=acc.device)
         if latents is not None and config.world_dim:
             mean, std = latent_stats(latents, ds, self.split.train)
             policy.set_latent_stats(mean, std)
@@ -174,10 +182,12 @@ class TrainRecipe:
         self.total_steps = s.train.max_steps or s.train.max_epochs * self.steps_per_epoch
 
         groups = self._param_groups(policy)
-        optimizer = torch.optim.AdamW(groups, weight_decay=s.train.weight_decay)
+        # fused AdamW: one kernel per group, and its step counters stay on the parameters' device (the default
+        # for-each AdamW reads every parameter's step count back to the host at each step)
+        optimizer = torch.optim.AdamW(groups, weight_decay=s.train.weight_decay, fused=_fused_adamw(policy))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(s.train.warmup_steps, self.total_steps, s.train.min_lr_ratio))
-        self.model, self.optimizer = acc.prepare(policy, optimizer)
+        self.model, self.optimizer = distributed.prepare(acc, policy, optimizer, micro, s.train.max_grad_norm)
         self.generator = torch.Generator().manual_seed(s.train.seed * 1000 + acc.process_index)
         self.progress = TrainProgress()
         self.logger = None
@@ -267,78 +277,89 @@ class TrainRecipe:
 
     # ----- train ------------------------------------------------------------------------------------------------
 
-    def train_step(self, batches: list[dict]) -> dict[str, float]:
-        """One optimiser step over GRAD_ACCUM micro-batches; returns the mean of each loss metric over them and
+    def train_step(self, batches: list[dict]) -> dict[str, torch.Tensor | float | int | bool]:
+        """One optimiser step over GRAD_ACCUM micro-batches. Returns the mean of each loss metric over them and
         `grad_norm`, the global L2 norm of the accumulated (all-reduced) gradient at the optimiser step, before
-        clipping (what `clip_grad_norm_` returns; not averaged over the micro-batches).
+        clipping (what `clip_grad_norm_` returns; not averaged over the micro-batches), as 0-d tensors on the device,
+        and `p_oracle`, `skipped_nonfinite` (and `skipped_step`) as Python numbers. `_after_step` reads the tensors
+        only at logging steps.
 
-        A non-finite loss term (of any micro-batch) or gradient norm either raises an FplusError before anything
-        of the step is applied (NONFINITE=error) or skips the optimiser step (NONFINITE=skip: gradients zeroed,
-        counted in `skipped_nonfinite`); the checks read the floats the metrics take anyway (no extra host sync
-        on one process; with several, one all-reduce of two flags per step, which also carries the stop signal).
+        Host syncs: exactly one per step (the finiteness check of every loss term of every micro-batch and of the
+        gradient norm; with several processes the all-reduce of those flags and of the stop signal). A non-finite
+        value either raises an FplusError before anything of the step is applied (NONFINITE=error) or skips the
+        optimiser step (NONFINITE=skip: gradients zeroed, counted in `skipped_nonfinite`).
         """
         acc, s = self.accelerator, self.settings.train
         p = p_oracle_at(self.progress.step, self.total_steps, s.p_oracle_start, s.p_oracle_end)
-        sums: dict[str, float] = {}
-        bad: tuple[list[str], dict[str, float]] | None = None  # the first micro-batch with a non-finite term
+        per_batch: list[dict[str, torch.Tensor]] = []
         skipped = False
-        grad_norm = math.nan  # set at the last micro-batch (the optimiser step)
+        grad_norm: torch.Tensor | None = None  # set at the last micro-batch (the optimiser step)
         self.model.train()
         for batch in batches:
             with acc.accumulate(self.model):
                 with acc.autocast():
                     loss, metrics = self.model(batch, p_oracle=p, generator=self.generator)
-                nonfinite = [k for k in LOSS_TERMS if k in metrics and not math.isfinite(metrics[k])]
-                if nonfinite and bad is None:
-                    bad = (nonfinite, metrics)
+                per_batch.append(metrics)
                 acc.backward(loss)
                 if acc.sync_gradients:
-                    norm = grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
-                    elsewhere = self._agree([] if bad is None else bad[0])
-                    if bad is not None or elsewhere or not math.isfinite(norm):
-                        self._nonfinite(bad, metrics, norm, elsewhere)  # raises under NONFINITE=error
-                        skipped = True
-                    else:
+                    grad_norm = distributed.full_tensor(acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm))
+                    if self._finite(per_batch, grad_norm):
                         self.optimizer.step()
+                    else:
+                        skipped = True  # NONFINITE=skip (NONFINITE=error raised)
                     self.optimizer.zero_grad(set_to_none=True)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
         self.scheduler.step()
         self.progress.step += 1
         self.progress.position += len(batches)
-        out = {k: v / len(batches) for k, v in sums.items()}
-        out["grad_norm"] = grad_norm
+        out: dict[str, torch.Tensor | float | int | bool] = {
+            k: torch.stack([m[k].float() for m in per_batch]).mean() for k in per_batch[0]}
+        out["grad_norm"] = grad_norm.detach() if grad_norm is not None else math.nan
         out["p_oracle"] = p
         out["skipped_nonfinite"] = self.progress.skipped_nonfinite
         if skipped:
             out["skipped_step"] = True
         return out
 
-    def _agree(self, bad_here: list[str]) -> list[str]:
-        """With several processes: reduce (this process's non-finite loss terms, its stop signal) over all of them,
-        so that every process skips, stops or raises at the same step; sets `_stop`. Returns the loss terms that were
-        non-finite on another process (rank 0 names them: only it prints the error). One process: `_stop` is read
-        from the signal flag, no communication."""
+    def _finite(self, per_batch: list[dict[str, torch.Tensor]], grad_norm: torch.Tensor) -> bool:
+        """Whether every loss term of every micro-batch and the gradient norm are finite on every process (the
+        step's one host sync); sets `_stop` (a SIGINT/SIGTERM on any process). Not finite: raises under
+        NONFINITE=error, counts the skipped step under NONFINITE=skip and returns False."""
         acc = self.accelerator
+        terms = [k for k in LOSS_TERMS if k in per_batch[0]]
+        values = torch.stack([torch.stack([m[k].float() for k in terms]) for m in per_batch])  # (micro, terms)
+        bad_here = (~torch.isfinite(values)).any(0).float()  # (terms,)
+        norm_bad = (~torch.isfinite(grad_norm.float().reshape(1))).float().to(bad_here.device)
+        elsewhere: list[str] = []
         if acc.num_processes == 1:
             self._stop = self._signal is not None
-            return []
-        flags = torch.tensor([float(k in bad_here) for k in LOSS_TERMS] + [float(self._signal == signal.SIGINT),
-                             float(self._signal == signal.SIGTERM)], device=acc.device)
-        *terms, sigint, sigterm = acc.reduce(flags, reduction="sum").tolist()
-        if self._signal is None and (sigint or sigterm):
-            self._signal = signal.SIGINT if sigint else signal.SIGTERM
-        self._stop = bool(sigint or sigterm)
-        here = set(bad_here)
-        return [k for k, n in zip(LOSS_TERMS, terms, strict=True) if n > (k in here)]
+            flags = torch.cat([bad_here, norm_bad])
+            if not bool(flags.any()):  # the step's host sync
+                return True
+        else:
+            signals = torch.tensor([float(self._signal == signal.SIGINT), float(self._signal == signal.SIGTERM)],
+                                   device=bad_here.device)
+            reduced = acc.reduce(torch.cat([bad_here, norm_bad, signals]), reduction="sum").tolist()  # the sync
+            *counts, norm_count, sigint, sigterm = reduced
+            if self._signal is None and (sigint or sigterm):
+                self._signal = signal.SIGINT if sigint else signal.SIGTERM
+            self._stop = bool(sigint or sigterm)
+            if not any(counts) and not norm_count:
+                return True
+            here = bad_here.tolist()
+            elsewhere = [k for k, n, h in zip(terms, counts, here, strict=True) if n > h]
+        self._nonfinite(per_batch, terms, float(grad_norm), elsewhere)  # raises under NONFINITE=error
+        return False
 
-    def _nonfinite(self, bad: tuple[list[str], dict[str, float]] | None, metrics: dict[str, float], norm: float,
+    def _nonfinite(self, per_batch: list[dict[str, torch.Tensor]], terms: list[str], norm: float,
                    elsewhere: list[str]) -> None:
-        """Raise (NONFINITE=error) or count and report a skipped batch (NONFINITE=skip)."""
+        """Raise (NONFINITE=error) or count and report a skipped batch (NONFINITE=skip), naming the non-finite
+        term of the first micro-batch that has one (or the gradient, or another process)."""
         step = self.progress.step + 1  # the step being computed, as its metrics line will number it
-        names, values = bad if bad is not None else ([], metrics)
+        floats = [{k: float(v) for k, v in m.items()} for m in per_batch]
+        bad = next(((names, m) for m in floats if (names := [k for k in terms if not math.isfinite(m[k])])), None)
+        names, values = bad if bad is not None else ([], floats[-1])
         names = [k for k in names if k != "loss"] or names  # the total is non-finite because a term is
-        terms = ", ".join(f"{k} {values[k]:.4g}" for k in LOSS_WEIGHTS if k in values)
+        shown = ", ".join(f"{k} {values[k]:.4g}" for k in LOSS_WEIGHTS if k in values)
         if names:
             what = f"{names[0]} is {values[names[0]]}" if len(names) == 1 else \
                 f"{', '.join(names)} are non-finite"
@@ -349,23 +370,26 @@ class TrainRecipe:
             what = f"the gradient is non-finite (norm {norm})"
         if self.settings.train.nonfinite == "skip":
             self.progress.skipped_nonfinite += 1
-            self._print(f"step {step}: {what} ({terms}): batch skipped (NONFINITE=skip; "
+            self._print(f"step {step}: {what} ({shown}): batch skipped (NONFINITE=skip; "
                         f"{self.progress.skipped_nonfinite} skipped so far)", "yellow")
             return
         kept = ckpt.list_checkpoints(self.run_dir)
         last = f"its last good checkpoint is step {int(kept[-1].name[len(ckpt.PREFIX):])}" if kept \
             else "it has no checkpoint yet"
-        raise FplusError(f"step {step}: {what} ({terms}); the run is not complete; {last}. {NONFINITE_HINT}")
+        raise FplusError(f"step {step}: {what} ({shown}); the run is not complete; {last}. {NONFINITE_HINT}")
 
-    def _loader(self, dataset: PolicySamples, sampler) -> DataLoader:
-        """Training batches, augmented (AUGMENT) and with their prompts built in the worker processes (the image
-        augmentation and the policy's processor run in `Collate`; the draws are keyed by the sampler's epoch)."""
+    def _loader(self, dataset: PolicySamples, sampler: EpochSampler) -> DataLoader:
+        """Training batches of `sampler`'s epoch, augmented (AUGMENT) and with their prompts built in the worker
+        processes (the image augmentation and the policy's processor run in `Collate`). One loader serves the whole
+        run with the same workers (persistent): for a later epoch set `loader.sampler.epoch_sampler` and iterate it
+        again. The samples carry their epoch to `Collate`, which keys the draws with it (whatever the workers)."""
         workers = default_workers(self.settings.train.num_workers, self.accelerator.num_processes)
         augment = ImageAugment.from_settings(self.settings.data, self.settings.train.seed)
         collate = Collate(self.accelerator.unwrap_model(self.model).processor, with_coc=True, augment=augment,
-                          epoch=sampler.epoch)
-        return DataLoader(dataset, batch_size=self.settings.train.batch_size, sampler=sampler, collate_fn=collate,
-                          num_workers=workers, persistent_workers=False, pin_memory=torch.cuda.is_available())
+                          coc_fraction=self.settings.coc.fraction)
+        return DataLoader(dataset, batch_size=self.settings.train.batch_size, sampler=EpochIndices(sampler),
+                          collate_fn=collate, num_workers=workers, persistent_workers=workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def fit(self) -> TrainProgress:
         """Train until the last step (or `stop_after` steps of this invocation); validate each epoch; checkpoint.
@@ -384,12 +408,17 @@ class TrainRecipe:
         with bar:
             task = bar.add_task(f"train {s.experiment or 'custom'}", total=self.total_steps,
                                 completed=self.progress.step, info="")
+            loader = None  # one for the whole run (persistent workers): each epoch hands it that epoch's sampler
             while self.progress.step < self.total_steps:
                 sampler = self._sampler(self.progress.epoch, start=self.progress.position * s.batch_size)
+                if loader is None:
+                    loader = self._loader(self.train_set, sampler)
+                else:
+                    loader.sampler.epoch_sampler = sampler
                 micro_left = (self.steps_per_epoch * accum) - self.progress.position
                 pending: list[dict] = []
                 t0, samples = time.perf_counter(), 0
-                for batch in self._batches(self._loader(self.train_set, sampler)):
+                for batch in self._batches(loader):
                     if micro_left <= 0:
                         break
                     pending.append(batch)
@@ -499,19 +528,34 @@ class TrainRecipe:
         raise TrainingInterrupted(self._signal, f"{name}: stopped {self.run_dir} at step {self.progress.step} of "
                                   f"{self.total_steps}, checkpoint saved ({path.name})")
 
-    def _after_step(self, metrics: dict[str, float], bar, task) -> None:
+    def _after_step(self, metrics: dict, bar, task) -> None:
+        """Log (every LOG_EVERY steps and the last one: the device metrics are read then, averaged over the
+        processes), update the progress bar (its loss and gate are those of the last logged step), save
+        (SAVE_EVERY)."""
         s = self.settings.train
         step = self.progress.step
         if step % s.log_every == 0 or step == self.total_steps:
+            metrics = self._read(metrics)
             lrs = {f"lr_{g['name']}": g["lr"] for g in self.optimizer.param_groups}
             self._log({"kind": "train", **metrics, **lrs})
-        info = f"loss {metrics['loss']:.4f}"
-        if "gate" in metrics:
-            info += f"  gate {metrics['gate']:+.4f}"
-        info += f"  {metrics['samples_per_s']:.1f} samples/s"
+            self._bar_info = f"loss {metrics['loss']:.4f}" + \
+                (f"  gate {metrics['gate']:+.4f}" if "gate" in metrics else "")
+        info = f"{getattr(self, '_bar_info', 'loss -')}  {metrics['samples_per_s']:.1f} samples/s"
         bar.update(task, completed=step, info=info)
         if s.save_every and step % s.save_every == 0 and step < self.total_steps:
             self.save()
+
+    def _read(self, metrics: dict) -> dict[str, float | int | bool]:
+        """The step's metrics as Python numbers: its tensors stacked, averaged over the processes (each holds the
+        mean over its own samples; the gradient norm and the gate are the same on all) and read in one sync."""
+        names = [k for k, v in metrics.items() if torch.is_tensor(v)]
+        out = {k: v for k, v in metrics.items() if k not in names}
+        if names:
+            stacked = torch.stack([metrics[k].float().reshape(()) for k in names])
+            if self.accelerator.num_processes > 1:
+                stacked = self.accelerator.reduce(stacked.to(self.accelerator.device), reduction="mean")
+            out.update(zip(names, stacked.tolist(), strict=True))
+        return out
 
     # ----- validate ---------------------------------------------------------------------------------------------
 
@@ -543,8 +587,10 @@ class TrainRecipe:
     def save(self) -> Path | None:
         """Commit a checkpoint of the current step (main process writes; every process saves its RNG state).
 
-        A save that fails or is interrupted removes its temporary directory (the earlier checkpoints are not
-        touched); a write failure (disk full) becomes an FplusError naming the file and the free space."""
+        Under FSDP2 every process first takes part in gathering the full weights and optimiser state, which the
+        main process writes as a one-process run would (fplus.train.distributed). A save that fails or is
+        interrupted removes its temporary directory (the earlier checkpoints are not touched); a write failure
+        (disk full) becomes an FplusError naming the file and the free space."""
         acc = self.accelerator
         acc.wait_for_everyone()
         step = self.progress.step
@@ -557,12 +603,14 @@ class TrainRecipe:
             acc.wait_for_everyone()
             writing = tmp / f"rng-{acc.process_index}.pt"
             torch.save(rng_state(self.generator), writing)
+            weights = distributed.model_state(acc, self.model)  # FSDP2: gathered (every process), else None
+            optimizer = distributed.optimizer_state(acc, self.model, self.optimizer)
             if acc.is_main_process:
                 writing = tmp / "policy"
-                acc.unwrap_model(self.model).save(writing)
+                acc.unwrap_model(self.model).save(writing, state=weights)
                 writing = tmp / "trainer.pt"
-                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                            "progress": asdict(self.progress)}, writing)
+                torch.save({"optimizer": optimizer, **distributed.optimizer_format(acc),
+                            "scheduler": self.scheduler.state_dict(), "progress": asdict(self.progress)}, writing)
             acc.wait_for_everyone()
             if acc.is_main_process:
                 writing = tmp / ckpt.MANIFEST
@@ -606,15 +654,16 @@ class TrainRecipe:
         # the run's policy config as config.json holds it (JSON: tuples are lists): a checkpoint copied from
         # another run (an E0 checkpoint into an E2 run) is refused, not trained on as this experiment
         ckpt.check_policy_config(path, {"policy": self.policy_config.to_json()}, self.run_dir)
-        acc.unwrap_model(self.model).load_weights(path / "policy")
+        saved_by = len(list(path.glob("rng-*.pt")))  # each process saves its random state
+        if saved_by != acc.num_processes:
+            raise CheckpointError(f"{path} was written by {saved_by} process(es) and this run has "
+                                  f"{acc.num_processes}; resume with the same number of processes")
+        distributed.load_weights(acc, self.model, path / "policy")  # FSDP2: every process keeps its shards
         state = torch.load(path / "trainer.pt", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer(acc, self.model, self.optimizer, state, path)
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress = TrainProgress(**state["progress"])
-        rng = path / f"rng-{acc.process_index}.pt"
-        if not rng.is_file():
-            raise CheckpointError(f"{path} was written by fewer processes; resume with the same number of processes")
-        set_rng_state(torch.load(rng, weights_only=False), self.generator)
+        set_rng_state(torch.load(path / f"rng-{acc.process_index}.pt", weights_only=False), self.generator)
         self._saved_step = self.progress.step
         if acc.is_main_process:
             dropped = truncate_metrics(self.run_dir / METRICS, self.progress.step)

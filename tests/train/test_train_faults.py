@@ -274,8 +274,8 @@ def test_a_second_sigint_during_the_save_aborts_at_once_without_a_partial_checkp
     on_training_call(monkeypatch, 3, lambda policy, terms: os.kill(os.getpid(), signal.SIGINT))
     original = FPlusPolicy.save
 
-    def save(self, directory):
-        original(self, directory)  # the policy's files are written, the trainer state not yet
+    def save(self, directory, **kwargs):
+        original(self, directory, **kwargs)  # the policy's files are written, the trainer state not yet
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(FPlusPolicy, "save", save)
