@@ -10,19 +10,21 @@ released sizes, which `random-qwen3-vl-2b` / `-4b` copy). Importing this module 
 
 The components (bytes) of a training step, summed (an upper bound: on the first step the optimizer states do not
 exist yet while the activations do):
-- weights: every parameter in float32 (fplus loads float32 weights; PRECISION=bf16 autocasts the compute);
+- weights: trainable parameters in float32; frozen ones in bf16 with PRECISION=bf16 (on CUDA they are stored so,
+  fplus.model.precision), else float32;
 - gradients + AdamW: 4 + 8 bytes per trainable parameter (full: all of them; lora: the adapters; frozen: none; in
   every mode the added tokens' rows and the policy's heads);
-- autocast copies (bf16 only): the bf16 copy of each decoder weight a linear saves for its backward (2 bytes a
-  parameter; one layer's with activation checkpointing), the vision tower's too with FINETUNE=full, the LM head's
-  with a CoC loss;
+- autocast copies (bf16 with FINETUNE=full only: frozen weights are bf16 already, LoRA adapters are small): the bf16
+  copy of each decoder weight a linear saves for its backward (2 bytes a parameter; one layer's with activation
+  checkpointing), the vision tower's, and the LM head's with a CoC loss;
 - activations: per token and decoder layer 6h + 5q + 4kv + 4I saved elements (h hidden, q / kv the query and
   key-value widths, I the MLP width: RMSNorm inputs and outputs, projections' inputs, attention inputs and output,
   the gated MLP's four I-wide tensors) at 2 (bf16) or 4 bytes; with activation checkpointing each layer keeps its
   input and one layer is recomputed at a time; 4h more per token for the embeddings and the final norm. Vision:
   11v + 2Iv elements per patch and block, every block when the tower trains (full), one at a time otherwise (no
   gradient reaches it);
-- CoC logits: the labelled tokens x vocabulary in float32, 3 copies (logits, log-softmax, their gradient).
+- CoC logits: the labelled tokens (of the ceil(COC_FRACTION x BATCH_SIZE) samples that carry CoC text) x vocabulary
+  in float32, 3 copies (logits, log-softmax, their gradient).
 Sequence: per camera the visual tokens at IMAGE_SIZE ((IMAGE_SIZE / (patch x merge))^2) and 2 delimiters, the chat
 template with a typical instruction (PROMPT_TEXT_TOKENS), the H ACT tokens, the FUT tokens (FLARE), <STATE>, and with
 a CoC loss COC_MAX_TOKENS + 2 (after the ACT tokens, or in a second pass with COC_MODE=separate).
@@ -31,13 +33,14 @@ a CoC loss COC_MAX_TOKENS + 2 (after the ACT tokens, or in a second pass with CO
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from fplus.errors import FplusError
 from fplus.settings import ModelSettings, Settings
 
-WEIGHT_BYTES = 4  # float32 weights, whatever PRECISION
+WEIGHT_BYTES = 4  # float32 weights: the trainable ones always, the frozen ones unless PRECISION=bf16 (then 2)
 TRAINABLE_BYTES = 4 + 8  # float32 gradient, AdamW exp_avg and exp_avg_sq
 PROMPT_TEXT_TOKENS = 40  # chat template + a typical instruction
 VISION_DELIMITERS = 2  # <|vision_start|> <|vision_end|> around each image
@@ -316,15 +319,17 @@ def estimate_memory(settings: Settings, world_dim: int | None = None, action_dim
     patches = b * cameras * s.patches(m.image_size) * len(passes)
     vision = patches * s.vision_activation_elems * (s.vision_depth if vision_trains and not checkpointed else 1)
     embed = sum(b * n * EMBED_ELEMS * s.hidden for n in passes)
-    logits = LOGIT_COPIES * b * settings.coc.max_tokens * s.embedding_rows(added) * 4 if m.coc else 0
+    coc_rows = max(1, math.ceil(settings.coc.fraction * b - 1e-9))  # fplus.model.processor.coc_samples
+    logits = LOGIT_COPIES * coc_rows * settings.coc.max_tokens * s.embedding_rows(added) * 4 if m.coc else 0
 
     copies = 0
-    if bf16:
+    if bf16 and m.finetune == "full":
         decoder_weights = s.layers * s.layer_params
         copies = 2 * (s.layer_params if checkpointed else decoder_weights)
-        copies += 2 * s.vision_params if vision_trains and not checkpointed else 0
+        copies += 2 * s.vision_params if not checkpointed else 0
         copies += 2 * s.embedding_rows(added) * s.hidden if m.coc else 0
     return MemoryEstimate(
-        weights=WEIGHT_BYTES * params, gradients=4 * trainable, optimizer=8 * trainable, autocast_copies=copies,
+        weights=WEIGHT_BYTES * trainable + (2 if bf16 else WEIGHT_BYTES) * (params - trainable),
+        gradients=4 * trainable, optimizer=8 * trainable, autocast_copies=copies,
         activations=act_bytes * (decoder + vision + embed), logits=logits, params=params, trainable=trainable,
         tokens=passes[0], shape=s)

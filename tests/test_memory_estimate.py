@@ -184,20 +184,30 @@ def test_components_of_a_hand_computed_case():
     assert e.params == 138_112 + 116_640 + lora + heads + rows == 268_066
     assert e.trainable == lora + heads + rows == 13_314
     assert e.tokens == (64 // 32) ** 2 + 2 + 40 + 4 == 50  # visual + delimiters, text, ACT
-    assert e.weights == 4 * 268_066 and e.gradients == 4 * 13_314 and e.optimizer == 8 * 13_314
-    assert e.autocast_copies == 2 * 2 * 37_024  # bf16 copies of both decoder layers' weights
+    # bf16: the frozen weights are stored in bf16, the trainable ones in float32; LoRA: no autocast copies (the
+    # frozen weights are bf16 already)
+    assert e.weights == 4 * 13_314 + 2 * (268_066 - 13_314) and e.gradients == 4 * 13_314 and e.optimizer == 8 * 13_314
+    assert e.autocast_copies == 0
     layer = 6 * 64 + 5 * 64 + 4 * 32 + 4 * 128  # 1,344 saved elements a token and layer
     vision = 3 * (64 // 16) ** 2 * (11 * 32 + 2 * 64)  # one block's, at a time (LoRA: no gradient in the tower)
     assert e.activations == 2 * (3 * 50 * 2 * layer + vision + 3 * 50 * 4 * 64) == 929_280
-    assert e.logits == 0 and e.total == 2_309_408
-    assert e.gpu_total == 2_309_408 * (1 + GPU_OVERHEAD) + CUDA_CONTEXT_BYTES
+    assert e.logits == 0 and e.total == 1_651_808
+    assert e.gpu_total == 1_651_808 * (1 + GPU_OVERHEAD) + CUDA_CONTEXT_BYTES
+    # full fine-tuning in bf16: float32 weights, each linear's bf16 copy saved for backward (decoder and tower)
+    f = estimate_memory(settings(BACKBONE="tiny", EXPERIMENT="E0", FINETUNE="full", PRECISION="bf16", BATCH_SIZE=3,
+                                 IMAGE_SIZE=64, ACTION_HORIZON=4), action_dim=2, shape=SMALL)
+    assert f.weights == 4 * f.params and f.autocast_copies == 2 * 2 * 37_024 + 2 * 116_640
 
     coc = settings(BACKBONE="tiny", EXPERIMENT="E3", FINETUNE="lora", LORA_RANK=4, LORA_LAYERS=1, PRECISION="bf16",
                    BATCH_SIZE=3, IMAGE_SIZE=64, ACTION_HORIZON=4, COC_MAX_TOKENS=10, GRADIENT_CHECKPOINTING="true")
     c = estimate_memory(coc, action_dim=2, shape=SMALL)
     assert c.tokens == 50 + 10 + 2  # the CoC text and its delimiters after the ACT tokens
     assert c.logits == 3 * (3 * 10 * 1000 * 4)  # logits, log-softmax, gradient: float32 over the vocabulary
-    assert c.autocast_copies == 2 * 37_024 + 2 * 1000 * 64  # one layer at a time (checkpointed) + the LM head
+    assert c.autocast_copies == 0  # LoRA: the frozen LM head and layers are bf16 already
+    # COC_FRACTION: only ceil(0.34 x 3) = 2 samples' CoC tokens reach the LM head
+    part = estimate_memory(coc.model_copy(update={"coc": coc.coc.model_copy(update={"fraction": 0.34})}),
+                           action_dim=2, shape=SMALL)
+    assert part.logits == 3 * (2 * 10 * 1000 * 4)
     # checkpointed: each layer keeps its input (64 a token), one layer's activations at a time
     assert c.activations == 2 * (3 * 62 * (2 * 64 + layer) + vision + 3 * 62 * 4 * 64)
 
@@ -206,6 +216,7 @@ def test_full_finetuning_trains_everything_and_costs_more():
     lora = estimate_memory(settings(BACKBONE="qwen3-vl-2b", EXPERIMENT="E2", FINETUNE="lora"))
     full = estimate_memory(settings(BACKBONE="qwen3-vl-2b", EXPERIMENT="E2", FINETUNE="full"))
     assert full.params - full.trainable == 0 < lora.trainable < 0.05 * lora.params
-    assert full.total > 2 * lora.total and full.weights == pytest.approx(lora.weights, rel=0.01)
+    # bf16 (the default PRECISION): LoRA stores the frozen weights in bf16, full fine-tuning all in float32
+    assert full.total > 2 * lora.total and full.weights == pytest.approx(2 * lora.weights, rel=0.05)
     bigger = estimate_memory(settings(BACKBONE="qwen3-vl-2b", EXPERIMENT="E2", FINETUNE="lora", BATCH_SIZE=64))
     assert bigger.activations == pytest.approx(lora.activations * 64 / 8, rel=0.01)  # BATCH_SIZE default 8
