@@ -354,8 +354,8 @@ class TrainSettings(Section):
     max_epochs: int = env("MAX_EPOCHS", 10, "epochs over the training episodes", ge=1)
     log_every: int = env("LOG_EVERY", 10, "steps between metric lines", ge=1)
     seed: int = env("SEED", 0, "training seed")
-    num_workers: int | None = env("NUM_WORKERS", None, "data loader worker processes (unset: from the CPU count, "
-                                  "fplus.train.data.default_workers)", ge=0)
+    num_workers: int | None = env("NUM_WORKERS", None, "data loader worker processes (unset: 0 without a CUDA "
+                                  "GPU, else from the CPU count: fplus.train.data.default_workers)", ge=0)
     output_dir: Path = env("OUTPUT_DIR", Path("runs"), "parent directory of run directories")
     max_steps: int | None = env("MAX_STEPS", None, "stop after this many optimiser steps (unset: MAX_EPOCHS)", ge=1)
     grad_accum: int = env("GRAD_ACCUM", 1, "micro-batches per optimiser step", ge=1)

@@ -499,20 +499,27 @@ class LeRobotDataset:
         return np.stack(frames)
 
     def frame_at(self, key: str, index: int) -> np.ndarray:
-        """One frame (H, W, 3) uint8 at a global index, decoded alone (seek + a few frames): for random access
-        where decoding whole episodes would be wasted work."""
+        """One frame (H, W, 3) uint8 at a global index, decoded alone (seek + a few frames, or the next frames
+        without a seek when the last frame decoded from that file came just before): for random access where
+        decoding whole episodes would be wasted work. The array may be shared: do not write to it."""
         if self.features[key]["dtype"] == "image":
             return self.frames(key, np.array([index]))[0]
         from fplus.data.video import VideoReader
 
         if not hasattr(self, "_reader"):
             self._reader = VideoReader()
-        ep = self.episode(int(self.episode_of_frames()[index]))
+        episode_of, times = self._frame_times
+        ep = self.episode(int(episode_of[index]))
         span = ep.videos[key]
         path = self.root / self.info["video_path"].format(video_key=key, chunk_index=span.chunk_index,
                                                           file_index=span.file_index)
-        t = span.from_ts + float(self.column("timestamp")[index])
-        return self._reader.frame_at(path, t, self.fps, where=f"camera {key}, episode {ep.index}")
+        return self._reader.frame_at(path, span.from_ts + float(times[index]), self.fps,
+                                     where=f"camera {key}, episode {ep.index}")
+
+    @cached_property
+    def _frame_times(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N,) episode_index and (N,) timestamp of every frame, read once for `frame_at`."""
+        return self.episode_of_frames(), self.column("timestamp").astype(np.float64)
 
     def frames(self, key: str, indices: np.ndarray) -> np.ndarray:
         """Frames at global indices (n,) -> (n, H, W, 3) uint8, decoding each touched episode once."""

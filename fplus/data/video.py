@@ -110,6 +110,7 @@ def decode_span(path: Path, from_ts: float, to_ts: float, fps: float, where: str
     frames: list[np.ndarray] = []
     times: list[float] = []
     t = from_ts
+    rgb = _RGB()
     with _open_video(path, where) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -123,7 +124,7 @@ def decode_span(path: Path, from_ts: float, to_ts: float, fps: float, where: str
                     continue
                 if t >= to_ts - half:
                     break
-                frames.append(frame.to_ndarray(format="rgb24"))
+                frames.append(rgb(frame))
                 times.append(t)
         except (av.error.FFmpegError, OSError) as err:
             raise _undecodable(path, where, times[-1] + 1 / fps if times else from_ts, err) from None
@@ -156,43 +157,99 @@ def align_frames(frames: np.ndarray, times: np.ndarray, wanted: np.ndarray, fps:
     return frames[pos]
 
 
+_INHERITED: list[dict] = []  # the open files of VideoReaders inherited through fork, kept from being freed
+
+
+class _OpenVideo:
+    """One file held open by a VideoReader: its container, its keyframe times (the demuxer's index, read with the
+    file's header), a colour converter kept across frames, and where decoding stands (the frames iterator after the
+    last seek and the last frame it gave)."""
+
+    def __init__(self, container):
+        self.container = container
+        self.stream = container.streams.video[0]
+        # one frame at a time: the decoder's frame threads would only delay it (and compete with the workers)
+        self.stream.codec_context.thread_count = 1
+        self.time_base = float(self.stream.time_base)
+        self.keyframes = np.array(sorted(e.timestamp for e in self.stream.index_entries if e.is_keyframe), np.int64)
+        self.rgb = _RGB()
+        self.frames = None
+        self.pts: int | None = None
+        self.last: np.ndarray | None = None
+
+    def keyframe_before(self, pts: int) -> int | None:
+        """The last keyframe at or before `pts` (None: the file has no index, or none before)."""
+        i = int(np.searchsorted(self.keyframes, pts, side="right"))
+        return int(self.keyframes[i - 1]) if i else None
+
+
+class _RGB:
+    """Frames to (H, W, 3) uint8 RGB through one converter kept across frames, on the calling thread. PyAV's
+    `to_ndarray(format="rgb24")` makes a new converter for every frame, each with its own pool of one thread per
+    core: 10x the conversion's time, threads that fight torch's for the cores, and a pool that a forked DataLoader
+    worker cannot free (it waits forever for the parent's threads)."""
+
+    def __init__(self):
+        from av.video.reformatter import VideoReformatter
+
+        self.reformatter = VideoReformatter()
+
+    def __call__(self, frame) -> np.ndarray:
+        return self.reformatter.reformat(frame, format="rgb24", threads=1).to_ndarray()
+
+
 class VideoReader:
-    """Random access to single frames of MP4 files: seek to the keyframe before t, decode forward to t.
+    """Random access to single frames of MP4 files: seek to the keyframe before t and decode forward to t, or, when
+    t lies ahead of the last frame decoded with no keyframe in between (the next frames of an episode), decode on
+    without seeking.
 
     Containers stay open (one per file) for the life of the reader, per process: a DataLoader worker (forked
-    or spawned) never touches its parent's containers (sharing FFmpeg state across fork deadlocks).
+    or spawned) never touches its parent's containers, nor frees them (sharing FFmpeg state across fork deadlocks).
     """
 
     def __init__(self):
-        self._open: dict[str, object] = {}
+        self._open: dict[str, _OpenVideo] = {}
         self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         return {"_open": {}, "_pid": -1}
 
     def frame_at(self, path: Path, t: float, fps: float, where: str = "") -> np.ndarray:
-        """The frame (H, W, 3) uint8 whose time is closest to t (within half a frame); `where` names it in errors."""
+        """The frame (H, W, 3) uint8 whose time is closest to t (within half a frame); `where` names it in errors.
+        The array may be returned again for the same frame: do not write to it."""
         import av
 
-        if self._pid != os.getpid():  # inherited through fork: start afresh in this process
+        if self._pid != os.getpid():  # inherited through fork: start afresh in this process, and never free the
+            _INHERITED.append(self._open)  # parent's FFmpeg objects here (that can wait for threads that are not)
             self._open, self._pid = {}, os.getpid()
         key = str(path)
-        container = self._open.get(key)
-        if container is None:
-            container = self._open[key] = _open_video(path, where)
-        stream = container.streams.video[0]
-        half = 0.5 / fps
+        video = self._open.get(key)
+        if video is None:
+            video = self._open[key] = _OpenVideo(_open_video(path, where))
+        tb = video.time_base
+        lo, hi, target = (t - 0.5 / fps) / tb, (t + 0.5 / fps) / tb, round(t / tb)
+        if video.pts is not None and lo <= video.pts <= hi:
+            return video.last
+        keyframe = video.keyframe_before(target)
+        # t ahead, and its keyframe at most a frame past the last frame decoded: decoding on costs no more than a seek
+        ahead = video.pts is not None and video.pts < lo and keyframe is not None \
+            and keyframe <= video.pts + 1 / (fps * tb)
+        video.pts = None  # where decoding stands is known again once a frame is returned
         try:
-            container.seek(max(0, int((t - half) / stream.time_base)), stream=stream, backward=True,
-                           any_frame=False)
-            for frame in container.decode(stream):
-                ft = float(frame.pts * stream.time_base)
-                if ft >= t - half:
-                    if ft > t + half:
+            if not ahead:
+                video.container.seek(max(0, target if keyframe is None else keyframe), stream=video.stream,
+                                     backward=True, any_frame=False)
+                video.frames = video.container.decode(video.stream)
+            for frame in video.frames:
+                if frame.pts >= lo:
+                    if frame.pts > hi:
                         break
-                    return frame.to_ndarray(format="rgb24")
+                    video.last, video.pts = video.rgb(frame), frame.pts
+                    return video.last
         except (av.error.FFmpegError, OSError) as err:
             self._open.pop(key, None)
+            video.container.close()
             raise _undecodable(path, where, t, err) from None
+        video.frames = None
         place = f" ({where})" if where else ""
         raise DataError(f"{path}{place}: no video frame near t={t:.4f}s; {RESTORE_VIDEO}")

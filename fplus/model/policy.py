@@ -183,7 +183,7 @@ class FPlusPolicy(nn.Module):
         """Raw world latents (..., D) -> standardised (..., D), float32 on the policy's device."""
         if self.latent_norm is None:
             raise ConfigError("this policy uses no world latents")
-        return self.latent_norm(z.to(self.device, torch.float32))
+        return self.latent_norm(z.to(self.device, torch.float32, non_blocking=z.is_pinned()))
 
     @property
     def device(self) -> torch.device:
@@ -207,7 +207,7 @@ class FPlusPolicy(nn.Module):
         prompt = self.prompt(batch, with_coc)
         state_embeds = None
         if self.state_proj is not None:
-            state = batch[K.STATE].to(self.device, torch.float32)
+            state = batch[K.STATE].to(self.device, torch.float32, non_blocking=batch[K.STATE].is_pinned())
             state_embeds = self.state_proj(self.state_norm(state))
         layers = (self.align.layer,) if self.align is not None else ()
         want_text = self.config.model.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
@@ -220,7 +220,7 @@ class FPlusPolicy(nn.Module):
             if batch.get(K.Z_FUTURE) is not None:
                 enc.z_future = self.standardize(batch[K.Z_FUTURE])
             if K.FUTURE_VALID in batch:
-                enc.future_valid = batch[K.FUTURE_VALID].to(self.device)
+                enc.future_valid = batch[K.FUTURE_VALID].to(self.device, non_blocking=batch[K.FUTURE_VALID].is_pinned())
         if self.prophet is not None:
             if enc.z_hist is None:
                 raise ConfigError("this policy has a Prophet: the batch needs z_hist (world latents)")
@@ -339,8 +339,9 @@ class FPlusPolicy(nn.Module):
                 if corruption \
                 else self._training_memory(enc, p_oracle, generator)
             metrics["gate"] = self.injection.gate_tensor()
-        target = self.action_norm(batch[K.ACTIONS].to(self.device, torch.float32))
-        pad = batch[K.ACTION_PAD].to(self.device)
+        actions = batch[K.ACTIONS]
+        target = self.action_norm(actions.to(self.device, torch.float32, non_blocking=actions.is_pinned()))
+        pad = batch[K.ACTION_PAD].to(self.device, non_blocking=batch[K.ACTION_PAD].is_pinned())
         if self.is_flow:
             terms["l_action"] = self.action_head.loss(self.inject(act_h, memory), target, pad, *flow_draws)
         else:

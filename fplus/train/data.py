@@ -30,10 +30,14 @@ from fplus.errors import DataError
 
 
 def default_workers(num_workers: int | None, processes: int = 1) -> int:
-    """NUM_WORKERS as set, or (unset) from the CPUs this process may use: one per CPU of its share of the machine
-    (`processes` training processes share it), less one for the training process itself, at most 8."""
+    """NUM_WORKERS as set, or (unset) 0 without a CUDA GPU (the model runs on the CPUs, and a worker only takes them
+    from it: the demo E0 on 2 CPUs trains fastest with 0, benchmarks/data.py), else from the CPUs this process may
+    use: one per CPU of its share of the machine (`processes` training processes share it), less one for the
+    training process itself, at most 8."""
     if num_workers is not None:
         return num_workers
+    if not torch.cuda.is_available():
+        return 0
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(8, cpus // max(processes, 1) - 1))
 
@@ -174,9 +178,10 @@ class Collate:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """torch's intra-op pool set to one thread for the block, then restored. The data pipeline's many small tensor
-    ops (augmentation, prompt building) run 3-7x slower on the pool than on one thread (benchmarks/data.py); a
-    DataLoader worker already runs on one, the training process (NUM_WORKERS=0: collate runs there) does not."""
+    """torch's intra-op pool set to one thread for the block, then restored: the batches are built as in a
+    DataLoader worker (which runs on one thread) when the training process builds them (NUM_WORKERS=0). On a busy
+    machine the pool runs the pipeline's many small tensor ops (augmentation, prompt building) 5-12x slower than
+    one thread; on a quiet one it gains ~1.3x (2 CPUs, benchmarks/data.py, threads)."""
     threads = torch.get_num_threads()
     if threads == 1:
         yield

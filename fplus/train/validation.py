@@ -92,8 +92,9 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
         donors = shuffle_donors(episodes, generators["shuffle"]) if "shuffle" in modes else None
         active = [m for m in modes if m != "shuffle" or donors is not None]
         preds, enc = policy.predict_modes(batch, active, generators, None if donors is None else donors[0], noise)
-        target = batch[K.ACTIONS].to(device, torch.float32)
-        valid = (~batch[K.ACTION_PAD].to(device)).unsqueeze(-1).float()  # (B, H, 1)
+        actions, pad = batch[K.ACTIONS], batch[K.ACTION_PAD]
+        target = actions.to(device, torch.float32, non_blocking=actions.is_pinned())
+        valid = (~pad.to(device, non_blocking=pad.is_pinned())).unsqueeze(-1).float()  # (B, H, 1)
         for mode, pred in preds.items():
             v = valid
             if mode == "shuffle":  # samples whose donor is from their own episode do not count

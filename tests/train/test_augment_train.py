@@ -112,7 +112,8 @@ def test_killed_and_resumed_augmented_run_is_bit_identical(toy_ds, tmp_path, mon
         return original(self, images, indices, epoch)
 
     monkeypatch.setattr(ImageAugment, "__call__", recording)
-    common = dict(EXPERIMENT="E0", AUGMENT="default", MAX_STEPS=7, SAVE_EVERY=2, GRAD_ACCUM=2, BATCH_SIZE=4,
+    common = dict(NUM_WORKERS=0, EXPERIMENT="E0", AUGMENT="default", MAX_STEPS=7, SAVE_EVERY=2, GRAD_ACCUM=2,
+                  BATCH_SIZE=4,
                   KEEP_LAST=2)
     straight = toy_settings(toy_ds, toy_ds / "ds", OUTPUT_DIR=tmp_path / "a", **common)
     _reset_accelerate()
