@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,15 +22,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, markdown_table, timed, write_results  # noqa: E402
 
-from fplus.data.lerobot import LeRobotDataset  # noqa: E402
-from fplus.data.writer import LeRobotWriter  # noqa: E402
-from fplus.world.cache import compute_latents  # noqa: E402
 from fplus.world.encoders import build_encoder  # noqa: E402
+
+if TYPE_CHECKING:
+    from fplus.data.lerobot import LeRobotDataset
 
 KEY = "observation.images.image"
 
 
 def synthetic_dataset(root: Path, frames: int, size: int = 96, episode_len: int = 50) -> LeRobotDataset:
+    from fplus.data.lerobot import LeRobotDataset  # the data layer (pyarrow, av) only for the end-to-end rows
+    from fplus.data.writer import LeRobotWriter
+
     rng = np.random.default_rng(0)
     w = LeRobotWriter(root, fps=10, features={
         KEY: {"dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"]},
@@ -45,6 +49,7 @@ def synthetic_dataset(root: Path, frames: int, size: int = 96, episode_len: int 
 
 
 def encoder_only(source: str, model_id: str, batch: int, device: str, dtype: str, repeats: int) -> dict:
+    """Frames/s of the encoder alone on random 256 px clips (frames of one batch), fp32 or bf16 autocast (CUDA)."""
     enc = build_encoder(source, dino_model=model_id, vjepa_model=model_id, pooling="cls", temporal_window=8,
                         device=device)
     m = enc.temporal_window
@@ -61,6 +66,8 @@ def encoder_only(source: str, model_id: str, batch: int, device: str, dtype: str
 
 
 def end_to_end(source: str, frames: int, batch: int) -> dict:
+    from fplus.world.cache import compute_latents
+
     with tempfile.TemporaryDirectory() as tmp:
         ds = synthetic_dataset(Path(tmp) / "ds", frames)
         enc = build_encoder(source, dino_model="tiny", vjepa_model="tiny", pooling="cls", temporal_window=8)
