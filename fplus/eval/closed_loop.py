@@ -42,6 +42,7 @@ when `none` is not among the modes). An earlier file's latency entries (and task
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ from fplus.deploy.chunking import (
 )
 from fplus.deploy.episode import OnlineLatents, observation_batch
 from fplus.errors import ConfigError
+from fplus.eval.parallel import EpisodeJob, EpisodeOutcome, JobPool, episode_groups, episode_jobs, needed_episode
 from fplus.io import write_text_atomic
 from fplus.model.corruption import MODES
 from fplus.model.policy import FPlusPolicy
@@ -100,6 +102,12 @@ class ChunkingStats:
         self.smoothness = self.smoothness + scheduler.smoothness
         self.steps += scheduler.step
         self.idle_steps += scheduler.idle_steps
+
+    def merge(self, other: ChunkingStats) -> None:
+        """Count another's episodes after these (smoothness sums added in that order)."""
+        self.smoothness = self.smoothness + other.smoothness
+        self.steps += other.steps
+        self.idle_steps += other.idle_steps
 
 
 def rollout(policy: FPlusPolicy, env, instruction: str, episode: int, mode: str, n_action_steps: int,
@@ -165,7 +173,8 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
                          video_dir: Path | None = None, progress: bool = True, console=None,
                          suite: str | None = None, device: str | None = None,
                          corrupted_episodes: int | None = None, inference_delay: int | Sequence[int] = 0,
-                         chunking: str | Sequence[str] = "sync", local: dict | None = None) -> tuple[dict, Path]:
+                         chunking: str | Sequence[str] = "sync", local: dict | None = None,
+                         processes: int | None = None) -> tuple[dict, Path]:
     """Roll the run's checkpoint out in `sim` and write RUN/eval/sim-<sim>-step-XXXXXX.json. An exported model
     folder (fplus export) is rolled out the same way (`fplus.deploy.loader.load_any`, with this machine's `local`
     settings: DATASET, CACHE_DIR, ...), into OUT/eval/ (never hashed), and never logs to W&B (the folder is not
@@ -184,6 +193,9 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
         inference_delay, chunking: one or several inference delays (control steps) and chunking strategies (sync,
             naive, rtc); every pair other than (sync, 0) is rolled out under `none` into the `latency` section (see
             the module doc). Default 0, sync: the standard evaluation only.
+        processes: the episodes run in this many processes (`fplus.eval.parallel`; default: the run's
+            EVAL_PROCESSES); the results do not depend on it (episode e of a task, mode and setting draws from
+            its own generator, seeded with `seed + e`).
     """
     from fplus.progress import make_progress
     from fplus.sim.registry import get_simulator
@@ -202,15 +214,29 @@ def evaluate_closed_loop(run_dir: Path, sim: str, tasks: list[str] | None, episo
     if plan.unseen and console is not None:
         console.print(f"[yellow]warning: {len(plan.unseen)} task(s) never seen in the training data (their "
                       f"instruction is not one of the dataset's tasks): {', '.join(plan.unseen[:5])}")
+    jobs = episode_jobs(plan)
+    outcomes: dict[EpisodeJob, EpisodeOutcome] = {}
+    wins: dict[tuple[int, str], list[int]] = {}  # (task, label) -> [successes, episodes] finished so far
+    total = len(plan.tasks) * (sum(plan.episodes_for.values()) + len(plan.latency) * episodes)
+    here = functools.partial(EpisodeRunner, simulator, plan, loaded.policy, loaded.encoder, seed, video_dir)
+    there = functools.partial(_worker_runner, sim, loaded.policy_dir, loaded.device, loaded.settings, plan, seed,
+                              video_dir)
+    processes = processes or loaded.settings.eval.processes
+    with make_progress("episodes", console=console, disable=not progress) as bar, \
+            JobPool(processes, here if processes == 1 else there, lambda j: j.describe(plan, seed)) as pool:
+        bar_task = bar.add_task(f"{sim} rollouts", total=total, info="")
+        bar.advance(bar_task, total - len(jobs))  # oracle: nothing to roll out
+        for job, outcome in pool.run(jobs, functools.partial(needed_episode, plan)):
+            outcomes[job] = outcome
+            count = wins.setdefault((job.task, job.label), [0, 0])
+            count[0], count[1] = count[0] + outcome.success, count[1] + 1
+            bar.update(bar_task, advance=1, info=f"{plan.tasks[job.task].name[:40]} {job.label}: {count[0]}/{count[1]}")
     per_task: dict[str, dict] = {}
     latency: dict[tuple[str, int], dict[str, dict]] = {}  # {(strategy, d): {task: cell}}
-    total = len(plan.tasks) * (sum(plan.episodes_for.values()) + len(plan.latency) * episodes)
-    with make_progress("episodes", console=console, disable=not progress) as bar:
-        job = bar.add_task(f"{sim} rollouts", total=total, info="")
-        for task in plan.tasks:
-            per_task[task.name], cells = _rollout_task(simulator, task, plan, loaded, seed, video_dir, bar, job)
-            for setting, cell in cells.items():
-                latency.setdefault(setting, {})[task.name] = cell
+    for index, task in enumerate(plan.tasks):
+        per_task[task.name], cells = _task_cells(plan, index, outcomes)
+        for setting, cell in cells.items():
+            latency.setdefault(setting, {})[task.name] = cell
     result = _aggregate(simulator, loaded, plan, episodes, per_task, earlier, latency)
     write_text_atomic(out, json.dumps(result, indent=2))
     if log is not None:
@@ -228,6 +254,8 @@ class _Loaded:
     policy: FPlusPolicy  # in eval mode on the evaluation device
     dataset: LeRobotDataset  # the training dataset (image sizes, task sentences)
     encoder: Any | None  # the world encoder of the online latents; None when the policy reads no world latents
+    policy_dir: Path  # the checkpoint (or exported folder) `policy` was loaded from: what workers load
+    device: str  # the policy's
     exported: bool = False  # an exported model folder (fplus export), not a run directory
 
 
@@ -238,19 +266,26 @@ def _load(run_dir: Path, step: int | None, suite: str | None, device: str | None
     fplus.deploy.loader.open_run (the training dataset, refused when its fingerprint changed; the policy on
     `device`, default EVAL_DEVICE), and the world encoder."""
     from fplus.deploy.loader import ExportedRun, load_any, open_run
-    from fplus.world.encoders import build_encoder
 
     run = load_any(Path(run_dir), step, local)
     opened = open_run(run, device)
     settings = run.settings
     if suite is not None:
         settings = settings.model_copy(update={"eval": settings.eval.model_copy(update={"suite": suite})})
+    return _Loaded(run.dir, settings, run.step, opened.policy, opened.dataset,
+                   _world_encoder(settings, opened.policy, opened.device), run.policy_dir, opened.device,
+                   isinstance(run, ExportedRun))
+
+
+def _world_encoder(settings: Settings, policy: FPlusPolicy, device: str):
+    """The encoder of the online world latents (the run's WORLD_* settings), None when the policy reads none."""
+    from fplus.world.encoders import build_encoder
+
+    if not policy.config.world_dim:
+        return None
     world = settings.world
-    encoder = None
-    if opened.policy.config.world_dim:
-        encoder = build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
-                                pooling=world.pooling, temporal_window=world.temporal_window, device=opened.device)
-    return _Loaded(run.dir, settings, run.step, opened.policy, opened.dataset, encoder, isinstance(run, ExportedRun))
+    return build_encoder(world.source, dino_model=world.dino_model, vjepa_model=world.vjepa_model,
+                         pooling=world.pooling, temporal_window=world.temporal_window, device=device)
 
 
 @dataclass
@@ -316,52 +351,73 @@ def _as_tuple(value) -> tuple:
     return (value,) if isinstance(value, (str, int, np.integer)) else tuple(value)
 
 
-def _rollout_task(simulator: type[Simulator], task: SimTask, plan: _Plan, loaded: _Loaded, seed: int,
-                  video_dir: Path | None, bar, job) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:
-    """Every mode's episodes of one task in one env (creating one costs seconds; every episode resets it to its
-    own layout), then every latency setting's under `none`: ({mode: {"successes", "episodes", "rate", "ci95"}},
-    {(strategy, d): latency cell (module doc)}, with sync/0 from the `none` rollouts when `plan.sweep`); each
-    episode advances `job` of `bar`."""
-    policy = loaded.policy
-    memories: list[list[torch.Tensor]] = []  # the `none` rollouts' memories, for `shuffle`
+class EpisodeRunner:
+    """Rolls `EpisodeJob`s of a plan out with `policy`, in one env at a time (DESIGN 7: the previous task's env is
+    closed before the next one is made); episode 0 of each task and label is filmed into `video_dir` when given."""
+
+    def __init__(self, simulator: type[Simulator], plan: _Plan, policy: FPlusPolicy, encoder, seed: int,
+                 video_dir: Path | None):
+        self.simulator, self.plan, self.policy, self.encoder = simulator, plan, policy, encoder
+        self.seed, self.video_dir = seed, video_dir
+        self._env: tuple[int, Simulator] | None = None  # (task, its env)
+
+    def __call__(self, job: EpisodeJob, source: EpisodeOutcome | None) -> EpisodeOutcome:
+        plan, task = self.plan, self.plan.tasks[job.task]
+        if self._env is None or self._env[0] != job.task:
+            self.close()
+            self._env = job.task, self.simulator.make_env(task, plan.image_sizes, plan.max_steps)
+        generator = torch.Generator().manual_seed(self.seed + job.index)  # corruption draws on the CPU
+        record = [] if job.mode == "none" and job.standard else None
+        frames = [] if self.video_dir is not None and job.index == 0 else None
+        latents = None if self.encoder is None else OnlineLatents(self.encoder, self.policy.config.history)
+        stats = ChunkingStats()
+        success = rollout(self.policy, self._env[1], task.instruction, self.seed + job.index, job.mode,
+                          plan.n_action_steps, latents, None if source is None else source.memory, generator, record,
+                          frames, plan.cameras, job.delay, job.strategy, stats)
+        if frames:
+            _write_video(self.video_dir / f"{task.name}-{job.label}-ep{job.index}.mp4", frames)
+        return EpisodeOutcome(success, stats, record)
+
+    def close(self) -> None:
+        if self._env is not None:
+            self._env[1].close()
+            self._env = None
+
+
+def _worker_runner(sim: str, policy_dir: Path, device: str, settings: Settings, plan: _Plan, seed: int,
+                   video_dir: Path | None) -> EpisodeRunner:
+    """In a worker process (`fplus.eval.parallel`): the runner of the policy loaded from `policy_dir` (the
+    checkpoint the parent verified and loaded) and its world encoder."""
+    from fplus.sim.registry import get_simulator
+
+    policy = FPlusPolicy.load(policy_dir, device=device).eval()
+    return EpisodeRunner(get_simulator(sim), plan, policy, _world_encoder(settings, policy, device), seed, video_dir)
+
+
+def _task_cells(plan: _Plan, task: int, outcomes: dict[EpisodeJob, EpisodeOutcome]
+                ) -> tuple[dict[str, dict], dict[tuple[str, int], dict]]:
+    """A task's results from its episodes' outcomes, added in episode order: ({mode: {"successes", "episodes",
+    "rate", "ci95"}}, {(strategy, d): latency cell (module doc)}, with sync/0 from the `none` rollouts when
+    `plan.sweep`)."""
     results: dict[str, dict] = {}
     latency: dict[tuple[str, int], dict] = {}
-    runs = [(mode, "sync", 0) for mode in plan.ordered] + [("none", s, d) for s, d in plan.latency]
-    with simulator.make_env(task, plan.image_sizes, plan.max_steps) as env:
-        for mode, strategy, delay in runs:
-            standard = (strategy, delay) == ("sync", 0)
-            n = plan.episodes_for[mode if standard else "none"]  # a sweep always rolls `none` out
-            label = mode if standard else f"{strategy}-d{delay}"
-            if mode == "oracle":
-                results[mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
-                                 "note": "the future of a live rollout is not observed"}
-                bar.advance(job, n)
-                continue
-            generator = torch.Generator().manual_seed(seed)  # corruption draws on the CPU
-            stats = ChunkingStats() if mode == "none" else None
-            wins = 0
-            for e in range(n):
-                record = [] if mode == "none" and standard else None
-                frames = [] if video_dir is not None and e == 0 else None
-                source = memories[(e + 1) % len(memories)] if mode == "shuffle" and memories else None
-                if mode == "shuffle" and policy.injection is not None and (source is None or len(memories) < 2):
-                    raise ConfigError("closed-loop shuffle needs at least 2 episodes per task")
-                latents = None if loaded.encoder is None else OnlineLatents(loaded.encoder, policy.config.history)
-                success = rollout(policy, env, task.instruction, seed + e, mode, plan.n_action_steps, latents,
-                                  source, generator, record, frames, plan.cameras, delay, strategy, stats)
-                wins += success
-                if record is not None:
-                    memories.append(record)
-                if frames:
-                    _write_video(video_dir / f"{task.name}-{label}-ep{e}.mp4", frames)
-                bar.update(job, advance=1, info=f"{task.name[:40]} {label}: {wins}/{e + 1}")
-            lo, hi = wilson_interval(wins, n)
-            cell = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": [lo, hi]}
-            if standard:
-                results[mode] = cell
-            if mode == "none" and (plan.sweep or not standard):
-                latency[(strategy, delay)] = {**cell, "smoothness": stats.smoothness.to_json(), "steps": stats.steps,
-                                              "idle_steps": stats.idle_steps}
+    for mode, strategy, delay, n in episode_groups(plan):
+        standard = (strategy, delay) == ("sync", 0)
+        if mode == "oracle":
+            results[mode] = {"successes": None, "episodes": 0, "rate": None, "ci95": None,
+                             "note": "the future of a live rollout is not observed"}
+            continue
+        episodes = [outcomes[EpisodeJob(task, mode, strategy, delay, e)] for e in range(n)]
+        wins, stats = sum(o.success for o in episodes), ChunkingStats()
+        for o in episodes:
+            stats.merge(o.stats)
+        lo, hi = wilson_interval(wins, n)
+        cell = {"successes": wins, "episodes": n, "rate": wins / n, "ci95": [lo, hi]}
+        if standard:
+            results[mode] = cell
+        if mode == "none" and (plan.sweep or not standard):
+            latency[(strategy, delay)] = {**cell, "smoothness": stats.smoothness.to_json(), "steps": stats.steps,
+                                          "idle_steps": stats.idle_steps}
     if "none" not in plan.modes:  # rolled out only to feed `shuffle` or the latency sweep
         results.pop("none", None)
     return results, latency

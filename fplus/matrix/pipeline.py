@@ -180,7 +180,8 @@ def eval_stage(name: str, settings: Settings, console: Console) -> bool:
         console.rule(f"{name}: closed loop in {sim}")
         result, _ = evaluate_closed_loop(run_dir, sim, None, settings.eval.episodes, CLOSED_LOOP_MODES,
                                          console=console, suite=settings.eval.suite, device=settings.eval.device,
-                                         corrupted_episodes=settings.eval.corrupted_episodes)
+                                         corrupted_episodes=settings.eval.corrupted_episodes,
+                                         processes=settings.eval.processes)
         console.print(sim_table(result))
         did_work = True
     return did_work

@@ -80,10 +80,10 @@ def test_prompts_built_in_the_workers_train_the_same_weights(tmp_path, monkeypat
     calls = tmp_path / "calls"
     original = PolicyProcessor.__call__
 
-    def recording(self, batch, with_coc=False):
+    def recording(self, batch, with_coc=False, **kwargs):
         with calls.open("a") as f:  # the workers are forked: they inherit this patch and append their pid
             f.write(f"{os.getpid()} {torch.utils.data.get_worker_info() is not None}\n")
-        return original(self, batch, with_coc)
+        return original(self, batch, with_coc, **kwargs)
 
     monkeypatch.setattr(PolicyProcessor, "__call__", recording)
     weights = {}
