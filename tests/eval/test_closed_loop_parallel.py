@@ -88,6 +88,8 @@ def test_a_worker_that_dies_is_named_and_the_others_are_stopped():
 
 
 def test_ctrl_c_terminates_the_workers_and_names_the_jobs_in_flight():
+    # Python's own SIGINT handler (KeyboardInterrupt), whatever an earlier test or pytest left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -95,6 +97,7 @@ def test_ctrl_c_terminates_the_workers_and_names_the_jobs_in_flight():
             _run(2, jobs=[0], hang=0)
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
     assert info.value.__notes__ == ["interrupted while rolling out toy job 0"]
     assert _no_workers_left()
 
