@@ -175,9 +175,11 @@ def test_a_failing_run_is_reported_and_the_other_finishes(tmp_path):
 def test_sigint_stops_every_worker_and_a_second_matrix_resumes(tmp_path):
     profile = toy_profile(tmp_path, MAX_STEPS=24)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "FPLUS_DEBUG": ""}
+    # SIGINT at its default in the child, even when the tests run from a background shell (which ignores it)
     parent = subprocess.Popen([sys.executable, "-m", "fplus.cli.main", "matrix", "--profile", profile,
                                "--devices", "cpu,cpu"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+                              stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     metrics = [tmp_path / "runs" / r / "metrics.jsonl" for r in RUNS]
     deadline = time.time() + 240
     while not all(p.is_file() and len(p.read_text().splitlines()) >= 2 for p in metrics):
