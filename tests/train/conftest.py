@@ -18,3 +18,11 @@ def toy(tmp_path_factory):
     write_toy_dataset(root / "ds")
     compute_toy_latents(toy_settings(root, root / "ds"))
     return root
+
+
+@pytest.fixture(scope="module")
+def toy_ds(tmp_path_factory):
+    """The toy dataset alone (for E0, which reads no latents)."""
+    root = tmp_path_factory.mktemp("toy_ds")
+    write_toy_dataset(root / "ds")
+    return root

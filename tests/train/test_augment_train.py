@@ -16,17 +16,7 @@ from fplus.train.data import Collate, EpochSampler
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
 from tests.helpers import reset_accelerate as _reset_accelerate
-from tests.helpers import toy_settings, write_toy_dataset
-
-
-@pytest.fixture(scope="module")
-def toy_ds(tmp_path_factory):
-    """The toy dataset alone (E0 reads no latents)."""
-    root = tmp_path_factory.mktemp("toy_augment")
-    write_toy_dataset(root / "ds")
-    return root
-
-
+from tests.helpers import toy_settings
 
 
 def recipe(root, out, **values) -> TrainRecipe:

@@ -3,7 +3,6 @@ per-epoch loader, bit for bit, whatever the number of workers, from any position
 
 import multiprocessing
 
-import pytest
 import torch
 from torch.utils.data import DataLoader
 
@@ -13,23 +12,14 @@ from fplus.rundir import run_dir_for
 from fplus.train.data import Collate, EpochSampler
 from fplus.train.recipe import TrainRecipe
 from fplus.train.run import train_run
-from tests.helpers import reset_accelerate, toy_settings, write_toy_dataset
+from tests.helpers import reset_accelerate, toy_settings
 from tests.train.test_augment_train import assert_same
-
-
-@pytest.fixture(scope="module")
-def toy_ds(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_loader")
-    write_toy_dataset(root / "ds")
-    return root
+from tests.train.test_augment_train import recipe as augmented_recipe
 
 
 def recipe(root, out, **values) -> TrainRecipe:
-    reset_accelerate()
-    s = toy_settings(root, root / "ds", OUTPUT_DIR=out, EXPERIMENT="E0", BATCH_SIZE=4, AUGMENT="default", **values)
-    r = TrainRecipe(s, run_dir_for(s), progress_bar=False)
-    r.setup()
-    return r
+    """A set-up augmented E0 recipe (the augmentation draws are keyed by the epoch the workers must see)."""
+    return augmented_recipe(root, out, AUGMENT="default", **values)
 
 
 def run_epochs(r: TrainRecipe, positions: list[tuple[int, int]]) -> tuple[list[list[dict]], set[int]]:
