@@ -33,12 +33,11 @@ a CoC loss COC_MAX_TOKENS + 2 (after the ACT tokens, or in a second pass with CO
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from fplus.errors import FplusError
-from fplus.settings import ModelSettings, Settings
+from fplus.settings import ModelSettings, Settings, coc_samples
 
 WEIGHT_BYTES = 4  # float32 weights: the trainable ones always, the frozen ones unless PRECISION=bf16 (then 2)
 TRAINABLE_BYTES = 4 + 8  # float32 gradient, AdamW exp_avg and exp_avg_sq
@@ -319,7 +318,7 @@ def estimate_memory(settings: Settings, world_dim: int | None = None, action_dim
     patches = b * cameras * s.patches(m.image_size) * len(passes)
     vision = patches * s.vision_activation_elems * (s.vision_depth if vision_trains and not checkpointed else 1)
     embed = sum(b * n * EMBED_ELEMS * s.hidden for n in passes)
-    coc_rows = max(1, math.ceil(settings.coc.fraction * b - 1e-9))  # fplus.model.processor.coc_samples
+    coc_rows = coc_samples(b, settings.coc.fraction)
     logits = LOGIT_COPIES * coc_rows * settings.coc.max_tokens * s.embedding_rows(added) * 4 if m.coc else 0
 
     copies = 0

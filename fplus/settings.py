@@ -420,6 +420,15 @@ class CocSettings(Section):
                           gt=0, le=1)
 
 
+def coc_samples(batch_size: int, fraction: float) -> int:
+    """The samples of a batch of `batch_size` that carry their CoC text under COC_FRACTION `fraction` (0 < f <= 1):
+    the count of the prompt builder (fplus.model.processor) and of the memory estimate (fplus.memory):
+    ceil(f x B), at least 1 (with a tolerance, so that 0.25 x 8 is 2, not 3 from rounding)."""
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"COC_FRACTION={fraction}: must be in (0, 1]")
+    return max(1, math.ceil(fraction * batch_size - 1e-9))
+
+
 class RunSettings(Section):
     """Naming of the run directory, what `fplus matrix` runs and where (MATRIX_DEVICES, Slurm)."""
 

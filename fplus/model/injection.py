@@ -35,4 +35,4 @@ class GatedCrossAttention(nn.Module):
     @property
     def gate_value(self) -> float:
         """tanh(gate): the fraction of the attention output that reaches the ACT states."""
-        return float(torch.tanh(self.gate.detach()))
+        return float(self.gate_tensor())

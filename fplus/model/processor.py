@@ -18,7 +18,6 @@ Saved as CHECKPOINT/policy/processor/: the tokenizer and image processor (`save_
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,9 @@ from fplus import batch as K
 from fplus.errors import CheckpointError, ConfigError
 from fplus.model.chat import STATE_TOKEN, act_token, fut_token
 from fplus.model.prompt import PromptBatch, PromptBuilder, PromptTokens
+from fplus.settings import coc_samples
 
 PROCESSOR_CONFIG = "fplus_processor.json"
-
-
-def coc_samples(batch_size: int, fraction: float) -> int:
-    """The samples of a batch of `batch_size` that carry their CoC text under COC_FRACTION `fraction` (0 < f <= 1):
-    ceil(f x B), at least 1 (with a tolerance, so that 0.25 x 8 is 2, not 3 from rounding)."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"COC_FRACTION={fraction}: must be in (0, 1]")
-    return max(1, math.ceil(fraction * batch_size - 1e-9))
 
 
 class PolicyProcessor:
