@@ -5,9 +5,10 @@ its reason recorded; one that fails records its error; the JSON is rewritten aft
 
   train_lora  E0, E2, E4 with LoRA: step time (forward + backward + AdamW, bf16 autocast), peak memory and MFU at
               batch 8 of the h100 profile's policies (224 px, two cameras, LoRA on the last 16 layers, ALIGN_LAYER
-              14, no activation checkpointing) on random-weight Qwen3-VL-2B; the three policies built once and
-              timed interleaved (step i of each, then step i + 1), ratios E2/E0 and E4/E0
-              (benchmarks/train_step.py).
+              14, no activation checkpointing) on random-weight Qwen3-VL-2B, and `E4 f=0.25`: E4 with
+              COC_FRACTION=0.25; the policies built once and timed interleaved (step i of each, then step i + 1),
+              ratios E2/E0, E4/E0 and E4 f=0.25/E0 (benchmarks/train_step.py). Every batch has the demo's
+              instruction and its templated CoC label (train_step.demo_coc_label), as the mid-size benchmark.
   inference   batch-1 latency per action chunk (p50/p95/p99) of the same three policies in eval mode, bf16 autocast
               on CUDA as `fplus eval` runs; with prompt building ("full") and without (benchmarks/inference.py).
   train_full  as train_lora with full fine-tuning (interleaved when the three fit in memory together, else one
@@ -20,7 +21,8 @@ assumed. MFU = 6 x language-model params x tokens per step / step time / the GPU
 (train_step.PEAK_BF16, or --peak-tflops). Peak memory is CUDA's max allocated during a run's timed steps less what
 the other interleaved runs held (what the run needs alone).
 
-Targets (checked on H100/H200 only, `targets_apply`): E2 <= 1.05 x E0, E4 <= 1.25 x E0 (LoRA and full), inference
+Targets (checked on H100/H200 only, `targets_apply`): E2 <= 1.05 x E0, E4 <= 1.25 x E0 (LoRA and full; with LoRA
+also E4 f=0.25), inference
 p50 <= 20 ms per chunk (prompt building included), MFU >= 40 % for full fine-tuning.
 
 The random backbone is built once and saved (its random init takes a minute), and every policy loads it from there.
@@ -57,9 +59,11 @@ from common import RESULTS, environment, markdown_table  # noqa: E402
 from inference import chunk_latency, observation  # noqa: E402
 from latents import encoder_only  # noqa: E402
 from train_step import (  # noqa: E402
+    DEMO_TASK,
     HORIZON,
     Run,
     config_batch,
+    demo_coc_label,
     interleave,
     model_facts,
     model_flops,
@@ -75,7 +79,9 @@ from fplus.model.backbone import load_backbone, save_backbone  # noqa: E402
 from fplus.model.policy import FPlusPolicy  # noqa: E402
 
 NAMES = ("E0", "E2", "E4")
-MAX_RATIO = {"E2/E0": 1.05, "E4/E0": 1.25}
+COC_FRACTION = 0.25
+FRACTION_NAME = f"E4 f={COC_FRACTION:g}"  # train_lora only: E4 with COC_FRACTION (its CoC rows run apart)
+MAX_RATIO = {"E2/E0": 1.05, "E4/E0": 1.25, f"{FRACTION_NAME}/E0": 1.25}
 MAX_P50_MS = 20.0
 MIN_MFU = 0.40
 TARGET_GPUS = ("H100", "H200")
@@ -122,6 +128,7 @@ class Suite:
         self.start = time.perf_counter()
         self.end = self.start + budget_s
         self.kept: dict[str, tuple[FPlusPolicy, dict]] = {}  # train_lora's policies and batches, for inference
+        self.coc_text, coc_style, coc_tokens = demo_coc_label()  # every batch's CoC label (E4 trains on it)
         self._saved: Path | None = None  # the random backbone, built once and saved (see `backbone`)
         self._fallback = False  # the saved backbone could not be loaded: policies build the random one
         self._tmp: Path | None = None  # the temporary directory of the saved backbone
@@ -131,6 +138,8 @@ class Suite:
         self.result: dict = {
             "benchmark": "gpu_suite", "mode": "smoke" if smoke else "full", "environment": env,
             "config": {**asdict(sizes), "experiments": list(NAMES), "budget_s": budget_s,
+                       "instruction": DEMO_TASK, "coc_text": self.coc_text, "coc_style": coc_style,
+                       "coc_tokens": coc_tokens, "lora_variants": {FRACTION_NAME: {"COC_FRACTION": COC_FRACTION}},
                        "peak_flops": peak, "precision": "bf16 autocast" if self.device == "cuda" else "fp32"},
             "parts": {}}
 
@@ -201,7 +210,7 @@ class Suite:
 
     def policy(self, name: str, finetune: str) -> tuple[FPlusPolicy, dict]:
         """(policy, raw batch) of experiment `name` with `finetune`, from the profile's settings."""
-        overrides = {"EXPERIMENT": name, "FINETUNE": finetune, "BATCH_SIZE": self.sizes.batch}
+        overrides = {"EXPERIMENT": name.split()[0], "FINETUNE": finetune, "BATCH_SIZE": self.sizes.batch}
         try:
             _, config, cameras = profile_config(self.sizes.profile, {**overrides, "BACKBONE": self.backbone})
             policy = policy_from_config(config, self.device)
@@ -213,30 +222,32 @@ class Suite:
                 f"loading the saved backbone failed ({one_line(err)}): each policy initialises the random one")
             _, config, cameras = profile_config(self.sizes.profile, {**overrides, "BACKBONE": self.backbone})
             policy = policy_from_config(config, self.device)
-        return policy, config_batch(config, self.sizes.batch, cameras)
+        return policy, config_batch(config, self.sizes.batch, cameras, DEMO_TASK, self.coc_text)
 
     def train(self, finetune: str, deadline: float) -> dict:
-        """E0, E2, E4 with `finetune`: built, then timed interleaved (one after another when they don't fit)."""
+        """E0, E2, E4 (and FRACTION_NAME with LoRA) with `finetune`: built, then timed interleaved (one after another
+        when they don't fit)."""
         s, cuda = self.sizes, self.device == "cuda"
+        names = (*NAMES, FRACTION_NAME) if finetune == "lora" else NAMES
         built: dict[str, float] = {}
         raws: dict[str, dict] = {}
 
         def prepare(name: str) -> Run:
             t0 = time.perf_counter()
             policy, raws[name] = self.policy(name, finetune)
-            run = Run.prepare(policy, raws[name])
+            run = Run.prepare(policy, raws[name], coc_fraction=COC_FRACTION if name == FRACTION_NAME else 1.0)
             built[name] = time.perf_counter() - t0
             return run
 
-        first = prepare(NAMES[0])
-        together = fits_together(first, len(NAMES)) if cuda else True
-        groups = [list(NAMES)] if together else [[n] for n in NAMES]
+        first = prepare(names[0])
+        together = fits_together(first, len(names)) if cuda else True
+        groups = [list(names)] if together else [[n] for n in names]
         times: dict[str, list[float]] = {}
         out: dict = {"finetune": finetune, "timing": "interleaved round robin, step_ms is the median" if together
                      else "one experiment after another (the three do not fit in memory together)",
                      "experiments": {}}
         for group in groups:
-            runs = {n: first if n == NAMES[0] else prepare(n) for n in group}
+            runs = {n: first if n == names[0] else prepare(n) for n in group}
             # an equal share of the time left for each group still to run
             share = (deadline - time.perf_counter()) / (len(groups) - groups.index(group))
             group_times, peaks = interleave(runs, s.steps, s.warmup, self.device, cuda, time.perf_counter() + share)
@@ -244,7 +255,7 @@ class Suite:
                 times[n] = group_times[n]
                 out["experiments"][n] = self.train_record(run, group_times[n], peaks.get(n), built[n])
             if finetune == "lora":
-                self.kept.update({n: (run.policy, raws[n]) for n, run in runs.items()})
+                self.kept.update({n: (run.policy, raws[n]) for n, run in runs.items() if n in NAMES})
             del runs
             first = None
             gc.collect()

@@ -171,8 +171,9 @@ def one_step(policy: FPlusPolicy, batch: dict, opt: torch.optim.Optimizer, devic
 
 
 def prompt_tokens(batch: dict) -> int:
-    """Mean prompt tokens per sample (visual + text + ACT/FUT + CoC) of a processed batch."""
-    return int(batch[K.PROMPT].attention_mask.sum(1).float().mean())
+    """Mean prompt tokens per sample (visual + text + ACT/FUT + CoC) of a processed batch (all its passes)."""
+    prompt = batch[K.PROMPT]
+    return int(sum(int(p.attention_mask.sum()) for p in prompt.parts) / prompt.num_samples)
 
 
 def time_steps(policy: FPlusPolicy, batch: dict, steps: int, device: str, bf16: bool) -> tuple[float, float, int]:

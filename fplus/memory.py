@@ -307,18 +307,24 @@ def estimate_memory(settings: Settings, world_dim: int | None = None, action_dim
     visual = cameras * (s.visual_tokens(m.image_size) + VISION_DELIMITERS)
     prompt = visual + PROMPT_TEXT_TOKENS + added
     coc = settings.coc.max_tokens + COC_DELIMITERS if m.coc else 0
-    joint = settings.coc.mode == "joint_after_act"
-    passes = [prompt + coc] if joint or not m.coc else [prompt, visual + PROMPT_TEXT_TOKENS + coc]
     b = t.batch_size
+    coc_rows = coc_samples(b, settings.coc.fraction)
+    # (rows, tokens) of each backbone pass: joint CoC on k of B samples runs them and the other B - k apart
+    # (fplus.model.prompt, PromptBatch.rest); separate runs all B action prompts, then the k CoC prompts
+    if not m.coc:
+        passes = [(b, prompt)]
+    elif settings.coc.mode == "joint_after_act":
+        passes = [(coc_rows, prompt + coc)] + ([(b - coc_rows, prompt)] if coc_rows < b else [])
+    else:
+        passes = [(b, prompt), (coc_rows, visual + PROMPT_TEXT_TOKENS + coc)]
     checkpointed = m.gradient_checkpointing
     per_layer = s.layer_activation_elems
-    decoder = sum(b * n * (s.layers * s.hidden + per_layer if checkpointed else s.layers * per_layer)
-                  for n in passes)
+    decoder = sum(rows * n * (s.layers * s.hidden + per_layer if checkpointed else s.layers * per_layer)
+                  for rows, n in passes)
     vision_trains = m.finetune == "full"
-    patches = b * cameras * s.patches(m.image_size) * len(passes)
+    patches = sum(rows for rows, _ in passes) * cameras * s.patches(m.image_size)
     vision = patches * s.vision_activation_elems * (s.vision_depth if vision_trains and not checkpointed else 1)
-    embed = sum(b * n * EMBED_ELEMS * s.hidden for n in passes)
-    coc_rows = coc_samples(b, settings.coc.fraction)
+    embed = sum(rows * n * EMBED_ELEMS * s.hidden for rows, n in passes)
     logits = LOGIT_COPIES * coc_rows * settings.coc.max_tokens * s.embedding_rows(added) * 4 if m.coc else 0
 
     copies = 0
@@ -331,4 +337,4 @@ def estimate_memory(settings: Settings, world_dim: int | None = None, action_dim
         weights=WEIGHT_BYTES * trainable + (2 if bf16 else WEIGHT_BYTES) * (params - trainable),
         gradients=4 * trainable, optimizer=8 * trainable, autocast_copies=copies,
         activations=act_bytes * (decoder + vision + embed), logits=logits, params=params, trainable=trainable,
-        tokens=passes[0], shape=s)
+        tokens=passes[0][1], shape=s)

@@ -44,7 +44,8 @@ def test_smoke_suite_writes_consistent_finite_results(tmp_path):
 
     for part, finetune in (("train_lora", "lora"), ("train_full", "full")):
         r = data["parts"][part]
-        assert r["finetune"] == finetune and set(r["experiments"]) == NAMES
+        assert r["finetune"] == finetune
+        assert set(r["experiments"]) == (NAMES | {"E4 f=0.25"} if finetune == "lora" else NAMES)
         for rec in r["experiments"].values():
             for key in ("step_ms", "min_ms", "max_ms", "tokens", "samples_per_s", "flops_per_step", "mfu",
                         "build_s", "params", "trainable_params"):
@@ -61,13 +62,17 @@ def test_smoke_suite_writes_consistent_finite_results(tmp_path):
             assert (rec["weight_dtypes"]["frozen"] != []) == (finetune == "lora")
             assert (rec["trainable_params"] < rec["params"]) == (finetune == "lora")
         exps = r["experiments"]
-        for key in ("E2/E0", "E4/E0"):
+        for key in ("E2/E0", "E4/E0", *(("E4 f=0.25/E0",) if finetune == "lora" else ())):
             name = key.split("/")[0]
             assert r["ratios"][key] == pytest.approx(exps[name]["step_ms"] / exps["E0"]["step_ms"])
             assert r["ratios_min"][key] == pytest.approx(exps[name]["min_ms"] / exps["E0"]["min_ms"])
             paired = np.median(np.array(exps[name]["step_ms_all"]) / np.array(exps["E0"]["step_ms_all"]))
             assert r["ratios_paired"][key] == pytest.approx(paired)
         assert exps["E4"]["tokens"] > exps["E0"]["tokens"]  # E4's FUT tokens and CoC text
+    lora = data["parts"]["train_lora"]["experiments"]
+    # smoke batch 2: COC_FRACTION=0.25 puts the demo's label on 1 sample, so half the CoC tokens per sample
+    label = data["config"]["coc_tokens"]
+    assert label > 20 and lora["E4"]["tokens"] - lora["E4 f=0.25"]["tokens"] == pytest.approx(label / 2, abs=2)
 
     inference = data["parts"]["inference"]["experiments"]
     assert set(inference) == NAMES
@@ -85,7 +90,8 @@ def test_smoke_suite_writes_consistent_finite_results(tmp_path):
     targets = {t["name"]: t for t in data["targets"]}
     assert data["targets_apply"] is False  # a smoke run on the CPU
     for part in ("train_lora", "train_full"):
-        for key, limit in (("E2/E0", 1.05), ("E4/E0", 1.25)):
+        for key, limit in (("E2/E0", 1.05), ("E4/E0", 1.25), *((("E4 f=0.25/E0", 1.25),) if part == "train_lora"
+                                                               else ())):
             t = targets[f"{part} {key}"]
             assert (t["value"], t["limit"], t["pass"]) == (data["parts"][part]["ratios"][key], limit,
                                                            data["parts"][part]["ratios"][key] <= limit)

@@ -208,6 +208,8 @@ def test_components_of_a_hand_computed_case():
     part = estimate_memory(coc.model_copy(update={"coc": coc.coc.model_copy(update={"fraction": 0.34})}),
                            action_dim=2, shape=SMALL)
     assert part.logits == 3 * (2 * 10 * 1000 * 4)
+    # ... and the third sample's pass is not padded to their length (PromptBatch.rest)
+    assert part.activations == 2 * ((2 * 62 + 50) * (2 * 64 + layer) + vision + (2 * 62 + 50) * 4 * 64)
     # checkpointed: each layer keeps its input (64 a token), one layer's activations at a time
     assert c.activations == 2 * (3 * 62 * (2 * 64 + layer) + vision + 3 * 62 * 4 * 64)
 

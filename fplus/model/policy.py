@@ -63,12 +63,16 @@ LOSS_WEIGHTS = {"l_action": None, "l_world": "lambda_world", "l_text": "lambda_t
 class Encoded:
     """One backbone pass over a batch and the world latents it brings (standardised), before the memory.
 
-    act_h (B, H, d); z_hist (B, T, D), z_future (B, K, D), future_valid (B, K) or None; z_pred (B, K, D) or None.
+    act_h (B, H, d); fut_h (B, M, d) the FUT states at the alignment layer, or None without FLARE alignment;
+    text_loss: the joint CoC loss or None. out: the pass over `prompt` itself (its first part, `prompt.parts`).
+    z_hist (B, T, D), z_future (B, K, D), future_valid (B, K) or None; z_pred (B, K, D) or None.
     """
 
     prompt: PromptBatch
     out: BackboneOutput
     act_h: torch.Tensor
+    fut_h: torch.Tensor | None = None
+    text_loss: torch.Tensor | None = None
     z_hist: torch.Tensor | None = None
     z_future: torch.Tensor | None = None
     future_valid: torch.Tensor | None = None
@@ -211,9 +215,19 @@ class FPlusPolicy(nn.Module):
             state_embeds = self.state_proj(self.state_norm(state))
         layers = (self.align.layer,) if self.align is not None else ()
         want_text = self.config.model.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
-        out = self.backbone.forward(prompt, layers=layers, state_embeds=state_embeds, text_loss=want_text,
-                                    token_rows=self.token_rows)
-        enc = Encoded(prompt, out, prompt.gather(out.last_hidden, prompt.act_positions))
+        outs, act_h, fut_h, start = [], [], [], 0
+        for part in prompt.parts:  # one pass per part: a COC_FRACTION batch's rows without CoC are not padded
+            n = len(part.input_ids)
+            outs.append(self.backbone.forward(
+                part, layers=layers, state_embeds=None if state_embeds is None else state_embeds[start:start + n],
+                text_loss=want_text and part.labels is not None, token_rows=self.token_rows))
+            act_h.append(part.gather(outs[-1].last_hidden, part.act_positions))
+            if self.align is not None:
+                fut_h.append(part.gather(outs[-1].layers[self.align.layer], part.fut_positions))
+            start += n
+        enc = Encoded(prompt, outs[0], torch.cat(act_h) if len(act_h) > 1 else act_h[0],
+                      fut_h=(torch.cat(fut_h) if len(fut_h) > 1 else fut_h[0]) if fut_h else None,
+                      text_loss=outs[0].text_loss)
         if self.latent_norm is not None:
             if K.Z_HIST in batch:
                 enc.z_hist = self.standardize(batch[K.Z_HIST])
@@ -348,12 +362,11 @@ class FPlusPolicy(nn.Module):
             terms["l_action"] = masked_mse(self.act(act_h, memory), target, pad)
         if self.config.model.coc:
             if self.config.coc_mode == "joint_after_act":
-                terms["l_text"] = enc.out.text_loss
+                terms["l_text"] = enc.text_loss
             else:
                 terms["l_text"] = self.backbone.text_loss(enc.prompt.coc, token_rows=self.token_rows)
         if self.align is not None:
-            fut_h = enc.prompt.gather(enc.out.layers[self.align.layer], enc.prompt.fut_positions)
-            terms["l_align"], cos_align = self.align.loss(fut_h, enc.z_future, enc.future_valid)
+            terms["l_align"], cos_align = self.align.loss(enc.fut_h, enc.z_future, enc.future_valid)
             metrics["cos_align"] = cos_align.detach()
         return terms, metrics
 

@@ -94,6 +94,9 @@ class PromptBatch:
     act_positions: (B, H) long, or None in a CoC-only batch. fut_positions: (B, M) long or None.
     state_positions: (B,) long or None. labels: (B, L) long, -100 except the CoC text and its closing <|im_end|>,
         or None. coc: in `separate` mode with CoC texts, the CoC batch for its own pass, else None.
+    rest: in `joint_after_act` mode with CoC on only the first k < B samples (COC_FRACTION), this batch holds those
+        k samples and `rest` the other B - k, without CoC and padded to their own length, so that no row pays for
+        a CoC row's length; the policy runs both and concatenates them in this order (`parts`). Else None.
     position_ids: (3, B, L) long, Qwen3-VL's M-RoPE positions, 0 at padding; causal_mask: (B, 1, L, L) bool, the
         causal mask with padding. label_index, label_targets: (N,) long, the labelled next-token positions as flat
         indices into (B, L - 1) and their target ids (with labels). All are built here (fplus.model.host_inputs)
@@ -115,6 +118,17 @@ class PromptBatch:
     causal_mask: torch.Tensor | None = None
     label_index: torch.Tensor | None = None
     label_targets: torch.Tensor | None = None
+    rest: PromptBatch | None = None
+
+    @property
+    def parts(self) -> tuple[PromptBatch, ...]:
+        """The batches of one backbone pass each, in sample order: (self,) or (self, rest)."""
+        return (self,) if self.rest is None else (self, self.rest)
+
+    @property
+    def num_samples(self) -> int:
+        """B, the samples of all parts."""
+        return sum(len(part.input_ids) for part in self.parts)
 
     def to(self, device: str | torch.device) -> PromptBatch:
         """A copy with every tensor (and the CoC batch) on `device`; copies from pinned memory do not block."""
@@ -217,7 +231,8 @@ class PromptBuilder:
                 labelled. separate: returned as `.coc`, a CoC-only batch sharing the pixel values.
             pad_to: pad the rows to at least this length (static shapes, or two batches of equal length).
             coc_samples: only the first k samples carry their CoC text (COC_FRACTION; None: all): joint_after_act
-                rows k.. end after the query tokens; separate: `.coc` holds the first k samples.
+                with k < B: the batch holds the first k samples and `.rest` the other B - k, which end after the
+                query tokens; separate: `.coc` holds the first k samples.
         """
         cameras = self._cameras(images)
         self._check_texts("instruction", instructions, len(cameras[0]))
@@ -230,16 +245,25 @@ class PromptBuilder:
         if not 1 <= k <= b:
             raise ConfigError(f"coc_samples={coc_samples} for a batch of {b}: need 1 <= coc_samples <= {b}")
         pixels = self._pixels(cameras)
-        joint = None
+        rows = len(pixels["pixel_values"]) // b  # pixel rows per sample (sample-major)
+
+        def samples(lo: int, hi: int) -> dict[str, torch.Tensor]:
+            if (lo, hi) == (0, b):
+                return pixels
+            return {"pixel_values": pixels["pixel_values"][lo * rows: hi * rows],
+                    "image_grid_thw": pixels["image_grid_thw"][lo * len(cameras): hi * len(cameras)]}
+
         if coc_texts is not None and self.coc_mode == "joint_after_act":
-            joint = [*coc_texts[:k], *([None] * (b - k))]
-        batch = self._build(pixels, len(cameras), instructions, joint, with_queries=True, pad_to=pad_to)
+            batch = self._build(samples(0, k), len(cameras), instructions[:k], coc_texts[:k], with_queries=True,
+                                pad_to=pad_to)
+            if k < b:
+                batch.rest = self._build(samples(k, b), len(cameras), instructions[k:], None, with_queries=True,
+                                         pad_to=pad_to)
+            return batch
+        batch = self._build(pixels, len(cameras), instructions, None, with_queries=True, pad_to=pad_to)
         if coc_texts is not None and self.coc_mode == "separate":
-            rows = len(pixels["pixel_values"]) // b  # pixel rows per sample (sample-major)
-            first = pixels if k == b else {"pixel_values": pixels["pixel_values"][: k * rows],
-                                           "image_grid_thw": pixels["image_grid_thw"][: k * len(cameras)]}
-            batch.coc = self._build(first, len(cameras), instructions[:k], coc_texts[:k], with_queries=False,
-                                    pad_to=pad_to)
+            batch.coc = self._build(samples(0, k), len(cameras), instructions[:k], coc_texts[:k],
+                                    with_queries=False, pad_to=pad_to)
         return batch
 
     def coc_batch(
@@ -268,12 +292,12 @@ class PromptBuilder:
         pixels: dict[str, torch.Tensor],
         num_cameras: int,
         instructions: Sequence[str],
-        coc_texts: Sequence[str | None] | None,
+        coc_texts: Sequence[str] | None,
         with_queries: bool,
         pad_to: int | None = None,
     ) -> PromptBatch:
-        """Token rows -> right-padded tensors (a None CoC text: that row has none). The prompt ids never depend on
-        the CoC suffix (the causality test)."""
+        """Token rows -> right-padded tensors. The prompt ids never depend on the CoC suffix (the causality
+        test)."""
         bb = self.tokens
         rows, label_rows = [], []
         state_pos, fut_pos, act_pos = [], [], []
@@ -287,7 +311,7 @@ class PromptBuilder:
                 ids += bb.act_token_ids
                 fut_pos.append(list(range(len(ids), len(ids) + self.num_fut_tokens)))
                 ids += bb.fut_token_ids[: self.num_fut_tokens]
-            text = None if coc_texts is None else coc_texts[i]  # None: this sample carries no CoC (coc_samples)
+            text = None if coc_texts is None else coc_texts[i]
             if text is not None and with_queries:
                 ids.append(self.separator_id)  # unlabelled: the last query token predicts nothing
             labels = [IGNORE] * len(ids)

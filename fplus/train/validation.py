@@ -52,9 +52,8 @@ def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
                   "prophet_raw": (raw(z_pred), raw_future), "mean_raw": (raw(mean), raw_future),
                   "copy_raw": (raw(copy), raw_future)}
     if policy.align is not None:  # FLARE: the FUT states' projection against the future (standardised)
-        fut_h = enc.prompt.gather(enc.out.layers[policy.align.layer], enc.prompt.fut_positions)
-        m = fut_h.shape[1]
-        candidates["align"] = (policy.align(fut_h), z_future[:, :m])
+        m = enc.fut_h.shape[1]
+        candidates["align"] = (policy.align(enc.fut_h), z_future[:, :m])
     for key, (pred, target) in candidates.items():
         total, count = world_cosine_sums(pred, target, valid[:, :pred.shape[1]])
         sums[key][0] += float(total)

@@ -73,20 +73,32 @@ def test_coc_samples_refuses_a_fraction_outside_0_1():
         coc_samples(4, 0.0)
 
 
-def test_joint_coc_on_the_first_k_samples_only_leaves_the_action_prompt_unchanged(backbone):
+def test_joint_coc_on_the_first_k_samples_splits_the_batch_and_leaves_the_action_prompt_unchanged(backbone):
     builder = PromptBuilder(backbone, 64, M, True, "joint_after_act")
     full = builder(images(3), INSTRUCTIONS, COC)
-    part = builder(images(3), INSTRUCTIONS, COC, coc_samples=1)
+    part = builder(images(3), INSTRUCTIONS, COC, coc_samples=2)
     bare = builder(images(3), INSTRUCTIONS)
-    labelled = (part.labels != IGNORE).sum(1).tolist()
-    assert labelled[0] == (full.labels[0] != IGNORE).sum() > 0 and labelled[1:] == [0, 0]
-    # rows 1, 2 are the bare action prompt; row 0 is the full row
-    for i in (1, 2):
-        n = int(bare.attention_mask[i].sum())
-        assert torch.equal(part.input_ids[i, :n], bare.input_ids[i, :n]) and part.attention_mask[i].sum() == n
-    n0 = int(full.attention_mask[0].sum())
-    assert torch.equal(part.input_ids[0, :n0], full.input_ids[0, :n0])
-    assert torch.equal(part.act_positions, full.act_positions)
+    assert full.rest is None and part.num_samples == 3 and [len(p.input_ids) for p in part.parts] == [2, 1]
+    # samples 0, 1 with their CoC texts are full's rows exactly, labels included
+    n = full.attention_mask[:2].sum(1)
+    assert part.input_ids.shape[1] == int(n.max())
+    for i in (0, 1):
+        assert torch.equal(part.input_ids[i, :n[i]], full.input_ids[i, :n[i]])
+        assert torch.equal(part.labels[i, :n[i]], full.labels[i, :n[i]])
+    assert torch.equal(part.act_positions, full.act_positions[:2]) and (part.labels != IGNORE).sum() > 0
+    rows = len(full.pixel_values) // 3
+    assert torch.equal(part.pixel_values, full.pixel_values[:2 * rows])
+    # sample 2: the bare action prompt, no labels, padded to its own length, not to the CoC rows' longest
+    rest, n2 = part.rest, int(bare.attention_mask[2].sum())
+    assert rest.labels is None and rest.rest is None and rest.coc is None
+    assert rest.input_ids.shape == (1, n2) and n2 < full.input_ids.shape[1]
+    assert torch.equal(rest.input_ids[0], bare.input_ids[2, :n2])
+    assert torch.equal(rest.position_ids[:, 0], bare.position_ids[:, 2, :n2])
+    assert torch.equal(rest.pixel_values, full.pixel_values[2 * rows:])
+    assert torch.equal(rest.image_grid_thw, full.image_grid_thw[4:])
+    assert torch.equal(rest.act_positions, bare.act_positions[2:])
+    moved = part.to("meta")
+    assert moved.rest.input_ids.device.type == "meta" and moved.rest.image_grid_thw.device.type == "cpu"
 
 
 def test_separate_coc_batch_holds_the_first_k_samples_with_their_pixels(backbone):

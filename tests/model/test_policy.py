@@ -223,6 +223,38 @@ def test_every_loss_term_of_e4():
     assert policy.align.mlp[1].weight.grad.abs().sum() > 0
 
 
+def test_coc_fraction_split_passes_give_the_one_padded_pass_losses_and_gradients():
+    """COC_FRACTION in joint mode runs the CoC rows and the others as two passes (no row padded to a CoC row's
+    length): every loss term and every gradient equal one pass over all rows padded together (float tolerance)."""
+    batch = make_batch()
+
+    def run(split: bool):
+        policy = make(prophet=True, injection=True, coc=True, flare_align=True).train()
+        open_gate(policy)  # the memory reaches the actions, so its gradients are compared too
+        processed = policy.processor(batch, with_coc=True, coc_fraction=0.5)
+        if not split:  # the same prompts as ONE batch: rows 2, 3 without CoC, padded to the CoC rows' length
+            builder = policy.processor.builder
+            cameras = builder._cameras(batch[K.IMAGES])
+            whole = builder._build(builder._pixels(cameras), 1, batch[K.INSTRUCTIONS],
+                                   [*batch[K.COC_TEXT][:2], None, None], with_queries=True)
+            assert whole.rest is None and whole.input_ids.shape[1] > processed[K.PROMPT].rest.input_ids.shape[1]
+            processed = {**processed, K.PROMPT: whole}
+        else:
+            assert [len(p.input_ids) for p in processed[K.PROMPT].parts] == [2, 2]
+        loss, metrics = policy(processed, p_oracle=0.5, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        return {k: float(v) for k, v in metrics.items()}, grads
+
+    (m_split, g_split), (m_one, g_one) = run(True), run(False)
+    assert set(m_split) == set(m_one) and m_split["l_text"] > 0
+    for key in m_one:
+        assert m_split[key] == pytest.approx(m_one[key], rel=1e-5, abs=1e-7), key
+    assert set(g_split) == set(g_one) and len(g_one) > 20
+    for name, grad in g_one.items():
+        torch.testing.assert_close(g_split[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_coc_separate_mode_runs_its_own_pass():
     policy = make(coc=True, coc_mode="separate")
     batch = make_batch()

@@ -13,6 +13,7 @@ evaluated offline in one process (`fplus eval`'s evaluate_run) against the shard
 stopped by SIGTERM at step 3 and resumed under FSDP against the uninterrupted FSDP run (bit for bit).
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -225,3 +226,22 @@ def test_a_checkpoint_of_the_0d_gate_loads_into_the_1_element_gate(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds weights of other shapes than the config's: "
                                               r"\['action_head.step \(3, 1\) \(expected \(2, 64\)\)'\]"):
         fresh.load_weights(directory)
+
+
+@pytest.mark.slow
+def test_fsdp_runs_the_two_passes_of_a_coc_fraction_batch(toy, tmp_path):
+    """E4 with COC_FRACTION=0.5: each process's step runs its CoC sample and its other sample as two backbone
+    passes through the same sharded layers (PromptBatch.rest); FSDP2 must unshard for both and reduce once."""
+    from tests.train.test_host_syncs import coc_file
+
+    s = toy_settings(toy, toy / "ds", OUTPUT_DIR=tmp_path / "runs", BATCH_SIZE=B,
+                     COC_JSONL=coc_file(tmp_path / "coc.jsonl"), COC_FRACTION=0.5,
+                     **{**SAME_SAMPLES, "EXPERIMENT": "E4"})
+    out = launch_fsdp(s, tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "E4"
+    assert_sharded(ckpt.latest_valid(run))
+    train = lines(run, "train")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    for r in train:
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("l_text", "l_align", "l_action", "grad_norm")), r

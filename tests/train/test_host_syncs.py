@@ -34,7 +34,8 @@ def coc_file(path, episodes=5):
 
 
 @pytest.mark.parametrize(("experiment", "extra"), [("E0", {}), ("E2", {}), ("E4", {"COC_MODE": "joint_after_act"}),
-                                                   ("E4", {"COC_MODE": "separate", "COC_FRACTION": 0.5})])
+                                                   ("E4", {"COC_MODE": "separate", "COC_FRACTION": 0.5}),
+                                                   ("E4", {"COC_MODE": "joint_after_act", "COC_FRACTION": 0.5})])
 def test_one_host_sync_per_optimizer_step_outside_logging_steps(toy, tmp_path, experiment, extra):
     s = toy_settings(toy, toy / "ds", OUTPUT_DIR=tmp_path, EXPERIMENT=experiment, MAX_STEPS=20, LOG_EVERY=100,
                      NUM_WORKERS=0, COC_JSONL=coc_file(tmp_path / "coc.jsonl"), BATCH_SIZE=4, **extra)
@@ -46,7 +47,7 @@ def test_one_host_sync_per_optimizer_step_outside_logging_steps(toy, tmp_path, e
     with SyncCounter(qualified=True) as syncs:
         for step in steps:
             metrics = recipe.train_step(step)
-    forwards = 2 if extra.get("COC_MODE") == "separate" else 1
+    forwards = 2 if extra.get("COC_MODE") == "separate" or extra.get("COC_FRACTION") else 1  # the split passes
     ours = {k: v for k, v in syncs.by_site.items() if k.startswith("fplus/")}
     other = {k: v for k, v in syncs.by_site.items()
              if not k.startswith("fplus/") and not any(k.startswith(h) for h in HOST_READS)}  # also <listcomp>s
