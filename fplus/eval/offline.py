@@ -43,7 +43,7 @@ def evaluate_run(run_dir: Path, modes: tuple[str, ...], step: int | None = None,
     result = {"run": str(run.dir), "experiment": settings.train.experiment, "step": run.step,
               "gate": policy.injection.gate_value if policy.injection is not None else None,
               "action_names": ds.features[keys.action].get("names"), "modes": results,
-              "world": evaluated["world"], "skipped": evaluated["skipped"]}
+              "world": evaluated["world"], "text": evaluated["text"], "skipped": evaluated["skipped"]}
     if earlier:  # an evaluation of other modes of this checkpoint: keep them, newest values win
         merged = {**earlier, **results}
         result["modes"] = {m: merged[m] for m in memory_modes(policy, MODES) if m in merged}

@@ -361,14 +361,35 @@ class FPlusPolicy(nn.Module):
         else:
             terms["l_action"] = masked_mse(self.act(act_h, memory), target, pad)
         if self.config.model.coc:
-            if self.config.coc_mode == "joint_after_act":
-                terms["l_text"] = enc.text_loss
-            else:
-                terms["l_text"] = self.backbone.text_loss(enc.prompt.coc, token_rows=self.token_rows)
+            terms["l_text"] = self._text_term(enc)
         if self.align is not None:
             terms["l_align"], cos_align = self.align.loss(enc.fut_h, enc.z_future, enc.future_valid)
             metrics["cos_align"] = cos_align.detach()
         return terms, metrics
+
+    def _text_term(self, enc: Encoded) -> torch.Tensor:
+        """L_text of an encoded batch with CoC text: the joint pass's loss, or the separate CoC pass."""
+        if self.config.coc_mode == "joint_after_act":
+            return enc.text_loss
+        return self.backbone.text_loss(enc.prompt.coc, token_rows=self.token_rows)
+
+    @in_policy_precision
+    def text_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """(L_text, labelled tokens) of a batch's K.COC_PROMPT (the CoC text of every sample; Collate(coc_prompt=
+        True)): the mean next-token cross-entropy over its labelled tokens (a 0-d device tensor) and their number,
+        for a token-weighted mean over batches. joint_after_act: one pass over the CoC prompt; separate: its CoC
+        pass only. The actions are not touched (validation predicts them from the plain K.PROMPT)."""
+        if not self.config.model.coc:
+            raise ConfigError("this policy trains no CoC loss")
+        prompt = batch.get(K.COC_PROMPT)
+        if prompt is None:
+            raise ConfigError("the batch has no coc_prompt: build it with Collate(processor, coc_prompt=True) from "
+                              "samples with CoC texts")
+        if self.config.coc_mode == "joint_after_act":
+            loss = self.encode({**batch, K.PROMPT: prompt}, with_coc=True).text_loss
+            return loss, int(prompt.label_targets.numel())
+        coc = prompt.coc.to(self.device)
+        return self.backbone.text_loss(coc, token_rows=self.token_rows), int(coc.label_targets.numel())
 
     def weighted(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         """L = L_action + sum of lambda_x * L_x over the active terms."""

@@ -280,6 +280,10 @@ class PromptBuilder:
         pixels = self._pixels(cameras)
         return self._build(pixels, len(cameras), instructions, coc_texts, with_queries=False, pad_to=pad_to)
 
+    def label_ids(self, text: str) -> list[int]:
+        """The labelled token ids of a CoC text: its tokens and the closing <|im_end|>."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.im_end_id]
+
     def prompt_length(self, instruction: str, num_cameras: int = 1) -> int:
         """Tokens of one action prompt (no CoC) with this instruction, e.g. to budget sequence length."""
         queries = int(self.use_state) + self.num_fut_tokens + self.horizon
@@ -316,7 +320,7 @@ class PromptBuilder:
                 ids.append(self.separator_id)  # unlabelled: the last query token predicts nothing
             labels = [IGNORE] * len(ids)
             if text is not None:
-                text = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.im_end_id]
+                text = self.label_ids(text)
                 ids += text
                 labels += text
             rows.append(ids)

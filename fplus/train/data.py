@@ -155,12 +155,15 @@ class Collate:
             SEED, each sample's global frame row and the camera: the batches do not depend on the workers), used
             when the samples do not carry theirs (those of an `EpochIndices` loader do).
         coc_fraction: COC_FRACTION, the share of each training batch that carries its CoC text (with_coc).
+        coc_prompt: also build K.COC_PROMPT, the prompt with every sample's CoC text, beside the plain K.PROMPT
+            (validation of a CoC experiment scores L_text on it; only when the samples carry CoC texts).
     """
 
     def __init__(self, processor=None, with_coc: bool = False, augment=None, epoch: int = 0,
-                 coc_fraction: float = 1.0):
+                 coc_fraction: float = 1.0, coc_prompt: bool = False):
         self.processor = processor
         self.with_coc = with_coc
+        self.coc_prompt = coc_prompt
         self.coc_fraction = coc_fraction
         self.augment = augment
         self.epoch = epoch
@@ -173,7 +176,10 @@ class Collate:
                 batch[K.IMAGES] = self.augment(batch[K.IMAGES], batch["index"], epoch)
             if self.processor is None:
                 return batch
-            return self.processor(batch, with_coc=self.with_coc, coc_fraction=self.coc_fraction)
+            out = self.processor(batch, with_coc=self.with_coc, coc_fraction=self.coc_fraction)
+            if self.coc_prompt and K.COC_TEXT in batch:
+                out[K.COC_PROMPT] = self.processor(batch, with_coc=True)[K.PROMPT]
+            return out
 
 
 @contextmanager

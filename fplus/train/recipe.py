@@ -97,6 +97,7 @@ class TrainRecipe:
         self._signal: int | None = None  # the first SIGINT/SIGTERM received while training
         self._training = False  # signals only ask to stop once the steps have started
         self._stop = False  # every process agreed to stop after this step (the signal, reduced over processes)
+        self._unigram: float | None = None  # val_l_text's trivial baseline, once known
         self._saved_step: int | None = None
         self.logger = None
         if resume:
@@ -561,7 +562,8 @@ class TrainRecipe:
 
     def validate(self) -> dict[str, float]:
         """Normalised action MSE on the validation episodes under every corruption mode (only `none` without an
-        injected memory), the Prophet's world cosine beside its mean and copy-last baselines, and the gate: one
+        injected memory), the Prophet's world cosine beside its mean and copy-last baselines, the CoC text loss
+        on every validation sample (val_l_text, CoC experiments) and the gate: one
         `fplus.train.validation.evaluate_modes` pass."""
         from fplus.train.validation import WORLD_METRICS, evaluate_modes
 
@@ -578,9 +580,22 @@ class TrainRecipe:
             out[f"val_mse_{mode}"] = r["mse_norm"]
         for key, value in (results["world"] or {}).items():
             out[WORLD_METRICS[key]] = value
+        if results["text"] is not None:
+            out["val_l_text"] = results["text"]["l_text"]
+            out["val_l_text_unigram"] = self._text_baseline(policy)
         if policy.injection is not None:
             out["gate"] = policy.injection.gate_value
         return out
+
+    def _text_baseline(self, policy) -> float:
+        """val_l_text's trivial baseline (fplus.train.validation.unigram_text_baseline), computed once."""
+        if self._unigram is None:
+            from fplus.train.validation import unigram_text_baseline
+
+            vocab = policy.vlm.get_output_embeddings().out_features
+            self._unigram = unigram_text_baseline(policy.processor.builder.label_ids, vocab, self.train_set,
+                                                  self.val_set)
+        return self._unigram
 
     # ----- save / restore ---------------------------------------------------------------------------------------
 

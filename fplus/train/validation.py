@@ -9,7 +9,8 @@ noise drawn from a generator seeded by SEED (one noise per batch, the same for e
 from one evaluation to the next. With a Prophet it also reports the world cosine cos(z_pred, z_future) over valid
 future steps, next to two trivial baselines: always predicting the training mean, and copy-last (z_t repeated); in
 the standardised space the loss uses and in the raw encoder space.
-A Prophet that does not beat copy-last has learnt nothing the present does not already give.
+A Prophet that does not beat copy-last has learnt nothing the present does not already give. A CoC policy's
+text loss on every validation sample's CoC text has its trivial baseline too (`unigram_text_baseline`).
 
 Samples are visited in a fixed seeded random order, so every batch mixes episodes: `shuffle` gives each sample
 the memory of a sample from another episode of the same batch (a batch where one episode holds more than half of
@@ -19,6 +20,11 @@ policy's processor in the loader's collate function.
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,6 +40,32 @@ WORLD_METRICS = {"prophet": "val_cos_world", "mean": "val_cos_world_mean", "copy
                  "prophet_raw": "val_cos_world_raw", "mean_raw": "val_cos_world_mean_raw",
                  "copy_raw": "val_cos_world_copy_raw", "align": "val_cos_align"}
 """Keys of an evaluation's `world` cosines -> the names of the validation metrics (metrics.jsonl)."""
+
+
+def unigram_text_baseline(label_ids: Callable[[str], list[int]], vocab: int, train: PolicySamples,
+                          val: PolicySamples) -> float:
+    """val_l_text of a trivial predictor (nats a token): every labelled token of every validation sample scored by
+    the frequencies of the training samples' label tokens, add-one smoothed over the `vocab` ids, each sample
+    weighted as the batches weigh it (a frame carries its episode's text). A CoC loss above it has not learnt even
+    which tokens the labels use; one far below it predicts tokens from their context."""
+    def texts(samples: PolicySamples) -> Counter:  # {text: frames}
+        episodes, frames = np.unique(samples.episode_of[samples.rows], return_counts=True)
+        found = Counter()
+        for e, n in zip(episodes.tolist(), frames.tolist(), strict=True):
+            found[samples.coc[e]] += n
+        return found
+
+    counts: Counter = Counter()
+    for text, frames in texts(train).items():
+        for token in label_ids(text):
+            counts[token] += frames
+    total = sum(counts.values()) + vocab
+    nats, tokens = 0.0, 0
+    for text, frames in texts(val).items():
+        ids = label_ids(text)
+        nats -= frames * sum(math.log((counts[t] + 1) / total) for t in ids)
+        tokens += frames * len(ids)
+    return nats / tokens
 
 
 def memory_modes(policy: FPlusPolicy, modes: tuple[str, ...]) -> tuple[str, ...]:
@@ -64,9 +96,12 @@ def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
 def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str, ...], batch_size: int,
                    max_batches: int | None = None, num_workers: int = 0) -> dict:
     """{"modes": {mode: {mse_norm, mse_raw, mse_per_dim_raw, cos_world, samples, action_steps}}, "world": {prophet,
-    mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None, "skipped": {mode: reason}}; the MSEs average
-    over valid action steps. `shuffle` is skipped (with its reason) when no batch mixes two episodes.
-    Policies without an injected memory are evaluated under `none` only (the other modes cannot change them)."""
+    mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None, "text": {l_text, tokens} or None, "skipped":
+    {mode: reason}}; the MSEs average over valid action steps; l_text (a CoC policy on samples with CoC texts) is
+    the next-token cross-entropy over every labelled token of every sample (all carry their CoC text, whatever
+    COC_FRACTION trained on), predicted from prompts built apart from the plain ones the actions come from.
+    `shuffle` is skipped (with its reason) when no batch mixes two episodes. Policies without an injected memory
+    are evaluated under `none` only (the other modes cannot change them)."""
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}, all")
@@ -82,7 +117,9 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
     n_samples = {m: 0 for m in modes}
     keys = [k for k in WORLD_METRICS if k != "align" or policy.align is not None]
     world = {k: [0.0, 0.0] for k in keys} if policy.prophet is not None else None
-    loader = DataLoader(samples, batch_size=batch_size, collate_fn=Collate(policy.processor), num_workers=num_workers,
+    text = [0.0, 0] if policy.config.model.coc and samples.coc is not None else None  # (sum of L_text x n, n)
+    collate = Collate(policy.processor, coc_prompt=text is not None)
+    loader = DataLoader(samples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
                         sampler=EpochSampler(len(samples), SEED, shuffle=True))
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
@@ -106,6 +143,10 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
             n_samples[mode] += len(episodes) if mode != "shuffle" else int(donors[1].sum())
         if world is not None:
             _world_sums(policy, enc, world)
+        if text is not None:
+            loss, tokens = policy.text_loss(batch)
+            text[0] += float(loss) * tokens
+            text[1] += tokens
     policy.train(was_training)
     if not any(count.values()):
         raise DataError("no validation samples to evaluate (VAL_FRACTION = 0?)")
@@ -122,4 +163,5 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
                      "mse_per_dim_raw": per_dim.tolist(),
                      "cos_world": None if world_cos is None else world_cos["prophet"],
                      "samples": n_samples[mode], "action_steps": count[mode]}
-    return {"modes": out, "world": world_cos, "skipped": skipped}
+    text_out = None if text is None or not text[1] else {"l_text": text[0] / text[1], "tokens": text[1]}
+    return {"modes": out, "world": world_cos, "text": text_out, "skipped": skipped}

@@ -127,7 +127,28 @@ def test_e0_validates_only_without_corruption_and_val_every_sets_the_points(toy,
     val = metrics(run_dir, "val")
     assert [v["step"] for v in val] == [2, 4, 6]
     assert all(not any(k.startswith("val_mse_") and k != "val_mse_none" for k in v) for v in val)
-    assert "val_cos_world" not in val[-1]
+    assert "val_cos_world" not in val[-1] and "val_l_text" not in val[-1]
+
+
+def test_coc_validation_scores_every_sample_beside_its_unigram_baseline(toy, tmp_path):
+    """E3 with COC_FRACTION=0.5: val_l_text scores the CoC text of every validation sample (what evaluate_modes
+    computes alone), next to the unigram baseline; E0 validation has neither."""
+    from fplus.train.validation import evaluate_modes, unigram_text_baseline
+    from tests.train.test_host_syncs import coc_file
+
+    s = toy_settings(toy, toy / "ds", OUTPUT_DIR=tmp_path, EXPERIMENT="E3", MAX_STEPS=2, VAL_EVERY=2, BATCH_SIZE=2,
+                     COC_FRACTION=0.5, COC_JSONL=coc_file(tmp_path / "coc.jsonl"))
+    recipe = TrainRecipe(s, run_dir_for(s), progress_bar=False)
+    recipe.setup()
+    recipe.fit()
+    val = metrics(run_dir_for(s), "val")[-1]
+    policy = recipe.accelerator.unwrap_model(recipe.model)
+    alone = evaluate_modes(policy, recipe.val_set, ("none",), s.train.batch_size)
+    assert val["val_l_text"] == pytest.approx(alone["text"]["l_text"], rel=1e-6) and val["val_l_text"] > 0
+    vocab = policy.vlm.get_output_embeddings().out_features
+    assert val["val_l_text_unigram"] == unigram_text_baseline(policy.processor.builder.label_ids, vocab,
+                                                              recipe.train_set, recipe.val_set)
+    assert 0 < val["val_l_text_unigram"] < 6  # the labels use a few of the tiny vocabulary's ids (ln 413 = 6.0)
 
 
 def test_e4_without_coc_fails_clearly(toy, tmp_path):
