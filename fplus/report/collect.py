@@ -374,6 +374,10 @@ def collect_run(path: Path) -> Record:
         notes.append("no validation line yet")
     world_history = [{"step": r["step"], **w} for r in val if (w := val_world(r)) is not None]
     world = {"latest": world_history[-1] if world_history else None, "history": world_history}
+    texts = [r for r in val if r.get("val_l_text") is not None]
+    text = None if not texts else {"step": texts[-1]["step"], "l_text": float(texts[-1]["val_l_text"]),
+                                   "unigram": None if texts[-1].get("val_l_text_unigram") is None
+                                   else float(texts[-1]["val_l_text_unigram"])}
 
     offline_files = _newest(path / EVAL_DIR, OFFLINE_RE)
     offline = collect_offline(offline_files[""][1], memory) if offline_files else None
@@ -418,7 +422,7 @@ def collect_run(path: Path) -> Record:
             "complete": complete, "steps": steps, "total_steps": total,
             "steps_per_epoch": config.get("steps_per_epoch"), "has_memory": has_memory, "has_prophet": has_prophet,
             "final_train": final_train, "final_gate": final_gate, "val_latest": val_latest, "val_history": history,
-            "world": world, "offline": offline, "sim": sim,
+            "world": world, "text": text, "offline": offline, "sim": sim,
             "foreign_checkpoints": [{"step": k, "differs": v} for k, v in foreign.items()], "notes": notes}
 
 

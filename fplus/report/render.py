@@ -177,6 +177,29 @@ def _side_by_side(data: Record, pick, value_key: str, delta_key: str, caption: s
     return blocks
 
 
+def text_table(data: Record) -> list[Block]:
+    """The CoC text loss on every validation sample beside its unigram baseline (latest val line), per run that
+    logged it (CoC experiments); nothing when none did."""
+    rows = []
+    for run in data["runs"]:
+        text = run.get("text")
+        if text is None:
+            continue
+        first = fmt(text["l_text"])
+        if text["unigram"] is not None:
+            first.style = "better" if text["l_text"] < text["unigram"] else "worse"
+        rows.append([Cell(run["label"], "text"), Cell(f"validation, step {text['step']}", "text"), first,
+                     fmt(text["unigram"])])
+    if not rows:
+        return []
+    return [Table(["run", "from", "L_text", "unigram baseline"], rows,
+                  caption="CoC text loss (nats a token) over every labelled token of every validation sample's CoC "
+                  "text (val_l_text), whatever COC_FRACTION trained on."),
+            Para("The baseline needs no learning: it scores each label token by its frequency in the training "
+                 "split's labels (add-one smoothed). An L_text above it has not learnt even which tokens the labels "
+                 "use.")]
+
+
 def world_table(data: Record) -> list[Block]:
     """The Prophet's cos(z_pred, z_future) beside the training-mean and copy-last baselines, standardised and raw,
     from the latest val line and from the offline eval, per run with a Prophet."""
@@ -368,6 +391,9 @@ def build_document(data: Record, plots: Plots, seeds: list[Block] | None = None)
         doc.append(Figure(plots.world_cosine, "world cosine vs baselines",
                           "Validation cos(z_pred, z_future) over steps (standardised latents): the Prophet, the "
                           "training mean and copy-last (z_t repeated)."))
+    text = text_table(data)
+    if text:
+        doc += [Heading(2, "CoC text against its baseline"), *text]
 
     doc.append(Heading(2, "Closed-loop success"))
     simulators = sorted({s for r in runs for s in r["sim"]})

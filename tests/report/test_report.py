@@ -80,7 +80,7 @@ def _val_line(exp: str, step: int) -> dict:
                     val_cos_world_copy=w["copy"], val_cos_world_raw=w["prophet_raw"],
                     val_cos_world_mean_raw=w["mean_raw"], val_cos_world_copy_raw=w["copy_raw"])
     if exp == "E4":
-        line["val_cos_align"] = 0.7
+        line.update(val_cos_align=0.7, val_l_text=round(5.0 - step / 100, 6), val_l_text_unigram=4.24)
     return line
 
 
@@ -595,10 +595,24 @@ def test_world_cosine_table_and_figure(reported, tmp_path, monkeypatch):
         ("copy-last (z_t repeated)", c.world_series(r["E2"])["copy"])]
 
 
+def test_coc_text_table_beside_its_unigram_baseline(reported):
+    runs, files, data = reported
+    r = _by_label(data)
+    assert r["E4"]["text"] == {"step": 80, "l_text": 4.2, "unigram": 4.24}
+    assert r["E0"]["text"] is None and r["E2"]["text"] is None
+    md = files.markdown.read_text()
+    assert "## CoC text against its baseline" in md
+    header, rows = _table(md, "CoC text loss")
+    assert header == ["run", "from", "L_text", "unigram baseline"]
+    assert rows == [["E4", "validation, step 80", "4.2", "4.24"]]  # only E4 logged it
+    assert "An L_text above it has not learnt even which tokens the labels use." in md
+
+
 def test_no_prophet_no_world_table(tmp_path):
     files = write_report([make_run(tmp_path, "E0")], tmp_path / "out")
     md = files.markdown.read_text()
     assert "_World cosine: - (no run has a Prophet)._" in md and "world_cosine.png" not in md
+    assert "CoC text against its baseline" not in md  # no CoC run: no section
 
 
 def test_closed_loop_tables_say_how_many_episodes_each_mode_used(reported):
