@@ -98,6 +98,7 @@ class TrainRecipe:
         self._training = False  # signals only ask to stop once the steps have started
         self._stop = False  # every process agreed to stop after this step (the signal, reduced over processes)
         self._unigram: float | None = None  # val_l_text's trivial baseline, once known
+        self._val_loader = None  # the validation loader, built at the first validation
         self._saved_step: int | None = None
         self.logger = None
         if resume:
@@ -399,6 +400,12 @@ class TrainRecipe:
             TrainingInterrupted: SIGINT/SIGTERM (under `signals()`): the step in progress was finished and saved.
             FplusError: a non-finite loss or gradient (NONFINITE=error), a checkpoint that cannot be written.
         """
+        try:
+            return self._fit()
+        finally:
+            self._val_loader = None  # its persistent workers end with it
+
+    def _fit(self) -> TrainProgress:
         from fplus.progress import make_progress
 
         acc, s = self.accelerator, self.settings.train
@@ -565,17 +572,19 @@ class TrainRecipe:
         injected memory), the Prophet's world cosine beside its mean and copy-last baselines, the CoC text loss
         on every validation sample (val_l_text, CoC experiments) and the gate: one
         `fplus.train.validation.evaluate_modes` pass."""
-        from fplus.train.validation import WORLD_METRICS, evaluate_modes
+        from fplus.train.validation import WORLD_METRICS, evaluate_modes, evaluation_loader
 
         policy = self.accelerator.unwrap_model(self.model)
         out: dict[str, float] = {"step": self.progress.step, "epoch": self.progress.epoch}
         if self.val_set is None:
             return out
+        if self._val_loader is None:  # one for the run: its workers (NUM_WORKERS) serve every validation
+            workers = default_workers(self.settings.train.num_workers, self.accelerator.num_processes)
+            self._val_loader = evaluation_loader(policy, self.val_set, self.settings.train.batch_size, workers,
+                                                 persistent=True)
         with self.accelerator.autocast():
             results = evaluate_modes(policy, self.val_set, MODES, self.settings.train.batch_size,
-                                     self.settings.train.val_batches,
-                                     num_workers=default_workers(self.settings.train.num_workers,
-                                                                 self.accelerator.num_processes))
+                                     self.settings.train.val_batches, loader=self._val_loader)
         for mode, r in results["modes"].items():
             out[f"val_mse_{mode}"] = r["mse_norm"]
         for key, value in (results["world"] or {}).items():

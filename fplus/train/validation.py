@@ -92,16 +92,33 @@ def _world_sums(policy: FPlusPolicy, enc, sums: dict[str, list[float]]) -> None:
         sums[key][1] += float(count)
 
 
+def scores_text(policy: FPlusPolicy, samples: PolicySamples) -> bool:
+    """Whether an evaluation of `samples` scores the CoC text loss: a CoC policy and samples with CoC texts."""
+    return policy.config.model.coc and samples.coc is not None
+
+
+def evaluation_loader(policy: FPlusPolicy, samples: PolicySamples, batch_size: int, num_workers: int = 0,
+                      persistent: bool = False) -> DataLoader:
+    """The loader `evaluate_modes` reads: the samples in a fixed seeded random order (every pass the same), prompts
+    built in the workers (with the CoC prompt when `scores_text`). persistent: the workers stay for the next pass
+    (the training recipe validates many times with one loader)."""
+    collate = Collate(policy.processor, coc_prompt=scores_text(policy, samples))
+    return DataLoader(samples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                      sampler=EpochSampler(len(samples), SEED, shuffle=True),
+                      persistent_workers=persistent and num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
 @torch.no_grad()
 def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str, ...], batch_size: int,
-                   max_batches: int | None = None, num_workers: int = 0) -> dict:
+                   max_batches: int | None = None, num_workers: int = 0, loader: DataLoader | None = None) -> dict:
     """{"modes": {mode: {mse_norm, mse_raw, mse_per_dim_raw, cos_world, samples, action_steps}}, "world": {prophet,
     mean, copy, prophet_raw, mean_raw, copy_raw[, align]} or None, "text": {l_text, tokens} or None, "skipped":
     {mode: reason}}; the MSEs average over valid action steps; l_text (a CoC policy on samples with CoC texts) is
     the next-token cross-entropy over every labelled token of every sample (all carry their CoC text, whatever
     COC_FRACTION trained on), predicted from prompts built apart from the plain ones the actions come from.
     `shuffle` is skipped (with its reason) when no batch mixes two episodes. Policies without an injected memory
-    are evaluated under `none` only (the other modes cannot change them)."""
+    are evaluated under `none` only (the other modes cannot change them). `loader`: an `evaluation_loader` of the
+    same policy, samples and batch size to read (its workers kept between calls); None: one for this call."""
     bad = [m for m in modes if m not in MODES]
     if bad:
         raise ConfigError(f"unknown corruption modes {bad}; valid: {', '.join(MODES)}, all")
@@ -117,10 +134,11 @@ def evaluate_modes(policy: FPlusPolicy, samples: PolicySamples, modes: tuple[str
     n_samples = {m: 0 for m in modes}
     keys = [k for k in WORLD_METRICS if k != "align" or policy.align is not None]
     world = {k: [0.0, 0.0] for k in keys} if policy.prophet is not None else None
-    text = [0.0, 0] if policy.config.model.coc and samples.coc is not None else None  # (sum of L_text x n, n)
-    collate = Collate(policy.processor, coc_prompt=text is not None)
-    loader = DataLoader(samples, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                        sampler=EpochSampler(len(samples), SEED, shuffle=True))
+    text = [0.0, 0] if scores_text(policy, samples) else None  # (sum of L_text x tokens, tokens)
+    if loader is None:
+        loader = evaluation_loader(policy, samples, batch_size, num_workers)
+    elif loader.dataset is not samples or loader.batch_size != batch_size:
+        raise ConfigError("evaluate_modes: the loader reads other samples or another batch size")
     for i, batch in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break

@@ -67,3 +67,22 @@ def test_fit_with_workers_leaves_no_worker_processes(toy_ds, tmp_path):
     progress = train_run(s, run_dir_for(s), progress_bar=False)  # 11 steps per epoch: two epochs
     assert progress.step == 12 and progress.epoch == 1
     assert {p.pid for p in multiprocessing.active_children()} == before
+
+
+def test_one_validation_loader_serves_every_validation_with_the_same_workers(toy, tmp_path):
+    """E2 with NUM_WORKERS=1: the recipe's validations read one persistent loader (same worker process), and give
+    the numbers of a fresh single-process evaluation exactly."""
+    from fplus.train.validation import evaluate_modes
+
+    s = toy_settings(toy, toy / "ds", OUTPUT_DIR=tmp_path, EXPERIMENT="E2", BATCH_SIZE=4, NUM_WORKERS=1)
+    r = TrainRecipe(s, run_dir_for(s), progress_bar=False)
+    r.setup()
+    first = r.validate()
+    pids = {w.pid for w in r._val_loader._iterator._workers}
+    second = r.validate()
+    assert {w.pid for w in r._val_loader._iterator._workers} == pids and len(pids) == 1
+    assert first == second
+    policy = r.accelerator.unwrap_model(r.model)
+    alone = evaluate_modes(policy, r.val_set, ("none", "zero", "random"), s.train.batch_size, num_workers=0)
+    for mode in ("none", "zero", "random"):
+        assert first[f"val_mse_{mode}"] == alone["modes"][mode]["mse_norm"], mode
