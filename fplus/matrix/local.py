@@ -64,21 +64,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_environ(slot: Slot, parent: dict[str, str] | None = None) -> dict[str, str]:
+def cpu_threads(slots: list[Slot], cpus: int | None = None) -> int:
+    """The torch threads of a worker on a cpu slot: the machine's cores shared by the cpu slots (at least 1), so
+    that side-by-side runs do not oversubscribe the cores (two runs of 2 threads on 2 cores run their many small
+    ops several times slower than two of 1 thread; docs/training.md, Seeds)."""
+    cpu_slots = sum(1 for s in slots if not s.gpus)
+    return max(1, (cpus or os.cpu_count() or 1) // max(1, cpu_slots))
+
+
+def worker_environ(slot: Slot, parent: dict[str, str] | None = None, threads: int | None = None) -> dict[str, str]:
     """The environment of a worker on `slot`: the parent's, pinned to the slot's devices, without the parent's
-    distributed variables, unbuffered output, and FPLUS_MATRIX_PARENT (the worker stops when the matrix dies)."""
+    distributed variables, unbuffered output, and FPLUS_MATRIX_PARENT (the worker stops when the matrix dies). A cpu
+    slot's worker gets OMP_NUM_THREADS=`threads` (`cpu_threads`) unless the parent sets OMP_NUM_THREADS itself."""
     parent = dict(os.environ if parent is None else parent)
     env = {k: v for k, v in parent.items() if k not in LAUNCH_ENV_DROP}
     env.update(slot.environ(parent))
+    if not slot.gpus and threads is not None and "OMP_NUM_THREADS" not in parent:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update({"PYTHONUNBUFFERED": "1", "COLUMNS": env.get("COLUMNS", "160"),
                 worker.PARENT_ENV: str(os.getpid())})
     return env
 
 
 def start_worker(name: str, settings: Settings, slot: Slot, hint: str,
-                 accelerate: Path | None) -> tuple[subprocess.Popen, object]:
-    """Write the run's job file and start its worker on `slot`, output appended to its log. Returns the process
-    and the open log file (closed by the caller when the process ends)."""
+                 accelerate: Path | None, threads: int | None = None) -> tuple[subprocess.Popen, object]:
+    """Write the run's job file and start its worker on `slot` (`threads`: see `worker_environ`), output appended to
+    its log. Returns the process and the open log file (closed by the caller when the process ends)."""
     job = worker.write_job(worker.job_file(settings, name), name, settings, slot.eval_device(settings.eval.device))
     command = worker.worker_command(job, slot.processes, accelerate, free_port() if slot.processes > 1 else None,
                                     hint)
@@ -89,7 +100,7 @@ def start_worker(name: str, settings: Settings, slot: Slot, hint: str,
               f"{slot.label} (launched at {now:.3f}) ===\n")
     log.flush()
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                               env=worker_environ(slot), start_new_session=True)
+                               env=worker_environ(slot, threads=threads), start_new_session=True)
     return process, log
 
 
@@ -142,7 +153,7 @@ def run_parallel(base: Settings, ready: dict[str, Settings], outcome: MatrixOutc
             name = queue.popleft()
             index = free.popleft()
             settings = ready[name]
-            process, log = start_worker(name, settings, slots[index], hint, accelerate)
+            process, log = start_worker(name, settings, slots[index], hint, accelerate, cpu_threads(slots))
             running[name] = _Worker(name, index, process, log)
             rows[name].state, rows[name].where, rows[name].started = "running", slots[index].label, time.time()
 

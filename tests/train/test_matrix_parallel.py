@@ -83,6 +83,18 @@ def test_devices_become_slots_and_pin_each_worker():
     assert [Slot().eval_device(d) for d in ("auto", "cuda:1", "cpu")] == ["auto", "cpu", "cpu"]
 
 
+def test_cpu_slots_share_the_cores_and_the_parent_can_say_otherwise():
+    from fplus.matrix.local import cpu_threads, worker_environ
+
+    assert cpu_threads([Slot(), Slot()], cpus=2) == 1 and cpu_threads([Slot(), Slot()], cpus=8) == 4
+    assert cpu_threads([Slot()], cpus=2) == 2 and cpu_threads([Slot()] * 3, cpus=2) == 1
+    assert cpu_threads([Slot((0,)), Slot()], cpus=8) == 8  # GPU slots take no share of the cores
+    assert worker_environ(Slot(), {}, threads=1)["OMP_NUM_THREADS"] == "1"
+    assert worker_environ(Slot(), {"OMP_NUM_THREADS": "3"}, threads=1)["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in worker_environ(Slot((0,)), {}, threads=1)
+    assert "OMP_NUM_THREADS" not in worker_environ(Slot(), {})
+
+
 @pytest.mark.parametrize("value, message", [
     ("cuda:0,cuda:0", "names cuda:0 twice"),
     ("cpu+cuda:1", "cpu stands alone"),
@@ -123,9 +135,17 @@ def test_no_wait_needs_slurm(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_runs_at_once_equal_the_sequential_matrix_bit_for_bit(tmp_path):
+def test_two_runs_at_once_equal_the_sequential_matrix_bit_for_bit(tmp_path, monkeypatch):
+    """At the same torch thread count (the last bits of CPU kernels depend on it): one here, in-process, and one
+    in each worker (the parent's OMP_NUM_THREADS wins over the cpu slots' share of the cores)."""
     seq, par = tmp_path / "seq", tmp_path / "par"
-    first = run_matrix(toy_profile(seq, MAX_STEPS=3), console=Console(record=True))  # cpu: in-process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first = run_matrix(toy_profile(seq, MAX_STEPS=3), console=Console(record=True))  # cpu: in-process
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert first.runs == {r: "trained" for r in RUNS}
     console = Console(record=True, width=200)
     profile = toy_profile(par, MAX_STEPS=3)
