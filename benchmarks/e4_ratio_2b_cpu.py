@@ -7,12 +7,13 @@ the ratio where it matters, as far as a CPU can: the h100 profile's policies (22
 16 layers, ALIGN_LAYER 14, no activation checkpointing) with BACKBONE=random-qwen3-vl-2b, the frozen weights stored
 in bf16 (what PRECISION=bf16 stores on a GPU) and the steps under CPU bf16 autocast, on a batch of the demo's
 instruction and templated CoC label (as --size mid). E0 is built and timed, freed, then one E4 policy is timed on
-two batches in turn: all samples with CoC (COC_FRACTION=1) and the first ceil(0.25 B) with it (COC_FRACTION=0.25,
-joint: two backbone passes). One 2B policy at a time (~10 GB).
+its batches in turn: all samples with CoC (COC_FRACTION=1, unless --no-full) and, for each f of --fractions, the
+first ceil(f B) with it (joint: two backbone passes). One 2B policy at a time (~10 GB).
 
 CPU matmuls are not a GPU's, so the ratios are FLOP-share evidence, not GPU timings: the GPU suite measures those.
 
-    python benchmarks/e4_ratio_2b_cpu.py [--batch 4] [--steps 2] [--out FILE.json]   # ~25 min on 2 cores
+    python benchmarks/e4_ratio_2b_cpu.py [--batch 4] [--steps 5] [--fractions 0.25] [--no-full] [--out FILE.json]
+    (batch 4, 5 steps: ~12 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from train_step import (  # noqa: E402
 from fplus.model.precision import store_frozen  # noqa: E402
 
 BACKBONE = "random-qwen3-vl-2b"
-FRACTION = 0.25
 
 
 def build(experiment: str, batch: int, backbone: str) -> tuple[object, dict]:
@@ -64,7 +64,9 @@ def timed(run: Run) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2, help="timed steps of each (no warm-up: each is minutes)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps of each (no warm-up: each is long)")
+    parser.add_argument("--fractions", default="0.25", help="comma-separated COC_FRACTION values beside E4's 1")
+    parser.add_argument("--no-full", action="store_true", help="leave out E4 at COC_FRACTION=1")
     parser.add_argument("--out", type=Path, default=RESULTS / "e4_ratio_2b-cpu.json")
     parser.add_argument("--backbone", default=BACKBONE, help="another random backbone (a quick check of the script)")
     args = parser.parse_args()
@@ -81,7 +83,8 @@ def main() -> None:
     gc.collect()
 
     policy, raw = build("E4", args.batch, args.backbone)
-    runs = {"E4": Run.prepare(policy, raw), f"E4 f={FRACTION:g}": Run.prepare(policy, raw, coc_fraction=FRACTION)}
+    fractions = ([] if args.no_full else [1.0]) + [float(f) for f in args.fractions.split(",")]
+    runs = {"E4" if f == 1 else f"E4 f={f:g}": Run.prepare(policy, raw, coc_fraction=f) for f in fractions}
     for name in runs:
         seconds[name] = []
     for _ in range(args.steps):  # in turn, so that drift hits both alike
@@ -97,7 +100,7 @@ def main() -> None:
                                    "batch": args.batch,
                                    "precision": "frozen weights bf16, CPU bf16 autocast", "steps": args.steps,
                                    "instruction": DEMO_TASK, "coc_text": label[0], "coc_tokens": label[2],
-                                   "timing": "E0 alone, then E4 and E4 f=0.25 in turn on one policy"}}
+                                   "timing": "E0 alone, then the E4 variants in turn on one policy"}}
     for name, times in seconds.items():
         med = float(np.median(times))
         result[name] = {"step_s": med, "step_s_all": times, "tokens": facts[name]["tokens"], "vs_E0": med / e0}

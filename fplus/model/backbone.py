@@ -32,11 +32,10 @@ from torch import nn
 
 from fplus.errors import CheckpointError, ConfigError
 from fplus.model.chat import CHAT_TEMPLATE, PAD, STATE_TOKEN, act_token, fut_token
-from fplus.model.host_inputs import qwen3vl_inputs
+from fplus.model.host_inputs import placeholder_check_on_host, qwen3vl_inputs
 from fplus.model.tiny import RANDOM_SIZES, build_random, build_tiny
 
 if TYPE_CHECKING:
-    from fplus.model.host_inputs import qwen3vl_inputs
     from fplus.model.prompt import PromptBatch
 from fplus.model.token_rows import TokenRows
 
@@ -124,8 +123,10 @@ class Backbone:
             else:  # the model derives positions and masks itself
                 inputs = {"attention_mask": batch.attention_mask,
                           "image_grid_thw": batch.image_grid_thw.to(batch.input_ids.device)}
-            out = vlm.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
-                            mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **inputs)
+            with placeholder_check_on_host(vlm.model, batch.image_tokens if vlm.config.model_type == "qwen3_vl"
+                                           else None):
+                out = vlm.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
+                                mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **inputs)
         last = out.last_hidden_state
         loss = None
         if text_loss:

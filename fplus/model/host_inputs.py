@@ -10,13 +10,17 @@ whether the causal mask can be skipped (1-2 syncs). All of them are functions of
     label_positions()      the CoC loss's labelled positions and targets, idem
     qwen3vl_inputs(...)    the keyword arguments of `Qwen3VLModel.forward` for one PromptBatch whose tensors are on
                            `device` except `image_grid_thw` (kept on the host, fplus.model.prompt.HOST_FIELDS)
+    placeholder_check_on_host(...)  transformers' check that the image-token count matches the image features
+                           (`get_placeholder_mask`, which reads the count back from the device), made against the
+                           count the prompt builder knows on the host
 
-Tests check that the outputs equal transformers' own path bit for bit. What stays inside transformers: one check
-that the image-token count matches the image features (`get_placeholder_mask`), a sync per forward.
+Tests check that the outputs equal transformers' own path bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -108,3 +112,32 @@ def qwen3vl_inputs(vlm: Any, batch: Any, device: torch.device) -> dict[str, Any]
     if batch.position_ids is not None:
         out["position_ids"] = batch.position_ids
     return out
+
+
+@contextmanager
+def placeholder_check_on_host(model: Any, image_tokens: int | None) -> Iterator[None]:
+    """Within the block, `model.get_placeholder_mask` (a Qwen3VLModel's) returns transformers' masks but checks the
+    image-token count against the image features with `image_tokens`, the count of image placeholders in the batch's
+    input ids as the prompt builder counted them on the host, instead of reading it back from the device (a host
+    sync every forward). The same error on a mismatch. None, inputs given as embeddings, or video features: the
+    model's own method."""
+    if image_tokens is None:
+        yield
+        return
+    original = model.get_placeholder_mask
+
+    def masks(input_ids, inputs_embeds, image_features=None, video_features=None):
+        if input_ids is None or video_features is not None:
+            return original(input_ids, inputs_embeds, image_features, video_features)
+        if image_features is not None and image_tokens * inputs_embeds.shape[-1] != image_features.numel():
+            raise ValueError(f"Image features and image tokens do not match, tokens: {image_tokens}, features: "
+                             f"{image_features.shape[0]}")
+        image = (input_ids == model.config.image_token_id).unsqueeze(-1).to(inputs_embeds.device)
+        video = (input_ids == model.config.video_token_id).unsqueeze(-1).to(inputs_embeds.device)
+        return image, video
+
+    model.get_placeholder_mask = masks  # an instance attribute over the class's method, removed afterwards
+    try:
+        yield
+    finally:
+        del model.get_placeholder_mask

@@ -99,7 +99,9 @@ class PromptBatch:
         a CoC row's length; the policy runs both and concatenates them in this order (`parts`). Else None.
     position_ids: (3, B, L) long, Qwen3-VL's M-RoPE positions, 0 at padding; causal_mask: (B, 1, L, L) bool, the
         causal mask with padding. label_index, label_targets: (N,) long, the labelled next-token positions as flat
-        indices into (B, L - 1) and their target ids (with labels). All are built here (fplus.model.host_inputs)
+        indices into (B, L - 1) and their target ids (with labels). image_tokens: the image placeholders in
+        input_ids, counted on the host (checked against the image features without a device read). All are built
+        here (fplus.model.host_inputs)
         so that nothing is derived on the device. image_grid_thw stays on the host in `to()` (HOST_FIELDS): the
         backbone computes the vision encoder's grid-dependent inputs from it there.
     """
@@ -119,6 +121,7 @@ class PromptBatch:
     label_index: torch.Tensor | None = None
     label_targets: torch.Tensor | None = None
     rest: PromptBatch | None = None
+    image_tokens: int | None = None
 
     @property
     def parts(self) -> tuple[PromptBatch, ...]:
@@ -355,6 +358,7 @@ class PromptBuilder:
             labels=labels if coc_texts is not None else None,
             position_ids=rope,
             causal_mask=mask,
+            image_tokens=int(mm_token_type_ids.sum()),
             **(label_positions(labels) if coc_texts is not None else {}),
         )
 

@@ -55,6 +55,28 @@ def test_backbone_with_host_inputs_equals_transformers_own_path_bit_for_bit(back
     assert torch.equal(ours, theirs)
 
 
+def test_the_image_token_check_uses_the_host_count_and_still_refuses_a_mismatch(backbone):
+    import dataclasses
+
+    from tests.sync_counter import SyncCounter
+
+    p = PromptBuilder(backbone, 64, M, True, "joint_after_act")(images(3), INSTRUCTIONS, COC)
+    assert p.image_tokens == int((p.input_ids == backbone.model.config.image_token_id).sum()) > 0
+    with torch.no_grad(), SyncCounter(qualified=True) as syncs:
+        backbone.forward(p)
+    assert not any("get_placeholder_mask" in site for site in syncs.by_site), syncs.by_site
+    assert "get_placeholder_mask" not in vars(backbone.model.model)  # the override ends with the forward
+    with pytest.raises(ValueError, match="Image features and image tokens do not match, tokens: 7"), \
+            torch.no_grad():
+        backbone.forward(dataclasses.replace(p, image_tokens=7))
+    # without a host count (a PromptBatch made elsewhere) transformers checks it itself, reading the device
+    with torch.no_grad(), SyncCounter(qualified=True) as syncs:
+        plain = backbone.forward(dataclasses.replace(p, image_tokens=None)).last_hidden
+    assert any("get_placeholder_mask" in site for site in syncs.by_site)
+    with torch.no_grad():
+        assert torch.equal(plain, backbone.forward(p).last_hidden)
+
+
 def test_to_keeps_the_grid_on_the_host_and_moves_the_rest(backbone):
     p = PromptBuilder(backbone, 64, M, True, "separate")(images(2), INSTRUCTIONS[:2], COC[:2])
     moved = p.to("meta")
