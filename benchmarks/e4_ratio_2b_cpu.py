@@ -6,9 +6,10 @@ about 6 backbone tokens per labelled token, so E4 cannot come near E0 there; at 
 the ratio where it matters, as far as a CPU can: the h100 profile's policies (224 px, two cameras, LoRA on the last
 16 layers, ALIGN_LAYER 14, no activation checkpointing) with BACKBONE=random-qwen3-vl-2b, the frozen weights stored
 in bf16 (what PRECISION=bf16 stores on a GPU) and the steps under CPU bf16 autocast, on a batch of the demo's
-instruction and templated CoC label (as --size mid). E0 is built and timed, freed, then one E4 policy is timed on
-its batches in turn: all samples with CoC (COC_FRACTION=1, unless --no-full) and, for each f of --fractions, the
-first ceil(f B) with it (joint: two backbone passes). One 2B policy at a time (~10 GB).
+instruction and templated CoC label (as --size mid). E0 is built and timed (with --with-e2: E0 and E2 in turn, two
+policies resident, ~15 GB), freed, then one E4 policy is timed on its batches in turn: all samples with CoC
+(COC_FRACTION=1, unless --no-full) and, for each f of --fractions (empty: no E4), the first ceil(f B) with it (joint:
+two backbone passes). Else one 2B policy at a time (~10 GB).
 
 CPU matmuls are not a GPU's, so the ratios are FLOP-share evidence, not GPU timings: the GPU suite measures those.
 
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps of each (no warm-up: each is long)")
     parser.add_argument("--fractions", default="0.25", help="comma-separated COC_FRACTION values beside E4's 1")
     parser.add_argument("--no-full", action="store_true", help="leave out E4 at COC_FRACTION=1")
+    parser.add_argument("--with-e2", action="store_true", help="also E2, timed in turn with E0 (both resident)")
     parser.add_argument("--out", type=Path, default=RESULTS / "e4_ratio_2b-cpu.json")
     parser.add_argument("--backbone", default=BACKBONE, help="another random backbone (a quick check of the script)")
     args = parser.parse_args()
@@ -74,16 +76,21 @@ def main() -> None:
     seconds: dict[str, list[float]] = {}
     facts: dict[str, dict] = {}
 
-    policy, raw = build("E0", args.batch, args.backbone)
-    runs = {"E0": Run.prepare(policy, raw)}
-    seconds["E0"] = [timed(runs["E0"]) for _ in range(args.steps)]
-    print(f"E0: {seconds['E0']}", flush=True)
-    facts["E0"] = {"tokens": prompt_tokens(runs["E0"].batch)}
-    del runs, policy
+    first = {name: Run.prepare(*build(name, args.batch, args.backbone)) for name in ["E0", *(["E2"] if args.with_e2
+                                                                                             else [])]}
+    for name in first:
+        seconds[name] = []
+    for _ in range(args.steps):  # E0 and E2 in turn (both resident, ~15 GB at the peak)
+        for name, run in first.items():
+            seconds[name].append(timed(run))
+            print(f"{name}: {seconds[name]}", flush=True)
+    for name, run in first.items():
+        facts[name] = {"tokens": prompt_tokens(run.batch)}
+    del first
     gc.collect()
 
-    policy, raw = build("E4", args.batch, args.backbone)
-    fractions = ([] if args.no_full else [1.0]) + [float(f) for f in args.fractions.split(",")]
+    fractions = ([] if args.no_full else [1.0]) + [float(f) for f in args.fractions.split(",") if f]
+    policy, raw = build("E4", args.batch, args.backbone) if fractions else (None, None)
     runs = {"E4" if f == 1 else f"E4 f={f:g}": Run.prepare(policy, raw, coc_fraction=f) for f in fractions}
     for name in runs:
         seconds[name] = []
@@ -100,7 +107,7 @@ def main() -> None:
                                    "batch": args.batch,
                                    "precision": "frozen weights bf16, CPU bf16 autocast", "steps": args.steps,
                                    "instruction": DEMO_TASK, "coc_text": label[0], "coc_tokens": label[2],
-                                   "timing": "E0 alone, then the E4 variants in turn on one policy"}}
+                                   "timing": "E0 (and E2) in turn, then the E4 variants in turn on one policy"}}
     for name, times in seconds.items():
         med = float(np.median(times))
         result[name] = {"step_s": med, "step_s_all": times, "tokens": facts[name]["tokens"], "vs_E0": med / e0}
