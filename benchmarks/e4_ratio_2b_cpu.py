@@ -1,5 +1,6 @@
-"""E4's training step against E0's at the REAL Qwen3-VL-2B architecture (random init), on the CPU: does E4 follow
-its token count there, and does COC_FRACTION bring it within 1.25 x E0? (issue 16, item 5, without a GPU).
+"""E4's (and with --with-e2 E2's) training step against E0's at the REAL Qwen3-VL-2B architecture (random init), on
+the CPU: does E4 follow its token count there, does COC_FRACTION bring it within 1.25 x E0, is E2 within 1.05 x?
+(issue 16, item 5, without a GPU).
 
 At the mid-size stand-in (benchmarks/train_step.py --size mid) the CoC loss's LM head (hidden 512 x 151,936) costs
 about 6 backbone tokens per labelled token, so E4 cannot come near E0 there; at 2B it is about 0.2. This measures
