@@ -120,11 +120,12 @@ class Backbone:
                 self._edit_embeddings(vlm, batch, state_embeds, token_rows):
             if vlm.config.model_type == "qwen3_vl":  # every data-dependent input computed on the host
                 inputs = qwen3vl_inputs(vlm, batch, batch.input_ids.device)
+                image_tokens = batch.image_tokens
             else:  # the model derives positions and masks itself
                 inputs = {"attention_mask": batch.attention_mask,
                           "image_grid_thw": batch.image_grid_thw.to(batch.input_ids.device)}
-            with placeholder_check_on_host(vlm.model, batch.image_tokens if vlm.config.model_type == "qwen3_vl"
-                                           else None):
+                image_tokens = None
+            with placeholder_check_on_host(vlm.model, image_tokens):
                 out = vlm.model(input_ids=batch.input_ids, pixel_values=batch.pixel_values,
                                 mm_token_type_ids=batch.mm_token_type_ids, use_cache=False, **inputs)
         last = out.last_hidden_state

@@ -63,8 +63,9 @@ LOSS_WEIGHTS = {"l_action": None, "l_world": "lambda_world", "l_text": "lambda_t
 class Encoded:
     """One backbone pass over a batch and the world latents it brings (standardised), before the memory.
 
-    act_h (B, H, d); fut_h (B, M, d) the FUT states at the alignment layer, or None without FLARE alignment;
-    text_loss: the joint CoC loss or None. out: the pass over `prompt` itself (its first part, `prompt.parts`).
+    act_h (B, H, d); fut_h (B, M, d) the FUT states at the alignment layer, or None without FLARE alignment.
+    out: the pass over `prompt` itself (its first part, `prompt.parts`; the only one that carries CoC labels, so
+    its text_loss is the joint CoC loss).
     z_hist (B, T, D), z_future (B, K, D), future_valid (B, K) or None; z_pred (B, K, D) or None.
     """
 
@@ -72,7 +73,6 @@ class Encoded:
     out: BackboneOutput
     act_h: torch.Tensor
     fut_h: torch.Tensor | None = None
-    text_loss: torch.Tensor | None = None
     z_hist: torch.Tensor | None = None
     z_future: torch.Tensor | None = None
     future_valid: torch.Tensor | None = None
@@ -226,8 +226,7 @@ class FPlusPolicy(nn.Module):
                 fut_h.append(part.gather(outs[-1].layers[self.align.layer], part.fut_positions))
             start += n
         enc = Encoded(prompt, outs[0], torch.cat(act_h) if len(act_h) > 1 else act_h[0],
-                      fut_h=(torch.cat(fut_h) if len(fut_h) > 1 else fut_h[0]) if fut_h else None,
-                      text_loss=outs[0].text_loss)
+                      fut_h=(torch.cat(fut_h) if len(fut_h) > 1 else fut_h[0]) if fut_h else None)
         if self.latent_norm is not None:
             if K.Z_HIST in batch:
                 enc.z_hist = self.standardize(batch[K.Z_HIST])
@@ -370,7 +369,7 @@ class FPlusPolicy(nn.Module):
     def _text_term(self, enc: Encoded) -> torch.Tensor:
         """L_text of an encoded batch with CoC text: the joint pass's loss, or the separate CoC pass."""
         if self.config.coc_mode == "joint_after_act":
-            return enc.text_loss
+            return enc.out.text_loss
         return self.backbone.text_loss(enc.prompt.coc, token_rows=self.token_rows)
 
     @in_policy_precision
@@ -386,7 +385,7 @@ class FPlusPolicy(nn.Module):
             raise ConfigError("the batch has no coc_prompt: build it with Collate(processor, coc_prompt=True) from "
                               "samples with CoC texts")
         if self.config.coc_mode == "joint_after_act":
-            loss = self.encode({**batch, K.PROMPT: prompt}, with_coc=True).text_loss
+            loss = self.encode({**batch, K.PROMPT: prompt}, with_coc=True).out.text_loss
             return loss, int(prompt.label_targets.numel())
         coc = prompt.coc.to(self.device)
         return self.backbone.text_loss(coc, token_rows=self.token_rows), int(coc.label_targets.numel())
