@@ -24,7 +24,7 @@ from typing import Any
 from fplus import batch as K
 from fplus.errors import CheckpointError, ConfigError
 from fplus.model.chat import STATE_TOKEN, act_token, fut_token
-from fplus.model.prompt import PromptBatch, PromptBuilder, PromptTokens
+from fplus.model.prompt import PromptBuilder, PromptTokens
 from fplus.settings import coc_samples
 
 PROCESSOR_CONFIG = "fplus_processor.json"
@@ -50,18 +50,25 @@ class PolicyProcessor:
     def tokens(self) -> PromptTokens:
         return self.builder.tokens
 
-    def __call__(self, batch: dict[str, Any], with_coc: bool = False, coc_fraction: float = 1.0) -> dict[str, Any]:
+    def __call__(self, batch: dict[str, Any], with_coc: bool = False, coc_fraction: float = 1.0,
+                 coc_prompt: bool = False) -> dict[str, Any]:
         """A copy of `batch` with K.PROMPT added. `with_coc`: append the batch's CoC texts (training of a CoC
         experiment; an error when the processor has a CoC mode but the batch has no texts) to its first
-        ceil(coc_fraction x B) samples (COC_FRACTION; the training order is shuffled, so they are a random subset)."""
+        ceil(coc_fraction x B) samples (COC_FRACTION; the training order is shuffled, so they are a random subset).
+        `coc_prompt`: also K.COC_PROMPT, the prompt with every sample's CoC text (validation's L_text), from the same
+        image preprocessing; only when the batch has CoC texts."""
         coc, samples = None, None
         if with_coc and self.builder.coc_mode is not None:
             coc = batch.get(K.COC_TEXT)
             if coc is None:
                 raise ConfigError("this experiment trains a CoC loss but the batch has no coc_text (set COC_JSONL)")
             samples = coc_samples(len(coc), coc_fraction)
-        prompt: PromptBatch = self.builder(batch[K.IMAGES], batch[K.INSTRUCTIONS], coc, coc_samples=samples)
-        return {**batch, K.PROMPT: prompt}
+        both = coc_prompt and K.COC_TEXT in batch
+        images = self.builder.preprocess(batch[K.IMAGES]) if both else batch[K.IMAGES]
+        out = {**batch, K.PROMPT: self.builder(images, batch[K.INSTRUCTIONS], coc, coc_samples=samples)}
+        if both:
+            out[K.COC_PROMPT] = self.builder(images, batch[K.INSTRUCTIONS], batch[K.COC_TEXT])
+        return out
 
     # ----- persistence ------------------------------------------------------------------------------------------
 

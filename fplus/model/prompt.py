@@ -52,6 +52,18 @@ ImageInput = torch.Tensor | np.ndarray | Sequence[torch.Tensor | np.ndarray]
 
 
 @dataclass(frozen=True)
+class Pixels:
+    """A batch's images as the image processor made them (`PromptBuilder.preprocess`), so that two prompts of the
+    same images (validation's plain and CoC prompts) share one preprocessing. pixel_values, image_grid_thw: as in
+    PromptBatch; samples: B; cameras: C."""
+
+    pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor
+    samples: int
+    cameras: int
+
+
+@dataclass(frozen=True)
 class PromptTokens:
     """What prompt building needs of a backbone, without its model (so a builder is cheap to send to data workers).
 
@@ -217,9 +229,15 @@ class PromptBuilder:
         """H, the number of ACT tokens."""
         return len(self.tokens.act_token_ids)
 
+    def preprocess(self, images: ImageInput) -> Pixels:
+        """Images (as `__call__` takes them) -> their Pixels, which `__call__` also takes."""
+        cameras = self._cameras(images)
+        out = self._pixels(cameras)
+        return Pixels(out["pixel_values"], out["image_grid_thw"], len(cameras[0]), len(cameras))
+
     def __call__(
         self,
-        images: ImageInput,
+        images: ImageInput | Pixels,
         instructions: Sequence[str],
         coc_texts: Sequence[str] | None = None,
         pad_to: int | None = None,
@@ -228,7 +246,8 @@ class PromptBuilder:
         """The action prompt for B samples.
 
         Args:
-            images: uint8 (B, H, W, 3), or C cameras as (B, C, H, W, 3) or a list of C (B, H_c, W_c, 3).
+            images: uint8 (B, H, W, 3), or C cameras as (B, C, H, W, 3) or a list of C (B, H_c, W_c, 3); or their
+                `preprocess`ed Pixels.
             instructions: B non-empty task texts.
             coc_texts: B non-empty CoC texts; needs coc_mode. joint_after_act: appended after the ACT tokens and
                 labelled. separate: returned as `.coc`, a CoC-only batch sharing the pixel values.
@@ -237,36 +256,36 @@ class PromptBuilder:
                 with k < B: the batch holds the first k samples and `.rest` the other B - k, which end after the
                 query tokens; separate: `.coc` holds the first k samples.
         """
-        cameras = self._cameras(images)
-        self._check_texts("instruction", instructions, len(cameras[0]))
+        given = images if isinstance(images, Pixels) else self.preprocess(images)
+        self._check_texts("instruction", instructions, given.samples)
         if coc_texts is not None:
             if self.coc_mode is None:
                 raise ConfigError("CoC texts given but the prompt builder has coc_mode=None")
             self._check_texts("CoC text", coc_texts, len(instructions))
-        b = len(instructions)
+        b, cameras = len(instructions), given.cameras
         k = b if coc_samples is None else coc_samples
         if not 1 <= k <= b:
             raise ConfigError(f"coc_samples={coc_samples} for a batch of {b}: need 1 <= coc_samples <= {b}")
-        pixels = self._pixels(cameras)
-        rows = len(pixels["pixel_values"]) // b  # pixel rows per sample (sample-major)
+        pixels = {"pixel_values": given.pixel_values, "image_grid_thw": given.image_grid_thw}
+        rows = len(given.pixel_values) // b  # pixel rows per sample (sample-major)
 
         def samples(lo: int, hi: int) -> dict[str, torch.Tensor]:
             if (lo, hi) == (0, b):
                 return pixels
-            return {"pixel_values": pixels["pixel_values"][lo * rows: hi * rows],
-                    "image_grid_thw": pixels["image_grid_thw"][lo * len(cameras): hi * len(cameras)]}
+            return {"pixel_values": given.pixel_values[lo * rows: hi * rows],
+                    "image_grid_thw": given.image_grid_thw[lo * cameras: hi * cameras]}
 
         if coc_texts is not None and self.coc_mode == "joint_after_act":
-            batch = self._build(samples(0, k), len(cameras), instructions[:k], coc_texts[:k], with_queries=True,
+            batch = self._build(samples(0, k), cameras, instructions[:k], coc_texts[:k], with_queries=True,
                                 pad_to=pad_to)
             if k < b:
-                batch.rest = self._build(samples(k, b), len(cameras), instructions[k:], None, with_queries=True,
+                batch.rest = self._build(samples(k, b), cameras, instructions[k:], None, with_queries=True,
                                          pad_to=pad_to)
             return batch
-        batch = self._build(pixels, len(cameras), instructions, None, with_queries=True, pad_to=pad_to)
+        batch = self._build(pixels, cameras, instructions, None, with_queries=True, pad_to=pad_to)
         if coc_texts is not None and self.coc_mode == "separate":
-            batch.coc = self._build(samples(0, k), len(cameras), instructions[:k], coc_texts[:k],
-                                    with_queries=False, pad_to=pad_to)
+            batch.coc = self._build(samples(0, k), cameras, instructions[:k], coc_texts[:k], with_queries=False,
+                                    pad_to=pad_to)
         return batch
 
     def coc_batch(

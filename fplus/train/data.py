@@ -176,10 +176,8 @@ class Collate:
                 batch[K.IMAGES] = self.augment(batch[K.IMAGES], batch["index"], epoch)
             if self.processor is None:
                 return batch
-            out = self.processor(batch, with_coc=self.with_coc, coc_fraction=self.coc_fraction)
-            if self.coc_prompt and K.COC_TEXT in batch:
-                out[K.COC_PROMPT] = self.processor(batch, with_coc=True)[K.PROMPT]
-            return out
+            return self.processor(batch, with_coc=self.with_coc, coc_fraction=self.coc_fraction,
+                                  coc_prompt=self.coc_prompt)
 
 
 @contextmanager
