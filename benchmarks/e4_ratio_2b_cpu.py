@@ -37,7 +37,7 @@ from train_step import (  # noqa: E402
     Run,
     config_batch,
     demo_coc_label,
-    one_step,
+    interleave,
     policy_from_config,
     profile_config,
     prompt_tokens,
@@ -58,9 +58,15 @@ def build(experiment: str, batch: int, backbone: str) -> tuple[object, dict]:
     return policy, config_batch(config, batch, cameras, DEMO_TASK, demo_coc_label()[0])
 
 
-def timed(run: Run) -> float:
-    sec, _ = one_step(run.policy, run.batch, run.opt, "cpu", True)
-    return sec
+def time_in_turn(runs: dict[str, Run], steps: int, seconds: dict[str, list[float]],
+                 facts: dict[str, dict]) -> None:
+    """`steps` steps of each run in turn (train_step.interleave, no warm-up: each step is long) into `seconds`,
+    and the runs' tokens per sample into `facts`."""
+    times, _ = interleave(runs, steps, 0, "cpu", True)
+    for name, run in runs.items():
+        seconds[name] = times[name]
+        facts[name] = {"tokens": prompt_tokens(run.batch)}
+        print(f"{name}: {times[name]}", flush=True)
 
 
 def main() -> None:
@@ -79,28 +85,15 @@ def main() -> None:
 
     first = {name: Run.prepare(*build(name, args.batch, args.backbone)) for name in ["E0", *(["E2"] if args.with_e2
                                                                                              else [])]}
-    for name in first:
-        seconds[name] = []
-    for _ in range(args.steps):  # E0 and E2 in turn (both resident, ~15 GB at the peak)
-        for name, run in first.items():
-            seconds[name].append(timed(run))
-            print(f"{name}: {seconds[name]}", flush=True)
-    for name, run in first.items():
-        facts[name] = {"tokens": prompt_tokens(run.batch)}
+    time_in_turn(first, args.steps, seconds, facts)  # E0 and E2 in turn (both resident, ~15 GB at the peak)
     del first
     gc.collect()
 
     fractions = ([] if args.no_full else [1.0]) + [float(f) for f in args.fractions.split(",") if f]
-    policy, raw = build("E4", args.batch, args.backbone) if fractions else (None, None)
-    runs = {"E4" if f == 1 else f"E4 f={f:g}": Run.prepare(policy, raw, coc_fraction=f) for f in fractions}
-    for name in runs:
-        seconds[name] = []
-    for _ in range(args.steps):  # in turn, so that drift hits both alike
-        for name, run in runs.items():
-            seconds[name].append(timed(run))
-            print(f"{name}: {seconds[name]}", flush=True)
-    for name, run in runs.items():
-        facts[name] = {"tokens": prompt_tokens(run.batch)}
+    if fractions:  # one E4 policy, its batches in turn
+        policy, raw = build("E4", args.batch, args.backbone)
+        time_in_turn({"E4" if f == 1 else f"E4 f={f:g}": Run.prepare(policy, raw, coc_fraction=f) for f in fractions},
+                     args.steps, seconds, facts)
     label = demo_coc_label()
     e0 = float(np.median(seconds["E0"]))
     rows, result = [], {"benchmark": "e4_ratio_2b", "environment": environment(),
