@@ -176,17 +176,28 @@ def run_parallel(base: Settings, ready: dict[str, Settings], outcome: MatrixOutc
             _stop_all(running, rows, reap, table, console, interrupted)
     if interrupted is not None:
         signame, status = signal_exit(interrupted)
-        stopped = [n for n in ready if outcome.runs.get(n) == "stopped"]
-        parts = []
-        if stopped:
-            parts.append(f"stopped {', '.join(stopped)} (a run that was training saved a checkpoint of its last "
-                         "step)")
-        if queue:
-            parts.append(f"never started {', '.join(queue)}")
-        message = f"{signame}: matrix stopped; {'; '.join(parts) or 'nothing was running'}; {hint}"
+        message = stopped_message(signame, [rows[n] for n in ready if outcome.runs.get(n) == "stopped"],
+                                  list(queue), hint)
         console.print(escape(message), style="bold yellow", soft_wrap=True)
         raise MatrixInterrupted(status - 128, message)
     return outcome, failures
+
+
+def stopped_message(signame: str, stopped: list[Row], never_started: list[str], hint: str) -> str:
+    """The line a matrix prints when a signal stopped it. A stopped run whose training had finished (COMPLETE is
+    written) was stopped in its evaluation, which the next matrix runs again; any other saved a checkpoint of the
+    step it was on, which the next matrix resumes."""
+    evaluating = [r.name for r in stopped if (r.run_dir / COMPLETE).is_file()]
+    training = [r.name for r in stopped if r.name not in evaluating]
+    parts = []
+    if training:
+        parts.append(f"stopped {', '.join(training)} (each saved a checkpoint of its last step)")
+    if evaluating:
+        parts.append(f"stopped {', '.join(evaluating)} while evaluating (training had finished; the evaluation "
+                     "runs again)")
+    if never_started:
+        parts.append(f"never started {', '.join(never_started)}")
+    return f"{signame}: matrix stopped; {'; '.join(parts) or 'nothing was running'}; {hint}"
 
 
 def _stop_all(running: dict[str, _Worker], rows: dict[str, Row], reap, table, console: Console,

@@ -19,7 +19,10 @@ from rich.console import Console
 from fplus.errors import ConfigError, FplusError
 from fplus.matrix import run_matrix
 from fplus.matrix.devices import Slot, accelerate_config, resolve_slots
+from fplus.matrix.local import stopped_message
+from fplus.matrix.table import Row
 from fplus.matrix.worker import read_job, worker_command, write_job
+from fplus.rundir import COMPLETE
 from fplus.settings import load_settings, settings_to_flat
 from tests.helpers import toy_settings, write_toy_dataset
 
@@ -191,9 +194,24 @@ def test_a_failing_run_is_reported_and_the_other_finishes(tmp_path):
     assert "E0-seed0" in json.dumps(report) and "E0-seed1" not in json.dumps(report)
 
 
+def test_the_stop_message_tells_a_run_stopped_in_training_from_one_stopped_in_its_evaluation(tmp_path):
+    rows = [Row(name, tmp_path / name, tmp_path / f"{name}.log") for name in ("E0-seed0", "E2-seed0", "E4-seed0")]
+    for row in rows:
+        row.run_dir.mkdir()
+    (rows[1].run_dir / COMPLETE).write_text('{"step": 5}')
+    assert stopped_message("SIGINT", rows, ["E1-seed0"], "run it again") == (
+        "SIGINT: matrix stopped; stopped E0-seed0, E4-seed0 (each saved a checkpoint of its last step); stopped "
+        "E2-seed0 while evaluating (training had finished; the evaluation runs again); never started E1-seed0; "
+        "run it again")
+    assert stopped_message("SIGTERM", [], [], "hint") == "SIGTERM: matrix stopped; nothing was running; hint"
+
+
 @pytest.mark.slow
 def test_sigint_stops_every_worker_and_a_second_matrix_resumes(tmp_path):
-    profile = toy_profile(tmp_path, MAX_STEPS=24)
+    STEPS = 400
+    # enough steps that neither run can finish while the other is still starting (toy steps take ~25 ms: at 24 steps
+    # a CI machine once saw one run complete before the other had logged two)
+    profile = toy_profile(tmp_path, MAX_STEPS=STEPS)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", "FPLUS_DEBUG": ""}
     # SIGINT at its default in the child, even when the tests run from a background shell (which ignores it)
     parent = subprocess.Popen([sys.executable, "-m", "fplus.cli.main", "matrix", "--profile", profile,
@@ -209,21 +227,22 @@ def test_sigint_stops_every_worker_and_a_second_matrix_resumes(tmp_path):
     out, _ = parent.communicate(timeout=180)
     assert parent.returncode == 130, out
     assert "SIGINT: stopping 2 run(s)" in out
-    assert "SIGINT: matrix stopped; stopped E0-seed0, E0-seed1" in out and "again to resume" in out
+    assert ("SIGINT: matrix stopped; stopped E0-seed0, E0-seed1 (each saved a checkpoint of its last step)" in out
+            and "again to resume" in out)
     stopped_at = {}
     for run in RUNS:
         run_dir = tmp_path / "runs" / run
         assert not (run_dir / "COMPLETE").exists()
         saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
         stopped_at[run] = int(saved[-1].removeprefix("step-"))
-        assert 2 <= stopped_at[run] < 24
+        assert 2 <= stopped_at[run] < STEPS
         assert "checkpoint saved" in (tmp_path / "runs" / "logs" / f"{run}.log").read_text()
     again = run_matrix(profile, overrides={"MATRIX_DEVICES": "cpu,cpu"}, console=Console(record=True))
     assert again.runs == {r: "resumed" for r in RUNS}
     for run in RUNS:
         steps = [json.loads(line)["step"] for line in metrics[RUNS.index(run)].read_text().splitlines()
                  if json.loads(line)["kind"] == "train"]
-        assert steps == list(range(1, 25))  # resumed after the saved step, nothing lost or repeated
+        assert steps == list(range(1, STEPS + 1))  # resumed after the saved step, nothing lost or repeated
         assert "resumed" in (tmp_path / "runs" / "logs" / f"{run}.log").read_text()
 
 
