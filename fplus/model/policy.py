@@ -206,25 +206,33 @@ class FPlusPolicy(nn.Module):
                               "(build it with processor(batch, with_coc=True); set COC_JSONL)")
         return prompt.to(self.device)
 
-    def encode(self, batch: dict[str, Any], with_coc: bool) -> Encoded:
-        """The backbone pass, the ACT states, the standardised latents and the Prophet's prediction."""
-        prompt = self.prompt(batch, with_coc)
+    def _passes(self, batch: dict[str, Any], prompt: PromptBatch, layers: tuple[int, ...],
+                text_loss: bool) -> list[BackboneOutput]:
+        """The backbone's outputs over `prompt` (on the device), one pass per part (`prompt.parts`: a COC_FRACTION
+        batch's rows without CoC are not padded to the CoC rows), each with its samples' state embeddings; `layers`:
+        the hidden states kept; `text_loss`: the joint CoC loss of the parts with labels."""
         state_embeds = None
         if self.state_proj is not None:
             state = batch[K.STATE].to(self.device, torch.float32, non_blocking=batch[K.STATE].is_pinned())
             state_embeds = self.state_proj(self.state_norm(state))
-        layers = (self.align.layer,) if self.align is not None else ()
-        want_text = self.config.model.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
-        outs, act_h, fut_h, start = [], [], [], 0
-        for part in prompt.parts:  # one pass per part: a COC_FRACTION batch's rows without CoC are not padded
+        outs, start = [], 0
+        for part in prompt.parts:
             n = len(part.input_ids)
             outs.append(self.backbone.forward(
                 part, layers=layers, state_embeds=None if state_embeds is None else state_embeds[start:start + n],
-                text_loss=want_text and part.labels is not None, token_rows=self.token_rows))
-            act_h.append(part.gather(outs[-1].last_hidden, part.act_positions))
-            if self.align is not None:
-                fut_h.append(part.gather(outs[-1].layers[self.align.layer], part.fut_positions))
+                text_loss=text_loss and part.labels is not None, token_rows=self.token_rows))
             start += n
+        return outs
+
+    def encode(self, batch: dict[str, Any], with_coc: bool) -> Encoded:
+        """The backbone pass, the ACT states, the standardised latents and the Prophet's prediction."""
+        prompt = self.prompt(batch, with_coc)
+        layers = (self.align.layer,) if self.align is not None else ()
+        want_text = self.config.model.coc and self.config.coc_mode == "joint_after_act" and prompt.labels is not None
+        outs = self._passes(batch, prompt, layers, want_text)
+        act_h = [part.gather(out.last_hidden, part.act_positions) for part, out in zip(prompt.parts, outs, strict=True)]
+        fut_h = [part.gather(out.layers[self.align.layer], part.fut_positions)
+                 for part, out in zip(prompt.parts, outs, strict=True)] if self.align is not None else []
         enc = Encoded(prompt, outs[0], torch.cat(act_h) if len(act_h) > 1 else act_h[0],
                       fut_h=(torch.cat(fut_h) if len(fut_h) > 1 else fut_h[0]) if fut_h else None)
         if self.latent_norm is not None:
@@ -384,9 +392,9 @@ class FPlusPolicy(nn.Module):
         if prompt is None:
             raise ConfigError("the batch has no coc_prompt: build it with Collate(processor, coc_prompt=True) from "
                               "samples with CoC texts")
-        if self.config.coc_mode == "joint_after_act":
-            loss = self.encode({**batch, K.PROMPT: prompt}, with_coc=True).out.text_loss
-            return loss, int(prompt.label_targets.numel())
+        if self.config.coc_mode == "joint_after_act":  # the backbone pass only: no ACT states, latents or Prophet
+            prompt = prompt.to(self.device)
+            return self._passes(batch, prompt, (), text_loss=True)[0].text_loss, int(prompt.label_targets.numel())
         coc = prompt.coc.to(self.device)
         return self.backbone.text_loss(coc, token_rows=self.token_rows), int(coc.label_targets.numel())
 
